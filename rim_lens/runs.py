@@ -1,0 +1,108 @@
+"""Run directories: `runs/<name>/` with config, model, log, metrics, predictions and status."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rim_lens.errors import RunError
+
+# What produces each artefact, so a missing one can be reported with the fix.
+PRODUCERS = {
+    "config.yaml": "rim-lens train RECIPE",
+    "model": "rim-lens train RECIPE",
+    "metrics.json": "rim-lens eval {run}",
+    "predictions.jsonl": "rim-lens eval {run}",
+    "train_log.jsonl": "rim-lens train RECIPE",
+}
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a file via a temporary sibling and rename, so readers never see half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+class Run:
+    """A run directory and the artefacts in it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def analysis_dir(self) -> Path:
+        return self.path / "analysis"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def exists(self, name: str) -> bool:
+        return (self.path / name).exists()
+
+    def require(self, name: str) -> Path:
+        """The artefact's path, or a RunError naming the command that produces it."""
+        path = self.path / name
+        if not path.exists():
+            fix = PRODUCERS.get(name.split("/")[0], "").format(run=self.path)
+            hint = f"; produce it with `{fix}`" if fix else ""
+            raise RunError(f"{self.path}: run has no {name}{hint}")
+        return path
+
+    def read_json(self, name: str) -> Any:
+        path = self.require(name)
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise RunError(f"{path}: corrupt JSON ({err})") from None
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return atomic_write_json(self.path / name, obj)
+
+    def status(self) -> dict:
+        return self.read_json("status.json") if self.exists("status.json") else {"status": "unknown"}
+
+    def mark(self, status: str, **info: Any) -> None:
+        """Record the run's state: running, completed or failed (with the error)."""
+        self.write_json("status.json", {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info})
+
+    def log(self, record: dict) -> None:
+        with open(self.path / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_log(self) -> list[dict]:
+        path = self.require("train_log.jsonl")
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def open_run(path: str | Path) -> Run:
+    """An existing run directory (RunError if it is not one)."""
+    run = Run(path)
+    if not run.path.is_dir():
+        raise RunError(f"{path}: no such run directory")
+    if not (run.exists("config.yaml") or run.exists("model")):
+        raise RunError(f"{path}: not a rim-lens run (no config.yaml or model/)")
+    return run

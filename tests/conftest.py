@@ -1,0 +1,25 @@
+"""Shared fixtures: the offline reference data and small thread counts for 2-core machines."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_data() -> Path | None:
+    candidates = [os.environ.get("RIM_LENS_SHARED_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"]
+    for c in candidates:
+        if c and (Path(c) / "README.md").exists():
+            return Path(c)
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = _shared_data()
+    if path is None:
+        pytest.skip("../shared/data not found (set RIM_LENS_SHARED_DATA)")
+    return path

@@ -1,0 +1,41 @@
+"""Loss weights over readouts: lambda for stage-1 steps, alpha for stage-2 blocks.
+
+lambda_t(s): stage-1 progress s in [0, 1]. Every step weight is held at 1 for s < hold; then,
+with u = (s - hold) / (1 - hold), step t of an example with T steps decays linearly from 1 to 0
+over u in [(t-1)/T, t/T]: the earliest steps lose their supervision first, and each example is
+scheduled by its own T. The answer readout keeps weight 1.
+
+alpha_k: stage-2 weight of the answer read after block k of K; `linear` is proportional to k
+(later blocks count more), `uniform` is flat; both sum to 1 over the K blocks.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def step_weights(t: torch.Tensor, T: torch.Tensor, progress: float, hold: float) -> torch.Tensor:
+    """lambda for 1-based step indices `t` of examples with `T` steps (broadcastable)."""
+    u = max(0.0, (progress - hold) / (1.0 - hold)) if hold < 1.0 else 0.0
+    T = T.clamp_min(1).to(torch.float32)
+    return (t.to(torch.float32) - u * T).clamp(0.0, 1.0)
+
+
+def block_weights(k: torch.Tensor, K: int, kind: str = "linear") -> torch.Tensor:
+    """alpha for 1-based block indices `k` out of K."""
+    k = k.to(torch.float32)
+    if kind == "uniform":
+        return torch.full_like(k, 1.0 / K)
+    return k / (K * (K + 1) / 2)
+
+
+def grounding_weights(target_index: torch.Tensor, n_steps: torch.Tensor, progress: float, hold: float) -> torch.Tensor:
+    """Per-position stage-1 weights: lambda for step readouts, 1 for the answer, 0 elsewhere."""
+    T = n_steps[:, None].expand_as(target_index)
+    lam = step_weights(target_index, T, progress, hold)
+    is_answer = target_index == T + 1
+    return torch.where(is_answer, 1.0, lam) * (target_index > 0)
+
+
+def refinement_weights(target_index: torch.Tensor, K: int, kind: str) -> torch.Tensor:
+    """Per-position stage-2 weights: alpha_k for the answer read after block k, 0 elsewhere."""
+    return block_weights(target_index, K, kind) * (target_index > 0)

@@ -1,0 +1,293 @@
+"""The training loop, top to bottom: data, model, stages, checkpoint, evaluation.
+
+RiM trains in two stages (grounding, then refinement) with the optimizer and LR schedule reset
+at the switch; the baselines (direct, cot, pause) run one stage with the same trainer, data and
+step budget. The loop runs unchanged on one process or under `accelerate launch`.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+from rim_lens.data import Example, read_examples, write_examples
+from rim_lens.errors import ConfigError, RunError
+from rim_lens.evaluate import evaluate
+from rim_lens.memory import MemorySpec
+from rim_lens.models import build_model, load_pretrained, save_checkpoint, set_dropout
+from rim_lens.runs import Run, atomic_write_text
+from rim_lens.sequences import Batch, Sequence, SequenceBuilder, collate
+from rim_lens.tasks import Task, get_task
+from rim_lens.tokenizer import build_word_tokenizer, memory_token_ids
+from training.config import RunConfig
+from training.schedules import grounding_weights, refinement_weights
+
+
+@dataclass
+class Stage:
+    """One optimisation phase: its layout of examples, loss weights, steps, LR and dropout."""
+
+    name: str
+    steps: int
+    lr: float
+    dropout: float
+    layout: Callable[[Example], Sequence]
+    weights: Callable[[Batch, float], torch.Tensor]  # (batch, progress in [0, 1]) -> [B, S]
+
+
+def plan_stages(cfg: RunConfig, builder: SequenceBuilder) -> list[Stage]:
+    """RiM: grounding then refinement; pause: refinement only; direct and CoT: one stage."""
+    t = cfg.train
+    refine = lambda b, s: refinement_weights(b.target_index, cfg.memory.K, t.alpha)  # noqa: E731
+    plain = lambda b, s: (b.target_index > 0).float()  # noqa: E731
+    if cfg.method == "rim":
+        stage1 = round(t.steps * t.stage1_fraction)
+        ground = lambda b, s: grounding_weights(b.target_index, b.n_steps, s, t.lambda_hold)  # noqa: E731
+        stages = [
+            Stage("grounding", stage1, t.lr, t.dropout, builder.grounding, ground),
+            Stage("refinement", t.steps - stage1, t.stage2_lr, t.stage2_dropout, builder.refinement, refine),
+        ]
+        return [s for s in stages if s.steps > 0]
+    if cfg.method == "pause":
+        return [Stage("refinement", t.steps, t.lr, t.dropout, builder.refinement, refine)]
+    layout = builder.direct if cfg.method == "direct" else builder.cot
+    return [Stage("train", t.steps, t.lr, t.dropout, layout, plain)]
+
+
+# -- data and model ------------------------------------------------------------------------------
+def load_data(cfg: RunConfig, task: Task) -> tuple[list[Example], list[Example]]:
+    """(train, eval) examples; a training set never holds a question of the evaluation set."""
+    d = cfg.data
+
+    def load(source: int | str, seed: int, exclude: set[str]) -> list[Example]:
+        if isinstance(source, int):
+            return task.generate(source, seed=seed, exclude=exclude)
+        examples, skipped = read_examples(source, task.name, skip_invalid=d.skip_invalid, task_options=task.options)
+        if skipped:
+            print(f"{source}: skipped {skipped} invalid lines")
+        return examples
+
+    eval_set = load(d.eval, d.seed, set())
+    held_out = {ex.question for ex in eval_set}
+    train_set = [ex for ex in load(d.train, d.seed + 1, held_out) if ex.question not in held_out]
+    if not train_set or not eval_set:
+        raise ConfigError(f"data: empty {'training' if not train_set else 'evaluation'} set")
+    return train_set, eval_set
+
+
+def make_model(cfg: RunConfig, spec: MemorySpec, texts: list[str]):
+    """(model, tokenizer): from scratch with a word-level tokenizer, or a pretrained LM (+LoRA)."""
+    m = cfg.model
+    if m.pretrained is None:
+        tokenizer = build_word_tokenizer(texts, spec)
+        model = build_model(tokenizer, m.arch, m.preset, m.max_positions, cfg.train.dropout, cfg.seed)
+        return model, tokenizer
+    model, tokenizer = load_pretrained(m.pretrained, spec, trust_remote_code=m.trust_remote_code)
+    if m.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = dict(m.lora)
+        lora.setdefault("target_modules", "all-linear")
+        try:
+            config = LoraConfig(task_type="CAUSAL_LM", trainable_token_indices=list(memory_token_ids(tokenizer, spec)), **lora)
+        except TypeError as err:
+            raise ConfigError(f"model.lora: {err}") from None
+        model = get_peft_model(model, config)
+    return model, tokenizer
+
+
+def all_texts(examples: list[Example]) -> list[str]:
+    return [t for ex in examples for t in (ex.question, ex.answer, *ex.steps)]
+
+
+# -- monitoring ----------------------------------------------------------------------------------
+@torch.no_grad()
+def readout_accuracy(logits: torch.Tensor, batch: Batch, stage: str) -> dict[str, float]:
+    """Teacher-forced accuracy of each readout (all its tokens right), named step_t / answer
+    in grounding and block_k in refinement."""
+    wrong = (logits.argmax(-1) != batch.targets) & (batch.target_index > 0)
+    n = int(batch.target_index.max())
+    out: dict[str, float] = {}
+    for t in range(1, n + 1):
+        present = (batch.target_index == t).any(1)
+        ok = ~(wrong & (batch.target_index == t)).any(1)
+        if stage == "grounding":
+            for name, rows in (("answer", batch.n_steps + 1 == t), (f"step_{t}", batch.n_steps >= t)):
+                rows = rows & present
+                if rows.any():
+                    out.setdefault(name, [])
+                    out[name] += ok[rows].tolist()
+        elif present.any():
+            out[f"block_{t}" if stage == "refinement" else "answer"] = ok[present].float().mean().item()
+    return {k: (sum(v) / len(v) if isinstance(v, list) else v) for k, v in out.items()}
+
+
+def _loss(model, batch: Batch, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(**batch.model_inputs(), use_cache=False).logits
+    ce = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100, reduction="none")
+    # Normalised by the weights in the batch: as lambda falls, the answer term keeps its scale.
+    loss = (ce.view_as(weights) * weights).sum() / weights.sum().clamp_min(1e-8)
+    return loss, logits
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -- the loop ------------------------------------------------------------------------------------
+def run_stage(
+    stage: Stage, model, train_set: list[Example], monitor: list[Example], cfg: RunConfig,
+    accelerator: Accelerator, run: Run, pad_id: int,
+) -> dict[str, float]:
+    """Train one stage with a fresh optimizer and LR schedule; returns the final monitor accuracy."""
+    t = cfg.train
+    set_dropout(model, stage.dropout)
+    sees_question = cfg.memory.readout_sees_question if cfg.method in ("rim", "pause") else True
+    batches = partial(collate, pad_id=pad_id, sees_question=sees_question)
+    loader = DataLoader(
+        [stage.layout(ex) for ex in train_set], batch_size=t.batch_size, shuffle=True, drop_last=len(train_set) >= t.batch_size,
+        collate_fn=batches, generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    monitor_batch = batches([stage.layout(ex) for ex in monitor]).to(accelerator.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=t.weight_decay)
+    warmup = int(t.warmup * stage.steps)
+    make_schedule = get_cosine_schedule_with_warmup if t.lr_schedule == "cosine" else get_constant_schedule_with_warmup
+    kwargs = {"num_training_steps": stage.steps} if t.lr_schedule == "cosine" else {}
+    scheduler = make_schedule(optimizer, num_warmup_steps=warmup, **kwargs)
+    optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
+
+    def monitor_now(step: int) -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            _, logits = _loss(model, monitor_batch, stage.weights(monitor_batch, step / stage.steps))
+        model.train()
+        acc = readout_accuracy(logits, monitor_batch, stage.name)
+        if accelerator.is_main_process:
+            run.log({"stage": stage.name, "step": step, "readout_accuracy": acc})
+        return acc
+
+    model.train()
+    bar = tqdm(total=stage.steps, desc=f"{cfg.method}:{stage.name}", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    start, tokens, step, acc = time.perf_counter(), 0, 0, {}
+    while step < stage.steps:
+        for batch in loader:
+            weights = stage.weights(batch, step / stage.steps)
+            loss, _ = _loss(model, batch, weights)
+            accelerator.backward(loss)
+            if t.grad_clip:
+                accelerator.clip_grad_norm_(params, t.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += int((batch.roles > 0).sum()) * accelerator.num_processes
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if accelerator.is_main_process and (step % t.log_every == 0 or step == stage.steps):
+                run.log({"stage": stage.name, "step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                         "elapsed_s": time.perf_counter() - start, "tokens_seen": tokens})
+            if step % t.eval_every == 0 or step == stage.steps:
+                acc = monitor_now(step)
+                bar.set_postfix(loss=f"{loss.item():.4f}", **{k: f"{v:.2f}" for k, v in list(acc.items())[:4]})
+            if step >= stage.steps:
+                break
+    bar.close()
+    if accelerator.is_main_process:
+        shown = "  ".join(f"{k} {v:.3f}" for k, v in acc.items())
+        print(f"[{cfg.method}] {stage.name}: {step} steps in {time.perf_counter() - start:.0f}s; held-out readout accuracy: {shown}")
+    return {"time_s": time.perf_counter() - start, "tokens_seen": tokens, "readout_accuracy": acc}
+
+
+def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> Run:
+    """Train `cfg` into `run_dir`, save the checkpoint, evaluate; the run is marked failed on error.
+
+    A directory that already holds a trained model is refused unless `overwrite`, so a new
+    run never mixes its config and log with an older model.
+    """
+    run = Run(run_dir)
+    if run.exists("model") and not overwrite:
+        raise RunError(f"{run.path} already holds a trained run; choose another --name or pass --overwrite")
+    accelerator = Accelerator()
+    if accelerator.is_main_process:
+        run.path.mkdir(parents=True, exist_ok=True)
+        (run.path / "train_log.jsonl").unlink(missing_ok=True)
+        (run.path / "config.yaml").write_text(cfg.to_yaml())
+        run.mark("running", method=cfg.method)
+    try:
+        summary = _train(cfg, run, accelerator)
+    except BaseException as err:
+        if accelerator.is_main_process:
+            run.mark("failed", method=cfg.method, error=f"{type(err).__name__}: {err}")
+        raise
+    if accelerator.is_main_process:
+        run.mark("completed", method=cfg.method, **summary)
+    return run
+
+
+def _train(cfg: RunConfig, run: Run, accelerator: Accelerator) -> dict:
+    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    seed_everything(cfg.seed)
+    task = get_task(cfg.task.name, **cfg.task.options)
+    train_set, eval_set = load_data(cfg, task)
+    if accelerator.is_main_process:
+        write_examples(run.path / "data" / "train.jsonl", train_set)
+        write_examples(run.path / "data" / "eval.jsonl", eval_set)
+    mem = cfg.memory
+    spec = MemorySpec(
+        method=cfg.method, begin=mem.begin, memory=mem.memory, end=mem.end, M=mem.M,
+        K=mem.K if cfg.method in ("rim", "pause") else 0, answer_prefix=mem.answer_prefix,
+        readout_sees_question=mem.readout_sees_question, step_offset=mem.step_offset, task=task.name,
+    )
+    model, tokenizer = make_model(cfg, spec, all_texts(train_set + eval_set))
+    builder = SequenceBuilder(tokenizer, spec.replace(K=mem.K), task.join_steps)
+    model = accelerator.prepare(model)
+
+    summary: dict = {"stages": {}}
+    monitor = eval_set[: min(len(eval_set), 256)]
+    for stage in plan_stages(cfg, builder):
+        seed_everything(cfg.seed)
+        summary["stages"][stage.name] = run_stage(stage, model, train_set, monitor, cfg, accelerator, run, tokenizer.pad_token_id)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return summary
+
+    model = accelerator.unwrap_model(model)
+    if hasattr(model, "merge_and_unload"):  # LoRA: save a plain transformers model
+        model = model.merge_and_unload()
+    set_dropout(model, 0.0)
+    save_checkpoint(model, tokenizer, spec, run.model_dir)
+    summary["train_time_s"] = sum(s["time_s"] for s in summary["stages"].values())
+    summary["tokens_seen"] = sum(s["tokens_seen"] for s in summary["stages"].values())
+
+    e = cfg.eval
+    examples = eval_set[: e.n] if e.n else eval_set
+    metrics, predictions = evaluate(
+        model, tokenizer, spec, examples, task_options=task.options, batch_size=e.batch_size,
+        latency_examples=e.latency_examples, max_new_tokens=e.max_new_tokens,
+    )
+    metrics.update(train_time_s=summary["train_time_s"], tokens_seen=summary["tokens_seen"], train_steps=cfg.train.steps)
+    write_results(run, metrics, predictions)
+    summary["accuracy"] = metrics["accuracy"]
+    return summary
+
+
+def write_results(run: Run, metrics: dict, predictions: list[dict], suffix: str = "") -> None:
+    """metrics{suffix}.json and predictions{suffix}.jsonl, each written atomically."""
+    run.write_json(f"metrics{suffix}.json", metrics)
+    atomic_write_text(run.path / f"predictions{suffix}.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))

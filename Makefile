@@ -4,8 +4,9 @@ VENV   ?= .venv
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install demo demo-full test bench clean
+.PHONY: install demo demo-full test bench dashboard screenshot chromium clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +24,24 @@ demo: install
 demo-full: install
 	$(VENV)/bin/rim-lens demo --full
 
-test: install
-	$(PY) -m pytest -n 2 --dist loadfile
+# tests/test_browser.py drives Debian's Chromium (never `playwright install`: it downloads a
+# browser). Install it when missing; the test skips, saying why, only if that is impossible.
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "warning: apt-get install chromium failed; tests/test_browser.py will be skipped"; \
+	  else echo "note: $(CHROMIUM) missing; 'sudo apt-get install -y chromium' enables tests/test_browser.py"; fi; \
+	fi
+
+test: install chromium
+	$(PY) -m pytest -n 2 --dist load
+
+dashboard: install
+	$(VENV)/bin/rim-lens dashboard runs
+
+screenshot: install chromium  # rewrites docs/dashboard.png
+	RIM_LENS_UPDATE_SCREENSHOT=1 $(PY) -m pytest tests/test_browser.py -q
 
 bench: install
 	$(PY) bench/latency.py

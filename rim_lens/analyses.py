@@ -39,7 +39,7 @@ def run_ablate(lab: Lab, mode: str = "mean", layers=None, blocks=None, slots=Non
 
 
 def run_knockout(lab: Lab, blocks=None, **_) -> Result:
-    table = iv.knockout(lab.backend, lab.builder, lab.examples, blocks)
+    table = iv.knockout(lab.backend, lab.builder, lab.examples, lab.select(blocks=blocks).blocks)
     summary = {"accuracy_intact": float(_row(table, knockout="none")["accuracy"]),
                "accuracy_answer_sees_no_block": float(_row(table, knockout="answer->block", block=None)["accuracy"])}
     lab.save("knockout", table, summary, {"bars": figures.knockout_bars(table)})

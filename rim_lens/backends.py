@@ -10,7 +10,8 @@ different interventions, one per batch row.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence as Seq
+from contextlib import contextmanager
+from collections.abc import Iterator, Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,6 +141,26 @@ class HFBackend(Backend):
             for h in handles:
                 h.remove()
         return out
+
+
+    @contextmanager
+    def editing(self, edits: Seq[Edit]) -> Iterator[None]:
+        """Apply `edits` on every forward pass inside the block (e.g. a decoding prefill)."""
+        by_layer = _by_layer(edits, self.n_layers)
+
+        def pre_hook(l):
+            def hook(module, args, kwargs):
+                if args:
+                    return (_apply(args[0], by_layer[l]), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": _apply(kwargs["hidden_states"], by_layer[l])}
+            return hook
+
+        handles = [self.layers()[l].register_forward_pre_hook(pre_hook(l), with_kwargs=True) for l in by_layer]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
 
 class TLBackend(Backend):

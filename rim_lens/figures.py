@@ -70,9 +70,10 @@ def interchange_matrix(df: pd.DataFrame) -> go.Figure:
     grid = d.pivot_table(index="layer_label", columns="block_label", values="to_A", aggfunc="mean")
     key = lambda v: (v == "all", int(v) if v != "all" else 0)  # noqa: E731
     grid = grid.reindex(index=sorted(grid.index, key=key), columns=sorted(grid.columns, key=key))
-    return px.imshow(grid, text_auto=".2f", aspect="auto", zmin=0, zmax=1, color_continuous_scale="Viridis",
-                     labels=dict(x="block swapped", y="layer swapped", color="→ A's answer"),
-                     title="Interchange: share of outputs that become the donor's answer")
+    fig = px.imshow(grid, text_auto=".2f", aspect="auto", zmin=0, zmax=1, color_continuous_scale="Viridis",
+                    labels=dict(x="block swapped", y="layer swapped", color="→ A's answer"),
+                    title="Interchange: share of outputs that become the donor's answer")
+    return fig.update_xaxes(type="category").update_yaxes(type="category")
 
 
 def per_block_accuracy(metrics: Mapping[str, dict]) -> go.Figure:
@@ -90,7 +91,7 @@ def per_block_accuracy(metrics: Mapping[str, dict]) -> go.Figure:
     if chance:
         fig.add_hline(y=chance, line_dash="dot", annotation_text="chance")
     fig.update_layout(title="Accuracy of the readout after each block", xaxis_title="block k", yaxis_title="accuracy", yaxis_range=[0, 1.05])
-    return fig
+    return fig.update_xaxes(dtick=1)
 
 
 def loss_curves(log: Seq[dict], title: str = "Training loss") -> go.Figure:
@@ -157,19 +158,25 @@ def pca_trajectories(trajectory: pd.DataFrame, examples: pd.DataFrame | None = N
     return fig
 
 
-def _best_layer(values: pd.DataFrame) -> int:
-    return int(values.groupby("layer")["selectivity"].mean().idxmax())
+def _probe_layer(values: pd.DataFrame, layer: int | None) -> tuple[pd.DataFrame, int | None]:
+    """The fitted value probes of one layer (default: the layer with the best mean selectivity)."""
+    v = values.dropna(subset=["score"])
+    if v.empty:
+        return v, layer
+    if layer is None:
+        by_layer = v.groupby("layer")["selectivity"].mean()
+        layer = int(by_layer.idxmax()) if by_layer.notna().any() else int(v["layer"].max())
+    return v[v["layer"] == layer], layer
 
 
 def value_probe_heatmap(values: pd.DataFrame, layer: int | None = None) -> go.Figure:
     """Value-probe score over block x step at one layer (default: the most selective); a
     diagonal says block k holds step k's value."""
-    v = values.dropna(subset=["score"])
+    v, layer = _probe_layer(values, layer)
     if v.empty:
         return go.Figure().update_layout(title="No value probes could be fitted")
-    layer = _best_layer(v) if layer is None else layer
-    grid = v[v["layer"] == layer].pivot_table(index="step", columns="block", values="score", aggfunc="mean")
-    sel = v[v["layer"] == layer].pivot_table(index="step", columns="block", values="selectivity", aggfunc="mean")
+    grid = v.pivot_table(index="step", columns="block", values="score", aggfunc="mean")
+    sel = v.pivot_table(index="step", columns="block", values="selectivity", aggfunc="mean")
     text = grid.round(2).astype(str) + "<br>sel " + sel.reindex_like(grid).round(2).astype(str)
     fig = px.imshow(grid, aspect="auto", zmin=0, zmax=1, color_continuous_scale="Viridis",
                     labels=dict(x="block", y="step", color="probe score"), title=f"Value probes at layer {layer}: score and selectivity")
@@ -181,11 +188,10 @@ def value_probe_heatmap(values: pd.DataFrame, layer: int | None = None) -> go.Fi
 
 def probe_curves(values: pd.DataFrame, layer: int | None = None) -> go.Figure:
     """Probe score (with 95% CI) and control score across blocks, one line per step."""
-    v = values.dropna(subset=["score"])
+    v, layer = _probe_layer(values, layer)
     if v.empty:
         return go.Figure().update_layout(title="No value probes could be fitted")
-    layer = _best_layer(v) if layer is None else layer
-    v = v[v["layer"] == layer].sort_values("block")
+    v = v.sort_values("block")
     fig = go.Figure()
     for step, part in v.groupby("step"):
         fig.add_scatter(x=part["block"], y=part["score"], mode="lines+markers", name=f"step {step}",
@@ -194,7 +200,7 @@ def probe_curves(values: pd.DataFrame, layer: int | None = None) -> go.Figure:
         fig.add_scatter(x=part["block"], y=part["control"], mode="lines", line=dict(dash="dot"), name=f"step {step} control")
     fig.update_layout(title=f"Value probes at layer {layer}: score vs control task", xaxis_title="block", yaxis_title="score",
                       yaxis_range=[0, 1.05])
-    return fig
+    return fig.update_xaxes(dtick=1)
 
 
 def lens_top_tokens(table: pd.DataFrame, lens: str = "logit") -> go.Figure:
@@ -205,9 +211,63 @@ def lens_top_tokens(table: pd.DataFrame, lens: str = "logit") -> go.Figure:
     t = t[t["slot"] == t["slot"].max()]
     prob = t.pivot_table(index="layer", columns="block", values="prob", aggfunc="mean")
     token = t.pivot_table(index="layer", columns="block", values="token", aggfunc="first").reindex_like(prob)
+    token = token.map(_plain_text)  # "<b>" would otherwise be read as bold markup
     fig = px.imshow(prob, aspect="auto", zmin=0, zmax=1, color_continuous_scale="Blues",
                     labels=dict(x="block", y="layer", color="p(top-1)"), title=f"{lens.capitalize()} lens at the block-end slot: top token")
     fig.update_traces(text=token.values, texttemplate="%{text}")
     fig.update_xaxes(dtick=1)
     fig.update_yaxes(dtick=1)
+    return fig
+
+
+# -- single-example views (dashboard memory explorer and playground) ------------------------------
+def _plain_text(text: object) -> str:
+    """Text shown verbatim in a plotly label: its HTML-like markup (<b>, <br>...) escaped."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+ROLE_COLORS = {"question": "#aec7e8", "block begin": "#2ca02c", "memory": "#98df8a", "block end": "#1b7a1b",
+               "readout": "#ffbb78", "pad": "#eeeeee"}
+
+
+def token_roles(tokens: Seq[str], roles: Seq[str], blocks: Seq[int] | None = None, title: str = "Prompt tokens by role") -> go.Figure:
+    """The prompt as a strip of tokens coloured by role (question, block begin / memory / end, readout)."""
+    names = list(ROLE_COLORS)
+    codes = [names.index(r) if r in names else len(names) - 1 for r in roles]
+    blocks = list(blocks) if blocks is not None else [0] * len(tokens)
+    tokens = [_plain_text(t) for t in tokens]  # "<b>" would otherwise be read as bold markup
+    hover = [f"#{i}: {t}<br>{r}" + (f", block {b}" if b else "") for i, (t, r, b) in enumerate(zip(tokens, roles, blocks))]
+    n = len(names)
+    scale = [[v, ROLE_COLORS[name]] for i, name in enumerate(names) for v in (i / n, (i + 1) / n)]
+    fig = go.Figure(go.Heatmap(z=[[c + 0.5 for c in codes]], zmin=0, zmax=n, colorscale=scale, showscale=False, xgap=2,
+                               text=[list(tokens)], texttemplate="%{text}", customdata=[hover], hovertemplate="%{customdata}<extra></extra>"))
+    for name in dict.fromkeys(roles):  # a legend entry per role present
+        fig.add_scatter(x=[None], y=[None], mode="markers", marker=dict(size=12, color=ROLE_COLORS.get(name, "#eeeeee"), symbol="square"),
+                        name=name)
+    fig.update_layout(title=title, height=190, xaxis=dict(showgrid=False, zeroline=False), yaxis=dict(visible=False),
+                      legend=dict(orientation="h", y=-0.35), margin=dict(t=40, b=10, l=10, r=10), plot_bgcolor="white")
+    return fig
+
+
+def block_readouts(table: pd.DataFrame, title: str = "Readout after each block") -> go.Figure:
+    """What the model answers when read out after block k (columns block, readout, correct),
+    green when it matches the gold answer."""
+    colors = ["#2ca02c" if c else "#d62728" for c in table["correct"]]
+    fig = go.Figure(go.Bar(x=table["block"], y=[1] * len(table), marker_color=colors, text=[_plain_text(r) or "(empty)" for r in table["readout"]],
+                           textposition="inside", insidetextanchor="middle",
+                           hovertemplate="block %{x}: %{text}<extra></extra>"))
+    fig.update_layout(title=title, xaxis=dict(title="block k", dtick=1), yaxis=dict(visible=False, range=[0, 1]), height=180,
+                      margin=dict(t=40, b=40, l=10, r=10))
+    return fig
+
+
+def intervention_effect(table: pd.DataFrame, title: str = "Readout after each block: intact vs intervened") -> go.Figure:
+    """Log-probability of the gold answer after each block, intact and under an intervention
+    (columns block, logprob_before, logprob_after, readout_before, readout_after)."""
+    fig = go.Figure()
+    for when, color in (("before", "#1f77b4"), ("after", "#d62728")):
+        fig.add_bar(x=table["block"], y=table[f"logprob_{when}"], name="intact" if when == "before" else "intervened",
+                    marker_color=color, text=[_plain_text(r) for r in table[f"readout_{when}"]], textposition="outside",
+                    hovertemplate="block %{x}<br>log p(gold) %{y:.3f}<br>readout %{text}<extra></extra>")
+    fig.update_layout(title=title, xaxis=dict(title="block k", dtick=1), yaxis_title="log p(gold answer)", barmode="group")
     return fig

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from rim_lens.backends import Backend, Edit
+from rim_lens.backends import Backend, Edit, HFBackend
 from rim_lens.capture import block_states
 from rim_lens.data import Example
+from rim_lens.decoding import greedy_decode
 from rim_lens.errors import DataError, RunError
+from rim_lens.evaluate import answer_text, decode_answers
 from rim_lens.sequences import Batch, Role, Sequence, SequenceBuilder, block_positions, collate
 from rim_lens.tasks import Task
 
@@ -100,6 +102,20 @@ def run_variants(
         results.append(metric(out.logits, batch, ex_idx))
     flat = torch.cat(results)
     return flat.view(len(variants), n, *flat.shape[1:])
+
+
+def decode_with_edits(backend: HFBackend, builder: SequenceBuilder, examples: Seq[Example], variant: Variant,
+                      n_blocks: int | None = None, max_new_tokens: int = 32) -> list[str]:
+    """Greedy answers of `examples` with `variant` applied to the block states of the prompt
+    (read out after `n_blocks` blocks; default K). Needs the hf backend, which can decode."""
+    prompts = [builder.prompt(ex, n_blocks) for ex in examples]
+    tok, sq = builder.tokenizer, builder.spec.readout_sees_question
+    pos = block_positions(collate(prompts, tok.pad_token_id, sq, side="left"))
+    rows, index = torch.arange(len(examples)), torch.arange(len(examples))
+    edits = [Edit(l, rows, pos[:, k - 1, j], variant.values(index, l, k, j)) for l, k, j in variant.sites if k <= pos.shape[1]]
+    decoded = greedy_decode(backend.model, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                            max_new_tokens=max_new_tokens, sees_question=sq, prefill_context=backend.editing(edits))
+    return [answer_text(tok, ids, builder.spec) for ids in decoded.tokens]
 
 
 def scored_sequences(builder: SequenceBuilder, examples: Seq[Example], answers: Seq[str] | None = None) -> list[Sequence]:
@@ -229,7 +245,7 @@ def make_pairs(task: Task, builder: SequenceBuilder, examples: Seq[Example], see
     for ex in examples:
         try:
             bad = task.corrupt(ex, rng)
-        except DataError:
+        except DataError:  # this example has no single change that alters the answer
             continue
         if len(builder.prompt(bad)) != len(builder.prompt(ex)):
             continue
@@ -295,7 +311,8 @@ def interchange(backend: Backend, builder: SequenceBuilder, examples: Seq[Exampl
                 grid: bool = True) -> tuple[pd.DataFrame, list[tuple[int, int]]]:
     """Give example B the block states of example A (pairs with different answers), at one
     layer or all selected layers and one block or all selected blocks. Reports how often the
-    output becomes A's answer, stays B's, or is neither."""
+    output becomes A's answer, stays B's, or is neither, and how often it becomes what the
+    model outputs for A (`to_A_output`)."""
     rng = random.Random(seed)
     order = list(range(len(examples)))
     rng.shuffle(order)
@@ -315,8 +332,12 @@ def interchange(backend: Backend, builder: SequenceBuilder, examples: Seq[Exampl
     variants = [Variant(c["sites"], values) for c in cells]
     says_a, _ = _answers(backend, builder, scored_sequences(builder, B, [ex.answer for ex in A]), variants)
     says_b, _ = _answers(backend, builder, scored_sequences(builder, B), variants)
+    # What A's model actually outputs: for an inaccurate model, "becomes A's answer" undercounts.
+    a_outputs = [r.text for r in decode_answers(backend.model, builder.tokenizer, builder, A)]
+    says_a_output, _ = _answers(backend, builder, scored_sequences(builder, B, a_outputs), variants)
     rows = []
-    for c, a, b in zip(cells, says_a.float(), says_b.float()):
+    for c, a, b, ao in zip(cells, says_a.float(), says_b.float(), says_a_output.float()):
         rows.append({"swap": c["swap"], "layer": c["layer"], "block": c["block"], "to_A": a.mean().item(),
-                     "stays_B": b.mean().item(), "neither": (1 - a - b).clamp_min(0).mean().item(), "n": len(pairs)})
+                     "stays_B": b.mean().item(), "neither": (1 - a - b).clamp_min(0).mean().item(),
+                     "to_A_output": ao.mean().item(), "n": len(pairs)})
     return pd.DataFrame(rows).astype({"layer": "Int64", "block": "Int64"}), pairs

@@ -20,7 +20,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rim_lens.errors import RunError
+from rim_lens.errors import ConfigError, RunError
 from rim_lens.memory import MemorySpec
 from rim_lens.tokenizer import add_memory_tokens
 
@@ -75,10 +75,13 @@ def load_pretrained(
     path: str | Path, spec: MemorySpec, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A local (or hub) HF causal LM with the memory tokens added and embeddings resized."""
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, trust_remote_code=trust_remote_code, dtype=torch.float32
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    except OSError as err:
+        # transformers raises OSError both for a missing local directory and an unreachable hub id.
+        raise ConfigError(f"model.pretrained: cannot load {str(path)!r}: not a local HF model directory, "
+                          f"and not reachable on the hub ({str(err).splitlines()[0]})") from None
     if add_memory_tokens(tokenizer, spec):
         model.resize_token_embeddings(len(tokenizer))
     if model.config.pad_token_id is None:

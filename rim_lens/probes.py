@@ -22,7 +22,7 @@ import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score
-from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
@@ -96,7 +96,12 @@ def grouped_folds(y: np.ndarray, groups: np.ndarray, folds: int = 5, seed: int =
     They depend only on labels and groups, so callers compute them once per label vector and
     reuse them across (layer, block) cells: on 10,000 examples the split alone takes seconds.
     """
-    cv = StratifiedGroupKFold(n_splits=min(folds, len(np.unique(groups))), shuffle=True, random_state=seed)
+    n_splits = min(folds, len(np.unique(groups)))
+    if np.unique(y, return_counts=True)[1].max() < n_splits:
+        # StratifiedGroupKFold refuses more splits than its largest class has members (e.g. a
+        # late step that few examples reach): such labels cannot be stratified anyway.
+        return list(GroupKFold(n_splits=n_splits).split(np.zeros((len(y), 1)), y, groups))
+    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         # Values rarer than the number of folds are expected; they only cost accuracy.
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
@@ -211,10 +216,12 @@ def probe_correctness(
     n_boot: int = 1000,
     C: float = 0.1,
     control_type: ControlType = leading_words,
+    min_class: int = 10,
 ) -> pd.DataFrame:
     """Probe each (layer, block)'s states for whether the readout after that block was correct.
 
-    Columns: layer, block, (slot if given), auroc, auroc_lo, auroc_hi, auprc, auprc_lo,
+    A block whose readouts are right (or wrong) fewer than `min_class` times gets NaN: an
+    AUROC over a handful of positives is noise. Columns: layer, block, (slot if given), auroc, auroc_lo, auroc_hi, auprc, auprc_lo,
     auprc_hi, control_auroc, selectivity (auroc - control_auroc), base_rate (the fraction
     correct, AUPRC's chance level; AUROC's is 0.5), n, note (why a cell is NaN, else "").
     """
@@ -229,11 +236,13 @@ def probe_correctness(
             row = {**_cell(layer, k, slot), "auroc": np.nan, "auroc_lo": np.nan, "auroc_hi": np.nan,
                    "auprc": np.nan, "auprc_lo": np.nan, "auprc_hi": np.nan, "control_auroc": np.nan,
                    "selectivity": np.nan, "base_rate": float(y.mean()), "n": len(y), "note": ""}
+            rare = int(min(y.sum(), len(y) - y.sum()))
             if k not in problems:
-                problems[k] = _problem(np.arange(store.n), [y], types, groups, folds, seed, (k,)) if 0 < y.sum() < len(y) else None
+                problems[k] = _problem(np.arange(store.n), [y], types, groups, folds, seed, (k,)) if rare >= min_class else None
             pb = problems[k]
             if pb is None:
-                rows.append({**row, "note": f"readouts after block {k} are all {'right' if y.all() else 'wrong'}"})
+                rows.append({**row, "note": f"only {rare} readouts after block {k} are {'wrong' if y.mean() > 0.5 else 'right'} "
+                                            f"(need {min_class} of each)"})
                 continue
             p = oof_proba(X, y, pb.folds[0], C)[:, 1]
             row["auroc"], row["auprc"] = roc_auc_score(y, p), average_precision_score(y, p)

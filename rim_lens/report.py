@@ -7,9 +7,11 @@ and writes `analysis/report.json` and `analysis/report.md` with a plain-language
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from rim_lens import analyses
+from rim_lens.errors import RimLensError
 from rim_lens.lab import Lab
 from rim_lens.runs import Run, atomic_write_json, atomic_write_text, open_run
 
@@ -34,7 +36,10 @@ def measure(run_dir: str | Path, backend: str = "hf", n: int = 200, seed: int = 
     _, ablation = analyses.run_ablate(lab, mode="mean", seed=seed)
     _, knock = analyses.run_knockout(lab)
     _, inter = analyses.run_interchange(lab, seed=seed)
-    patch_table, patch = analyses.run_patch(lab, seed=seed)
+    try:
+        _, patch = analyses.run_patch(lab, seed=seed)
+    except RimLensError as err:  # e.g. GSM8K: only synthetic tasks can corrupt their questions
+        patch = {"peak": None, "note": str(err)}
     _, probe = analyses.run_probe(lab, seed=seed)
     card = {
         "run": str(lab.run.path), "method": lab.spec.method, "n": len(lab.examples), "backend": backend,
@@ -45,6 +50,7 @@ def measure(run_dir: str | Path, backend: str = "hf", n: int = 200, seed: int = 
         "accuracy_direct_baseline": None,
         "interchange_transfer_rate": inter["transfer_rate"],
         "patching_peak": patch["peak"],
+        "patching_note": patch.get("note", ""),
         "chance_accuracy": lab.task.chance_accuracy(),
     }
     best = probe["best_value_probe"]
@@ -68,6 +74,9 @@ def build_report(run_dir: str | Path, control: str | Path | None = None, direct:
     report = {"run": measure(run.path, backend, n, seed, direct), "control": None}
     if control_dir is not None:
         report["control"] = measure(control_dir, backend, n, seed, direct)
+    # Paths relative to the run itself, so the report survives moving the runs folder.
+    for card in filter(None, (report["run"], report["control"])):
+        card["run"] = os.path.relpath(Path(card["run"]).resolve(), run.path.resolve())
     report["verdict"] = verdict(report["run"], report["control"])
     out = run.analysis_dir
     atomic_write_json(out / "report.json", report)
@@ -105,7 +114,10 @@ def verdict(r: dict, c: dict | None) -> str:
     lines.append(f"Content: giving a question another example's block states makes the model output that example's answer in {_pct(t)} of pairs"
                  + (", so the blocks carry answer-specific information." if t >= 0.3 else ", so little of the answer travels in the blocks alone."))
     p = r["patching_peak"]
-    lines.append(f"Location: patching clean block states into a corrupted run recovers at most {p['recovery']:.2f} of the clean logit difference, at layer {p['layer']}, block {p['block']}.")
+    if p is not None:
+        lines.append(f"Location: patching clean block states into a corrupted run recovers at most {p['recovery']:.2f} of the clean logit difference, at layer {p['layer']}, block {p['block']}.")
+    else:
+        lines.append(f"Location: activation patching was not run ({r.get('patching_note') or 'no clean/corrupt pairs'}).")
     best = r.get("best_value_probe")
     if best and best["selectivity"] > 0.05:
         lines.append(f"Intermediate values: the best linear probe reads step {best['step']}'s value from block {best['block']} at layer {best['layer']} "

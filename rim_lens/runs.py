@@ -14,9 +14,12 @@ from rim_lens.errors import RunError
 PRODUCERS = {
     "config.yaml": "rim-lens train RECIPE",
     "model": "rim-lens train RECIPE",
+    "data": "rim-lens train RECIPE",
     "metrics.json": "rim-lens eval {run}",
     "predictions.jsonl": "rim-lens eval {run}",
     "train_log.jsonl": "rim-lens train RECIPE",
+    "sweep.json": "rim-lens eval {run} --K 1,2,4,8",
+    "analysis": "rim-lens analyze report {run}",
 }
 
 
@@ -95,7 +98,14 @@ class Run:
 
     def read_log(self) -> list[dict]:
         path = self.require("train_log.jsonl")
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise RunError(f"{path}:{n}: corrupt log line ({err.msg})") from None
+        return records
 
 
 def open_run(path: str | Path) -> Run:

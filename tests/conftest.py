@@ -23,3 +23,12 @@ def shared_data() -> Path:
     if path is None:
         pytest.skip("../shared/data not found (set RIM_LENS_SHARED_DATA)")
     return path
+
+
+# Tiny trained runs (copy task and modchain), trained once per session: see tests/fixtures.py.
+from fixtures import (  # noqa: E402,F401
+    tiny_modchain_runs,
+    tiny_modchain_runs_copy,
+    tiny_runs,
+    tiny_runs_copy,
+)

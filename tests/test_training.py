@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -362,3 +364,22 @@ def test_other_recipe_errors(tmp_path):
         load_config(path, ["train.steps=-1"])
     assert str(err.value).startswith(f"{path} (with --set): train.steps")
     assert load_config(path, ["train.steps=7", "method=cot"]).train.steps == 7
+
+
+def test_trainer_runs_unchanged_under_accelerate_launch(tmp_path):
+    """Two CPU processes through `accelerate launch`: the same trainer, one finished run."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "method: rim\ntask: {name: modchain, options: {length: 2}}\ndata: {train: 400, eval: 40}\n"
+        "model: {preset: tiny}\nmemory: {K: 2}\n"
+        "train: {steps: 6, batch_size: 16, eval_every: 3, log_every: 3, threads: 1}\neval: {latency_examples: 1}\n"
+    )
+    bin_dir = Path(sys.executable).parent
+    cmd = [str(bin_dir / "accelerate"), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rim_lens.cli", "train", str(recipe),
+           "--runs-dir", str(tmp_path / "runs"), "--name", "ddp"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "runs" / "ddp"
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+    assert (run / "model" / "model.safetensors").exists() and (run / "metrics.json").exists()

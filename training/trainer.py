@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from rim_lens.data import Example, read_examples, write_examples
@@ -152,12 +152,11 @@ def seed_everything(seed: int) -> None:
 # -- the loop ------------------------------------------------------------------------------------
 def run_stage(
     stage: Stage, model, train_set: list[Example], monitor: list[Example], cfg: RunConfig,
-    accelerator: Accelerator, run: Run, pad_id: int,
+    accelerator: Accelerator, run: Run, pad_id: int, sees_question: bool,
 ) -> dict[str, float]:
     """Train one stage with a fresh optimizer and LR schedule; returns the final monitor accuracy."""
     t = cfg.train
     set_dropout(model, stage.dropout)
-    sees_question = cfg.memory.readout_sees_question if cfg.method in ("rim", "pause") else True
     batches = partial(collate, pad_id=pad_id, sees_question=sees_question)
     loader = DataLoader(
         [stage.layout(ex) for ex in train_set], batch_size=t.batch_size, shuffle=True, drop_last=len(train_set) >= t.batch_size,
@@ -183,7 +182,9 @@ def run_stage(
         return acc
 
     model.train()
-    bar = tqdm(total=stage.steps, desc=f"{cfg.method}:{stage.name}", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    # `disable` is left to tqdm on the main process, so TQDM_DISABLE=1 silences the bar.
+    quiet = {} if accelerator.is_main_process else {"disable": True}
+    bar = tqdm(total=stage.steps, desc=f"{cfg.method}:{stage.name}", dynamic_ncols=True, **quiet)
     start, tokens, step, acc = time.perf_counter(), 0, 0, {}
     while step < stage.steps:
         for batch in loader:
@@ -237,6 +238,8 @@ def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> Run:
         raise
     if accelerator.is_main_process:
         run.mark("completed", method=cfg.method, **summary)
+    # Other processes return only once the main one has saved and evaluated.
+    accelerator.wait_for_everyone()
     return run
 
 
@@ -249,10 +252,12 @@ def _train(cfg: RunConfig, run: Run, accelerator: Accelerator) -> dict:
         write_examples(run.path / "data" / "train.jsonl", train_set)
         write_examples(run.path / "data" / "eval.jsonl", eval_set)
     mem = cfg.memory
+    blocks = cfg.method in ("rim", "pause")
+    # Without blocks the readout must see the question, whatever the memory section says.
     spec = MemorySpec(
         method=cfg.method, begin=mem.begin, memory=mem.memory, end=mem.end, M=mem.M,
-        K=mem.K if cfg.method in ("rim", "pause") else 0, answer_prefix=mem.answer_prefix,
-        readout_sees_question=mem.readout_sees_question, step_offset=mem.step_offset, task=task.name,
+        K=mem.K if blocks else 0, answer_prefix=mem.answer_prefix,
+        readout_sees_question=mem.readout_sees_question or not blocks, step_offset=mem.step_offset, task=task.name,
     )
     model, tokenizer = make_model(cfg, spec, all_texts(train_set + eval_set))
     builder = SequenceBuilder(tokenizer, spec.replace(K=mem.K), task.join_steps)
@@ -262,7 +267,8 @@ def _train(cfg: RunConfig, run: Run, accelerator: Accelerator) -> dict:
     monitor = eval_set[: min(len(eval_set), 256)]
     for stage in plan_stages(cfg, builder):
         seed_everything(cfg.seed)
-        summary["stages"][stage.name] = run_stage(stage, model, train_set, monitor, cfg, accelerator, run, tokenizer.pad_token_id)
+        summary["stages"][stage.name] = run_stage(stage, model, train_set, monitor, cfg, accelerator, run,
+                                                  tokenizer.pad_token_id, spec.readout_sees_question)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return summary

@@ -1,4 +1,4 @@
 """CLI command groups; each module exposes `register(subparsers)`."""
-from rim_lens.commands import analyze, data, demo, train
+from rim_lens.commands import analyze, dashboard, data, demo, train
 
-REGISTRY = [data.register, train.register, demo.register, analyze.register]
+REGISTRY = [data.register, train.register, demo.register, analyze.register, dashboard.register]

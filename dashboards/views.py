@@ -658,34 +658,25 @@ def _intervene(lab, run: RunInfo, i: int, mode: str, donor: int | None, blocks, 
         values = iv.ablation_values(torch.cat([own, pop[others]]), mode, seed=0)
     tok, sq = lab.tokenizer, lab.spec.readout_sees_question
     before = _readouts(lab, run, ex)
-    decode = getattr(iv, "decode_with_edits", None)
 
     def metric(logits, batch, ex_idx):
-        correct, logprob = iv.answer_scores(logits, batch)
-        top = logits.argmax(-1)
-        first = (batch.targets != -100).float().argmax(1)  # the first answer position of each row
-        return torch.stack([correct.float(), logprob, top[torch.arange(len(top)), first].float()], -1)
+        return iv.answer_scores(logits, batch)[1]  # log-prob of the gold answer
 
     rows = []
     for k in range(1, lab.spec.K + 1):
         variant = iv.Variant([s for s in sites if s[1] <= k], values)
         seq = lab.builder.scored(ex, n_blocks=k)
         with core.model_lock(lab):
-            out = iv.run_variants(lab.backend, [seq], [iv.Variant([]), variant], metric, tok.pad_token_id, sq)[:, 0]
-            after = decode(lab.backend, lab.builder, [ex], variant, n_blocks=k)[0] if decode and variant.sites else None
-        if after is None and not variant.sites:
-            after = before.loc[k - 1, "readout"]
+            logprob = iv.run_variants(lab.backend, [seq], [iv.Variant([]), variant], metric, tok.pad_token_id, sq)[:, 0]
+            after = iv.decode_with_edits(lab.backend, lab.builder, [ex], variant, n_blocks=k)[0] if variant.sites \
+                else before.loc[k - 1, "readout"]
         rows.append({
-            "block": k, "readout_before": before.loc[k - 1, "readout"],
-            "readout_after": after if after is not None else f"(top-1: {tok.decode([int(out[1, 2])])})",
-            "correct_before": bool(before.loc[k - 1, "correct"]),
-            "correct_after": bool(lab.task.answers_match(after, ex.answer)) if after is not None else bool(out[1, 0]),
-            "logprob_before": float(out[0, 1]), "logprob_after": float(out[1, 1]),
-            "sites": len(variant.sites),
+            "block": k, "readout_before": before.loc[k - 1, "readout"], "readout_after": after,
+            "correct_before": bool(before.loc[k - 1, "correct"]), "correct_after": bool(lab.task.answers_match(after, ex.answer)),
+            "logprob_before": float(logprob[0]), "logprob_after": float(logprob[1]), "sites": len(variant.sites),
         })
     table = pd.DataFrame(rows)
     table["changed"] = table["readout_before"] != table["readout_after"]
-    table.attrs["greedy"] = decode is not None
     return table
 
 
@@ -706,8 +697,6 @@ def _show_intervention(lab, i: int, mode: str, donor: int | None, table: pd.Data
     chart(figures.intervention_effect(table), key="play.effect")
     st.dataframe(table[["block", "readout_before", "readout_after", "changed", "correct_before", "correct_after",
                         "logprob_before", "logprob_after"]], hide_index=True, width="stretch")
-    if not table.attrs.get("greedy", True):
-        st.caption("Readouts under intervention are teacher-forced (this rim_lens has no greedy decoding under edits).")
 
 
 PAGES = {

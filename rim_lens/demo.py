@@ -79,7 +79,7 @@ def run_demo(runs_dir: str | Path = "runs/demo", full: bool = False, methods: tu
         card = build_report(runs_dir / "rim", control=runs_dir / "pause" if "pause" in metrics else None,
                             direct=runs_dir / "direct" if "direct" in metrics else None)
         summary["verdict"] = card["verdict"]
-        print("\nDo the memory blocks carry the reasoning? (runs/demo/rim/analysis/report.md)\n" + card["verdict"])
+        print(f"\nDo the memory blocks carry the reasoning? ({runs_dir / 'rim' / 'analysis' / 'report.md'})\n" + card["verdict"])
     summary["seconds_total"] = time.perf_counter() - start
     atomic_write_json(runs_dir / "summary.json", summary)
     atomic_write_text(runs_dir / "summary.md", table + "\n")

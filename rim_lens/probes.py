@@ -241,8 +241,9 @@ def probe_correctness(
                 problems[k] = _problem(np.arange(store.n), [y], types, groups, folds, seed, (k,)) if rare >= min_class else None
             pb = problems[k]
             if pb is None:
-                rows.append({**row, "note": f"only {rare} readouts after block {k} are {'wrong' if y.mean() > 0.5 else 'right'} "
-                                            f"(need {min_class} of each)"})
+                what = f"all {'right' if y.mean() > 0.5 else 'wrong'}" if rare == 0 else \
+                    f"only {rare} {'wrong' if y.mean() > 0.5 else 'right'}"
+                rows.append({**row, "note": f"readouts after block {k} are {what} (need {min_class} of each class)"})
                 continue
             p = oof_proba(X, y, pb.folds[0], C)[:, 1]
             row["auroc"], row["auprc"] = roc_auc_score(y, p), average_precision_score(y, p)

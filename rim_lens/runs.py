@@ -19,7 +19,6 @@ PRODUCERS = {
     "predictions.jsonl": "rim-lens eval {run}",
     "train_log.jsonl": "rim-lens train RECIPE",
     "sweep.json": "rim-lens eval {run} --K 1,2,4,8",
-    "analysis": "rim-lens analyze report {run}",
 }
 
 

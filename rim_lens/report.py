@@ -49,6 +49,7 @@ def measure(run_dir: str | Path, backend: str = "hf", n: int = 200, seed: int = 
         "accuracy_answer_sees_no_block": knock["accuracy_answer_sees_no_block"],
         "accuracy_direct_baseline": None,
         "interchange_transfer_rate": inter["transfer_rate"],
+        "interchange_neither_rate": inter["neither"],
         "patching_peak": patch["peak"],
         "patching_note": patch.get("note", ""),
         "chance_accuracy": lab.task.chance_accuracy(),
@@ -114,9 +115,16 @@ def verdict(r: dict, c: dict | None) -> str:
         d = r["accuracy_direct_baseline"]
         lines.append(f"A direct-answer model trained on the same data reaches {_pct(d)}; RiM with intact blocks reaches {_pct(intact)}"
                      + (" — the blocks add accuracy over answering directly." if intact > d + 0.05 else "."))
-    t = r["interchange_transfer_rate"]
-    lines.append(f"Content: giving a question another example's block states makes the model output that example's answer in {_pct(t)} of pairs"
-                 + (", so the blocks carry answer-specific information." if t >= 0.3 else ", so little of the answer travels in the blocks alone."))
+    t, neither = r["interchange_transfer_rate"], r.get("interchange_neither_rate")
+    content = f"Content: giving a question another example's block states makes the model output that example's answer in {_pct(t)} of pairs"
+    if t >= 0.3:
+        content += ", so the blocks carry answer-specific information."
+    elif needed and neither is not None and neither >= 0.5:
+        content += (f"; {_pct(neither)} of outputs are neither answer, so the blocks do not hold a self-contained answer: "
+                    "the readout combines what they hold with the question.")
+    else:
+        content += ", so little of the answer travels in the blocks alone."
+    lines.append(content)
     p = r["patching_peak"]
     if p is not None:
         lines.append(f"Location: patching clean block states into a corrupted run recovers at most {p['recovery']:.2f} of the clean logit difference, at layer {p['layer']}, block {p['block']}.")

@@ -254,10 +254,9 @@ def main(argv=None) -> int:
                           "peak_memory_naive_over_streamed": naive_full["peak_delta_mb"] / max(streamed["peak_delta_mb"], 1),
                           "kept_bytes_naive_over_streamed": naive_full["stored_bytes"] / streamed["stored_bytes"]},
                "load_average_1min_start_end": [load_start, load_end], "python": platform.python_version()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"written {out}")
+    from rim_lens.runs import atomic_write_json
+
+    print(f"written {atomic_write_json(args.out, summary)}")
     return 0
 
 

@@ -205,10 +205,9 @@ def main(argv=None) -> int:
     print(f"per-cell metric (ours, hf) ranges over [{ref.min():.3f}, {ref.max():.3f}]")
     for note in summary["notes"]:
         print(f"- {note}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"written {out}")
+    from rim_lens.runs import atomic_write_json
+
+    print(f"written {atomic_write_json(args.out, summary)}")
     return 0
 
 

@@ -22,7 +22,7 @@ import streamlit as st
 import yaml
 
 from rim_lens.errors import RimLensError, RunError
-from rim_lens.runs import PRODUCERS
+from rim_lens.runs import PRODUCERS, read_jsonl
 
 ENV_RUNS = "RIM_LENS_RUNS"
 DEFAULT_RUNS = "runs"
@@ -200,14 +200,7 @@ def _read_json(path: str, mtime: int) -> Any:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _read_jsonl(path: str, mtime: int) -> list[dict]:
-    out = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise RunError(f"{path}:{n}: corrupt JSON line ({err})") from None
-    return out
+    return read_jsonl(path)
 
 
 @st.cache_data(show_spinner=False, max_entries=128)

@@ -41,6 +41,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """One JSON record per non-blank line; RunError naming file:line for a corrupt one."""
+    records = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise RunError(f"{path}:{n}: corrupt JSON line ({err.msg})") from None
+    return records
+
+
 class Run:
     """A run directory and the artefacts in it."""
 
@@ -96,15 +108,7 @@ class Run:
             f.write(json.dumps(record) + "\n")
 
     def read_log(self) -> list[dict]:
-        path = self.require("train_log.jsonl")
-        records = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise RunError(f"{path}:{n}: corrupt log line ({err.msg})") from None
-        return records
+        return read_jsonl(self.require("train_log.jsonl"))
 
 
 def open_run(path: str | Path) -> Run:

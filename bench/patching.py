@@ -24,7 +24,6 @@ metric (mean over pairs), and writes bench/results/patching.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys

@@ -163,10 +163,7 @@ def _budget(ctx: Context, run: RunInfo) -> None:
 # == Memory explorer ===============================================================================
 def explorer_page(ctx: Context) -> None:
     st.header("Memory explorer")
-    run = choose(ctx, ctx.block_runs(), "explorer.run")
-    if run is None:
-        return
-    lab = _load(ctx, run)
+    run, lab = _block_run(ctx, "explorer.run")
     if lab is None:
         return
     ex = _pick_example(lab, "explorer")
@@ -209,6 +206,13 @@ def _load(ctx: Context, run: RunInfo):
     with section(f"cannot load {run.shown}"):
         return core.lab(ctx.root, run)
     return None
+
+
+def _block_run(ctx: Context, key: str):
+    """(run, Lab) of a run with memory blocks picked in the page, or (run or None, None) after
+    saying why there is none to use."""
+    run = choose(ctx, ctx.block_runs(), key)
+    return run, (None if run is None else _load(ctx, run))
 
 
 def lab_slots(lab) -> list[str]:
@@ -580,10 +584,7 @@ def _control(ctx: Context, run: RunInfo, report: dict | None) -> RunInfo | None:
 def playground_page(ctx: Context) -> None:
     st.header("Playground: intervene on the memory blocks")
     st.caption("Ablate or patch block states of one example and see every block's readout change. Runs live on CPU.")
-    run = choose(ctx, ctx.block_runs(), "play.run")
-    if run is None:
-        return
-    lab = _load(ctx, run)
+    run, lab = _block_run(ctx, "play.run")
     if lab is None:
         return
     if not lab.examples:

@@ -6,7 +6,6 @@ import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rim_lens.data import Example

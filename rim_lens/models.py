@@ -94,14 +94,13 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = p
+        # Llama applies attention dropout functionally from this attribute.
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = p
     config = getattr(model, "config", None)
     for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout"):
         if config is not None and hasattr(config, name):
             setattr(config, name, p)
-    # Llama applies attention dropout functionally from this attribute.
-    for module in model.modules():
-        if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
-            module.attention_dropout = p
 
 
 def save_checkpoint(

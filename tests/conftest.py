@@ -25,6 +25,20 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.fixture
+def no_progress_bars():
+    """Hugging Face's "Loading weights" bar goes to stderr once some earlier test in the session
+    has trained (it does not show in a fresh `rim-lens` process); keep it out of checks that
+    expect exactly one error line."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    yield
+    if was:
+        hf_logging.enable_progress_bar()
+
+
 # Tiny trained runs (copy task and modchain), trained once per session: see tests/fixtures.py.
 from fixtures import (  # noqa: E402,F401
     tiny_modchain_runs,

@@ -35,16 +35,8 @@ FILES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def no_progress_bars():
-    """Keep Hugging Face's weight-loading bar off stderr (see test_cli.py)."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    yield
-    if was:
-        hf_logging.enable_progress_bar()
+# One-line error checks read stderr: keep the weight-loading bar off it (see conftest.py).
+pytestmark = pytest.mark.usefixtures("no_progress_bars")
 
 
 @pytest.fixture(scope="module")

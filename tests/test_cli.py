@@ -30,18 +30,8 @@ eval: {latency_examples: 1}
 """
 
 
-@pytest.fixture(autouse=True)
-def no_progress_bars():
-    """Hugging Face's "Loading weights" bar goes to stderr once some earlier test in the session
-    has trained (it does not show in a fresh `rim-lens` process); keep it out of the one-line
-    error checks."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    yield
-    if was:
-        hf_logging.enable_progress_bar()
+# One-line error checks read stderr: keep the weight-loading bar off it (see conftest.py).
+pytestmark = pytest.mark.usefixtures("no_progress_bars")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rim_lens.backends import make_backend
-from rim_lens.capture import CaptureStore, capture
+from rim_lens.capture import capture
 from rim_lens.errors import RunError
 from rim_lens.lens import TunedLens, lens_quality, logit_lens, unembedding
 from rim_lens.memory import MemorySpec

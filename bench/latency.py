@@ -6,15 +6,16 @@ answer tokens and forward passes at batch 1 with a KV cache.
 Loads the runs `direct`, `cot`, `rim` (and `pause` if present) under --runs and measures them on
 the same held-out examples (the questions common to every run's data/eval.jsonl). Methods are
 interleaved per example, in an order that rotates from one example to the next, so that machine
-noise hits all of them alike. Timings come from `rim_lens.evaluate.measure_latency` (the same
+noise hits all of them alike. Timings come from `rim_lens.evaluation.measure_latency` (the same
 definition as metrics.json: TTFT is the time at which the decoding step that produced the first
 answer token finished, the prefill included; for CoT that is the first token after the answer
-prefix); token and forward-pass counts come from `rim_lens.decoding.greedy_decode`. Medians are
+prefix); token and forward-pass counts come from `rim_lens.model.decoding.greedy_decode`. Medians are
 reported, with the ratios to direct answering. The paper: RiM's TTFT equals direct's, CoT's is
 about 9x on GSM8K with pretrained models.
 
 Writes bench/results/latency.json (or --out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,15 +46,18 @@ class Method:
 
 
 def is_run(path: Path) -> bool:
-    return (path / "model" / "config.json").exists() and (path / "data" / "eval.jsonl").exists() \
+    return (
+        (path / "model" / "config.json").exists()
+        and (path / "data" / "eval.jsonl").exists()
         and (path / "config.yaml").exists()
+    )
 
 
 def load_method(name: str, path: Path, max_new_tokens: int | None) -> Method:
     from rim_lens.data import read_examples
-    from rim_lens.models import load_checkpoint
-    from rim_lens.sequences import SequenceBuilder
-    from rim_lens.tasks import get_task
+    from rim_lens.data.tasks import get_task
+    from rim_lens.model.checkpoints import load_checkpoint
+    from rim_lens.model.layouts import SequenceBuilder
     from training.config import load_config
 
     model, tokenizer, spec = load_checkpoint(path / "model")
@@ -61,8 +65,13 @@ def load_method(name: str, path: Path, max_new_tokens: int | None) -> Method:
     task = get_task(spec.task or cfg.task.name, **cfg.task.options)
     examples, _ = read_examples(path / "data" / "eval.jsonl", task.name, task_options=cfg.task.options)
     return Method(
-        name=name, path=path, model=model, tokenizer=tokenizer, spec=spec,
-        builder=SequenceBuilder(tokenizer, spec, task.join_steps), task=task,
+        name=name,
+        path=path,
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        builder=SequenceBuilder(tokenizer, spec, task.join_steps),
+        task=task,
         max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens,
         examples={ex.question: ex for ex in examples},
     )
@@ -77,12 +86,15 @@ def common_examples(methods: list[Method], n: int) -> list:
 
 def count(method: Method, ex) -> tuple[int, int, bool]:
     """(answer tokens, forward passes, correct) of one greedy answer at batch 1."""
-    from rim_lens.decoding import greedy_decode
-    from rim_lens.evaluate import answer_text
+    from rim_lens.evaluation import answer_text
+    from rim_lens.model.decoding import greedy_decode
 
     d = greedy_decode(
-        method.model, [method.builder.prompt(ex)], eos_id=method.tokenizer.eos_token_id,
-        pad_id=method.tokenizer.pad_token_id, max_new_tokens=method.max_new_tokens,
+        method.model,
+        [method.builder.prompt(ex)],
+        eos_id=method.tokenizer.eos_token_id,
+        pad_id=method.tokenizer.pad_token_id,
+        max_new_tokens=method.max_new_tokens,
         sees_question=method.spec.readout_sees_question,
     )
     ids = d.tokens[0]
@@ -91,27 +103,35 @@ def count(method: Method, ex) -> tuple[int, int, bool]:
 
 
 def time_one(method: Method, ex) -> dict[str, float]:
-    from rim_lens.evaluate import measure_latency
+    from rim_lens.evaluation import measure_latency
 
-    return measure_latency(method.model, method.tokenizer, method.builder, [ex],
-                           max_new_tokens=method.max_new_tokens, warmup=0)
+    return measure_latency(
+        method.model, method.tokenizer, method.builder, [ex], max_new_tokens=method.max_new_tokens, warmup=0
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", default="runs/demo", help="folder holding the demo runs (default: runs/demo)")
+    parser.add_argument(
+        "--runs", default="runs/demo", help="folder holding the demo runs (default: runs/demo)"
+    )
     parser.add_argument("--n", type=int, default=50, help="held-out examples to time (default 50)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed examples per method first (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timings)")
-    parser.add_argument("--max-new-tokens", type=int, help="decoding limit (default: each run's eval.max_new_tokens)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="decoding limit (default: each run's eval.max_new_tokens)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
 
     root = Path(args.runs)
     missing = [m for m in REQUIRED if not is_run(root / m)]
     if missing:
-        print(f"bench/latency.py: no trained {', '.join(missing)} run(s) in {root}; run `make demo` first "
-              f"(or pass --runs DIR)", file=sys.stderr)
+        print(
+            f"bench/latency.py: no trained {', '.join(missing)} run(s) in {root}; run `make demo` first "
+            f"(or pass --runs DIR)",
+            file=sys.stderr,
+        )
         return 2
     if args.n < 1:
         print("bench/latency.py: --n must be >= 1", file=sys.stderr)
@@ -126,20 +146,24 @@ def main(argv: list[str] | None = None) -> int:
     methods = [load_method(name, root / name, args.max_new_tokens) for name in names]
     examples = common_examples(methods, args.n)
     if not examples:
-        print(f"bench/latency.py: the runs in {root} share no held-out question; train them on the same data",
-              file=sys.stderr)
+        print(
+            f"bench/latency.py: the runs in {root} share no held-out question; train them on the same data",
+            file=sys.stderr,
+        )
         return 2
 
     for m in methods:  # untimed warm-up (allocator, kernels, caches)
         for ex in examples[: args.warmup]:
             time_one(m, ex)
 
-    raw: dict[str, dict[str, list]] = {m.name: {k: [] for k in ("ttft_ms", "latency_ms", "answer_tokens",
-                                                                  "forward_passes", "correct")} for m in methods}
+    raw: dict[str, dict[str, list]] = {
+        m.name: {k: [] for k in ("ttft_ms", "latency_ms", "answer_tokens", "forward_passes", "correct")}
+        for m in methods
+    }
     start = time.perf_counter()
     for i, ex in enumerate(examples):
         # Interleaved per example, the order rotating, so drift and noise hit every method alike.
-        order = methods[i % len(methods):] + methods[: i % len(methods)]
+        order = methods[i % len(methods) :] + methods[: i % len(methods)]
         for m in order:
             timing = time_one(m, ex)
             raw[m.name]["ttft_ms"].append(timing["ttft_ms"])
@@ -171,14 +195,18 @@ def main(argv: list[str] | None = None) -> int:
         s["latency_vs_direct"] = s["latency_ms"] / base["latency_ms"]
 
     task = methods[0].task
-    print(f"Latency at batch 1, KV cache, {len(examples)} held-out {task!r} examples, "
-          f"{args.threads} thread(s), medians ({wall:.1f}s)")
+    print(
+        f"Latency at batch 1, KV cache, {len(examples)} held-out {task!r} examples, "
+        f"{args.threads} thread(s), medians ({wall:.1f}s)"
+    )
     header = f"{'method':<8} {'K':>3} {'acc':>6} {'TTFT ms':>9} {'latency ms':>11} {'ans tok':>8} {'fwd':>5} {'TTFT/direct':>12} {'lat/direct':>11}"
     print(header)
     print("-" * len(header))
     for name, s in summary.items():
-        print(f"{name:<8} {s['K']:>3} {s['accuracy']:>6.3f} {s['ttft_ms']:>9.2f} {s['latency_ms']:>11.2f} "
-              f"{s['answer_tokens']:>8g} {s['forward_passes']:>5g} {s['ttft_vs_direct']:>11.2f}x {s['latency_vs_direct']:>10.2f}x")
+        print(
+            f"{name:<8} {s['K']:>3} {s['accuracy']:>6.3f} {s['ttft_ms']:>9.2f} {s['latency_ms']:>11.2f} "
+            f"{s['answer_tokens']:>8g} {s['forward_passes']:>5g} {s['ttft_vs_direct']:>11.2f}x {s['latency_vs_direct']:>10.2f}x"
+        )
     print("paper (Llama-3.2-1B, GSM8K): RiM TTFT = direct; CoT TTFT about 26x, full answer about 9x direct")
 
     result = {
@@ -187,8 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "warmup": args.warmup,
         "task": repr(task),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "examples": [ex.id for ex in examples],
         "methods": summary,

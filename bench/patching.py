@@ -21,6 +21,7 @@ pairs, and score the logit difference clean token - corrupt token at the last po
 Prints a side-by-side table with wall times, speedups and the max |difference| of the per-cell
 metric (mean over pairs), and writes bench/results/patching.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=32, help="clean/corrupt pairs (default: 32)")
     p.add_argument("--max-rows", type=int, default=256, help="rows per forward pass in the batched sweep")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--repeat", type=int, default=3, help="timed repeats, interleaved; the best counts (default: 3)")
+    p.add_argument(
+        "--repeat", type=int, default=3, help="timed repeats, interleaved; the best counts (default: 3)"
+    )
     p.add_argument("--skip-per-pair", action="store_true", help="skip the slow TransformerLens per-pair mode")
     p.add_argument("--out", default=str(HERE / "results" / "patching.json"))
     return p.parse_args(argv)
@@ -70,8 +73,8 @@ def tl_sweep(bridge, builder, pairs, rows, cells, pad_id, sq):
     import torch
     from transformer_lens.patching import get_act_patch_resid_pre
 
-    from rim_lens import interventions as iv
-    from rim_lens.sequences import block_positions, collate
+    from rim_lens.analysis import interventions as iv
+    from rim_lens.model.layouts import block_positions, collate
 
     clean = collate([iv._with_prefix(builder, pairs.clean[i], pairs.prefix[i]) for i in rows], pad_id, sq)
     corrupt = collate([iv._with_prefix(builder, pairs.corrupt[i], pairs.prefix[i]) for i in rows], pad_id, sq)
@@ -85,10 +88,18 @@ def tl_sweep(bridge, builder, pairs, rows, cells, pad_id, sq):
         return logits[r, -1, ct] - logits[r, -1, xt]
 
     with torch.no_grad():
-        _, cache = MaskedBridge(bridge, clean.attention_mask, clean.position_ids).run_with_cache(clean.input_ids)
-        result = get_act_patch_resid_pre(MaskedBridge(bridge, corrupt.attention_mask, corrupt.position_ids),
-                                         corrupt.input_ids, cache, metric, index_axis_names=None, index_df=index_df,
-                                         reduce="none")
+        _, cache = MaskedBridge(bridge, clean.attention_mask, clean.position_ids).run_with_cache(
+            clean.input_ids
+        )
+        result = get_act_patch_resid_pre(
+            MaskedBridge(bridge, corrupt.attention_mask, corrupt.position_ids),
+            corrupt.input_ids,
+            cache,
+            metric,
+            index_axis_names=None,
+            index_df=index_df,
+            reduce="none",
+        )
     return result.values  # [cells, batch]
 
 
@@ -96,15 +107,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     run = Path(args.run)
     if not (run / "model").exists():
-        print(f"bench/patching.py: error: no trained run at {run}; run `make demo` first (or pass --run DIR)", file=sys.stderr)
+        print(
+            f"bench/patching.py: error: no trained run at {run}; run `make demo` first (or pass --run DIR)",
+            file=sys.stderr,
+        )
         return 2
     os.environ.setdefault("TQDM_DISABLE", "1")
     import torch
     from transformers.utils import logging as hf_logging
 
-    from rim_lens import interventions as iv
-    from rim_lens.backends import make_backend
-    from rim_lens.lab import Lab
+    from rim_lens.analysis import interventions as iv
+    from rim_lens.analysis.backends import make_backend
+    from rim_lens.analysis.lab import Lab
 
     hf_logging.disable_progress_bar()
     if args.threads:
@@ -112,8 +126,13 @@ def main(argv=None) -> int:
     lab = Lab.open(run, n=None)
     pairs = iv.make_pairs(lab.task, lab.builder, lab.examples, seed=0)
     keep = list(range(min(args.pairs, len(pairs.clean))))
-    pairs = iv.Pairs([pairs.clean[i] for i in keep], [pairs.corrupt[i] for i in keep], [pairs.prefix[i] for i in keep],
-                     pairs.clean_token[keep], pairs.corrupt_token[keep])
+    pairs = iv.Pairs(
+        [pairs.clean[i] for i in keep],
+        [pairs.corrupt[i] for i in keep],
+        [pairs.prefix[i] for i in keep],
+        pairs.clean_token[keep],
+        pairs.corrupt_token[keep],
+    )
     n = len(pairs.clean)
     sel = lab.select()
     cells = [(l, k, j) for l in sel.layers for k in sel.blocks for j in sel.slots]
@@ -129,7 +148,9 @@ def main(argv=None) -> int:
         groups[len(lab.builder.prompt(pairs.corrupt[i])) + len(pairs.prefix[i])].append(i)
 
     # Warm-up (first calls allocate and import), then the timed runs.
-    one = iv.Pairs(pairs.clean[:1], pairs.corrupt[:1], pairs.prefix[:1], pairs.clean_token[:1], pairs.corrupt_token[:1])
+    one = iv.Pairs(
+        pairs.clean[:1], pairs.corrupt[:1], pairs.prefix[:1], pairs.clean_token[:1], pairs.corrupt_token[:1]
+    )
     iv.patch(lab.backend, lab.builder, one, sel, per_slot=True)
     tl_sweep(bridge, lab.builder, one, [0], cells[:2], pad, sq)
 
@@ -150,12 +171,17 @@ def main(argv=None) -> int:
             values[:, i] = tl_sweep(bridge, lab.builder, pairs, [i], cells, pad, sq)[:, 0].double()
         return values.mean(1)
 
-    methods = {"ours (hf backend)": lambda: ours(lab.backend), "ours (tl backend)": lambda: ours(tl_backend),
-               "TransformerLens, batched over pairs": tl_batched}
+    methods = {
+        "ours (hf backend)": lambda: ours(lab.backend),
+        "ours (tl backend)": lambda: ours(tl_backend),
+        "TransformerLens, batched over pairs": tl_batched,
+    }
     if not args.skip_per_pair:
         methods["TransformerLens, per pair"] = tl_per_pair
-    tl_passes = {"TransformerLens, batched over pairs": len(cells) * len(groups) + len(groups),
-                 "TransformerLens, per pair": (len(cells) + 1) * n}
+    tl_passes = {
+        "TransformerLens, batched over pairs": len(cells) * len(groups) + len(groups),
+        "TransformerLens, per pair": (len(cells) + 1) * n,
+    }
     # Interleaved repeats, best of `repeat`: the machine is shared, so load drifts during a run.
     load_start = os.getloadavg()[0]
     timings, per_cell = defaultdict(list), {}
@@ -173,20 +199,35 @@ def main(argv=None) -> int:
     base = timings["ours (hf backend)"]
     results = []
     for name, seconds in timings.items():
-        results.append({
-            "method": name, "seconds": seconds, "speedup_of_ours_hf": seconds / base,
-            "forward_passes": tl_passes.get(name, ours_passes),
-            "max_abs_diff_vs_ours_hf": float((per_cell[name] - ref).abs().max()),
-        })
+        results.append(
+            {
+                "method": name,
+                "seconds": seconds,
+                "speedup_of_ours_hf": seconds / base,
+                "forward_passes": tl_passes.get(name, ours_passes),
+                "max_abs_diff_vs_ours_hf": float((per_cell[name] - ref).abs().max()),
+            }
+        )
     cfg = lab.model.config
     summary = {
-        "run": str(run), "model": f"{cfg.model_type} {cfg.num_hidden_layers} layers, width {cfg.hidden_size}",
-        "task": lab.task.name, "K": lab.spec.K, "M": lab.spec.M, "readout_sees_question": sq,
-        "pairs": n, "cells": len(cells), "length_groups": len(groups), "max_rows": args.max_rows, "repeat": args.repeat,
+        "run": str(run),
+        "model": f"{cfg.model_type} {cfg.num_hidden_layers} layers, width {cfg.hidden_size}",
+        "task": lab.task.name,
+        "K": lab.spec.K,
+        "M": lab.spec.M,
+        "readout_sees_question": sq,
+        "pairs": n,
+        "cells": len(cells),
+        "length_groups": len(groups),
+        "max_rows": args.max_rows,
+        "repeat": args.repeat,
         "metric_range": [float(ref.min()), float(ref.max())],
         "load_average_1min_start_end": [load_start, os.getloadavg()[0]],
-        "threads": torch.get_num_threads(), "tl_boot_seconds": boot_s, "python": platform.python_version(),
-        "torch": torch.__version__, "results": results,
+        "threads": torch.get_num_threads(),
+        "tl_boot_seconds": boot_s,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "results": results,
         "notes": [
             "TransformerLens restricted to the block positions with index_df (no scaling): one forward pass per cell.",
             "TransformerLens runs get the model's RiM attention mask and position ids via a wrapper around the bridge.",
@@ -195,16 +236,20 @@ def main(argv=None) -> int:
             f"Best of {args.repeat} interleaved repeats; 'vs ours (hf)' is each method's time over ours (hf backend).",
         ],
     }
-    print(f"Patching sweep on {summary['model']} ({run}): {n} pairs x {len(cells)} cells "
-          f"(layers 0..{sel.layers[-1]} x {len(sel.blocks)} blocks x {len(sel.slots)} slots), {torch.get_num_threads()} threads, "
-          f"load average {load_start:.1f} -> {os.getloadavg()[0]:.1f} (a shared machine: other jobs slow every method)")
+    print(
+        f"Patching sweep on {summary['model']} ({run}): {n} pairs x {len(cells)} cells "
+        f"(layers 0..{sel.layers[-1]} x {len(sel.blocks)} blocks x {len(sel.slots)} slots), {torch.get_num_threads()} threads, "
+        f"load average {load_start:.1f} -> {os.getloadavg()[0]:.1f} (a shared machine: other jobs slow every method)"
+    )
     print(f"{'method':38s} {'seconds':>9s} {'passes':>7s} {'vs ours (hf)':>13s} {'max |diff|':>11s}")
     for r in results:
-        print(f"{r['method']:38s} {r['seconds']:9.3f} {r['forward_passes']:7d} {r['speedup_of_ours_hf']:12.1f}x {r['max_abs_diff_vs_ours_hf']:11.2e}")
+        print(
+            f"{r['method']:38s} {r['seconds']:9.3f} {r['forward_passes']:7d} {r['speedup_of_ours_hf']:12.1f}x {r['max_abs_diff_vs_ours_hf']:11.2e}"
+        )
     print(f"per-cell metric (ours, hf) ranges over [{ref.min():.3f}, {ref.max():.3f}]")
     for note in summary["notes"]:
         print(f"- {note}")
-    from rim_lens.runs import atomic_write_json
+    from rim_lens.fileio import atomic_write_json
 
     print(f"written {atomic_write_json(args.out, summary)}")
     return 0

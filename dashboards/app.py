@@ -4,19 +4,13 @@
 Pages: Runs, Memory explorer, Probes, Causal, Playground. It reads run directories under the
 runs root only, and writes (under a run's analysis/) only when an analysis is started here.
 """
+
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import streamlit as st
 
-_REPO = str(Path(__file__).resolve().parents[1])
-if _REPO not in sys.path:  # `dashboards` importable when the package is not installed
-    sys.path.insert(0, _REPO)
-
-import streamlit as st  # noqa: E402
-
-from dashboards import core  # noqa: E402
-from dashboards.views import PAGES, Context  # noqa: E402
+from dashboards import core
+from dashboards.views import PAGES, Context
 
 
 def main() -> None:
@@ -28,20 +22,25 @@ def main() -> None:
     st.sidebar.caption(f"Runs root: `{root.shown}`")
 
     if not root.path.exists():
-        st.error(f"The runs directory {root.shown} does not exist ({root.path}). Train RiM and its baselines into it with:")
+        st.error(
+            f"The runs directory {root.shown} does not exist ({root.path}). Train RiM and its baselines into it with:"
+        )
         core.command(f"rim-lens demo --runs-dir {root.shown}/demo")
         st.caption("or start the dashboard on another folder: `rim-lens dashboard RUNS_DIR`.")
         return
     if not root.path.is_dir():
-        st.error(f"{root.shown} is not a directory; give the folder that holds the runs: `rim-lens dashboard RUNS_DIR`.")
+        st.error(
+            f"{root.shown} is not a directory; give the folder that holds the runs: `rim-lens dashboard RUNS_DIR`."
+        )
         return
     runs, refused = core.discover(root)
     for message in refused:
         st.sidebar.warning(message)
 
     picked = None
-    typed = st.sidebar.text_input("Open a run by path (relative to the runs root)", key="run_path",
-                                  placeholder="demo/rim") or st.query_params.get("run", "")
+    typed = st.sidebar.text_input(
+        "Open a run by path (relative to the runs root)", key="run_path", placeholder="demo/rim"
+    ) or st.query_params.get("run", "")
     if typed:
         try:
             picked = core.open_by_path(root, typed)
@@ -52,7 +51,9 @@ def main() -> None:
             st.sidebar.error(str(err))
 
     if not runs and picked is None:
-        st.warning(f"No runs under {root.shown} ({root.path}): no folder with config.yaml or model/. Create some with:")
+        st.warning(
+            f"No runs under {root.shown} ({root.path}): no folder with config.yaml or model/. Create some with:"
+        )
         core.command(f"rim-lens demo --runs-dir {root.shown}/demo")
         return
     ctx = Context(root, runs, picked)

@@ -5,6 +5,7 @@ command that produces it, never a traceback).
 The dashboard reads only inside the runs root it was given: every run directory and every file
 is resolved (symlinks and `..` included) and refused if it lands outside the root.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,11 +23,13 @@ import streamlit as st
 import yaml
 
 from rim_lens.errors import RimLensError, RunError
-from rim_lens.runs import PRODUCERS, read_jsonl
+from rim_lens.fileio import read_jsonl
+from rim_lens.methods import Method
+from rim_lens.runs import PRODUCERS
 
 ENV_RUNS = "RIM_LENS_RUNS"
 DEFAULT_RUNS = "runs"
-BLOCK_METHODS = ("rim", "pause")
+BLOCK_METHODS = tuple(m.value for m in Method if m.uses_blocks)
 
 
 class OutsideRoot(RunError):
@@ -55,7 +58,7 @@ class Root:
     path: Path
 
     @classmethod
-    def of(cls, given: str) -> "Root":
+    def of(cls, given: str) -> Root:
         path = Path(given).expanduser().resolve()
         # Commands name paths as the user gave the root, unless that needs ".." to get there.
         shown = str(path) if ".." in Path(given).parts else given.rstrip("/") or "/"
@@ -66,7 +69,9 @@ class Root:
         p = Path(path)
         resolved = (p if p.is_absolute() else self.path / p).resolve()
         if resolved != self.path and not resolved.is_relative_to(self.path):
-            raise OutsideRoot(f"{path}: refused, it resolves to {resolved}, outside the runs root {self.path}")
+            raise OutsideRoot(
+                f"{path}: refused, it resolves to {resolved}, outside the runs root {self.path}"
+            )
         return resolved
 
     def display(self, path: Path) -> str:
@@ -108,7 +113,9 @@ def discover(root: Root) -> tuple[list[RunInfo], list[str]]:
                 try:
                     target = root.inside(child)
                 except OutsideRoot:
-                    refused.append(f"{root.display(child)}: a link to {child.resolve()}, outside the runs root; ignored")
+                    refused.append(
+                        f"{root.display(child)}: a link to {child.resolve()}, outside the runs root; ignored"
+                    )
                     continue
                 if is_run_dir(target):
                     runs.append(RunInfo(child.relative_to(root.path).as_posix(), target, root.display(child)))
@@ -128,7 +135,9 @@ def check_tree(root: Root, run_dir: Path) -> None:
                 try:
                     root.inside(p)
                 except OutsideRoot:
-                    raise OutsideRoot(f"{root.display(p)}: refused, a link to {p.resolve()} outside the runs root") from None
+                    raise OutsideRoot(
+                        f"{root.display(p)}: refused, a link to {p.resolve()} outside the runs root"
+                    ) from None
 
 
 def open_by_path(root: Root, text: str) -> RunInfo:
@@ -235,25 +244,44 @@ def read(root: Root, run: RunInfo, name: str) -> Any:
     path = artefact(root, run, name)
     if path is None:
         return None
-    reader = {".json": _read_json, ".jsonl": _read_jsonl, ".parquet": _read_parquet, ".yaml": _read_yaml}[path.suffix]
+    reader = {".json": _read_json, ".jsonl": _read_jsonl, ".parquet": _read_parquet, ".yaml": _read_yaml}[
+        path.suffix
+    ]
     try:
         return reader(str(path), stamp(path))
     except RunError as err:
-        fix = producer(run, name) or (f"rim-lens analyze {analysis_name(name)} {run.shown}" if name.startswith("analysis/") else "")
+        fix = producer(run, name) or (
+            f"rim-lens analyze {analysis_name(name)} {run.shown}" if name.startswith("analysis/") else ""
+        )
         raise RunError(f"{err}" + (f"; produce it again with `{fix}`" if fix else "")) from None
 
 
 def analysis_name(name: str) -> str:
     stem = Path(name).name.split(".")[0]
-    return {"probe_correctness": "probe", "probe_values": "probe", "pca_examples": "pca", "pca_explained": "pca",
-            "pca_input_dependence": "pca", "lens_quality": "lens"}.get(stem, stem)
+    return {
+        "probe_correctness": "probe",
+        "probe_values": "probe",
+        "pca_examples": "pca",
+        "pca_explained": "pca",
+        "pca_input_dependence": "pca",
+        "lens_quality": "lens",
+    }.get(stem, stem)
 
 
 # -- run facts -----------------------------------------------------------------------------------
 def run_summary(root: Root, run: RunInfo) -> dict:
     """Method, task, model size and status of a run, from its config, memory spec and status."""
-    row: dict = {"run": run.name, "method": None, "task": None, "model": None, "K": None, "M": None,
-                 "status": "unknown", "error": "", "accuracy": None}
+    row: dict = {
+        "run": run.name,
+        "method": None,
+        "task": None,
+        "model": None,
+        "K": None,
+        "M": None,
+        "status": "unknown",
+        "error": "",
+        "accuracy": None,
+    }
     problems = []
     try:
         cfg = read(root, run, "config.yaml") or {}
@@ -265,7 +293,7 @@ def run_summary(root: Root, run: RunInfo) -> dict:
     if model.get("pretrained"):
         row["model"] = f"pretrained {Path(str(model['pretrained'])).name}"
     elif model:
-        from rim_lens.models import PRESETS
+        from rim_lens.model.checkpoints import PRESETS
 
         layers, width, _ = PRESETS.get(model.get("preset"), (None, None, None))
         size = f" ({layers} layers, width {width})" if layers else ""
@@ -316,7 +344,7 @@ def siblings(runs: list[RunInfo], run: RunInfo) -> list[RunInfo]:
 def _lab(run_dir: str, model_stamp: int, data_stamp: int):
     import torch
 
-    from rim_lens.lab import Lab
+    from rim_lens.analysis.lab import Lab
 
     torch.set_grad_enabled(False)
     return Lab.open(run_dir, backend="hf", n=None)
@@ -332,11 +360,13 @@ def model_lock(lab) -> threading.Lock:
 
 
 def lab(root: Root, run: RunInfo):
-    """A `rim_lens.lab.Lab` of the run (model, tokenizer, spec, task, builder, hf backend and
+    """A `rim_lens.analysis.lab.Lab` of the run (model, tokenizer, spec, task, builder, hf backend and
     all held-out examples), loaded once per checkpoint."""
     check_tree(root, run.path)
     if artefact(root, run, "model") is None:
         raise RunError(f"{run.shown}: run has no model; produce it with `rim-lens train RECIPE`")
     if artefact(root, run, "data/eval.jsonl") is None:
-        raise RunError(f"{run.shown}: run has no data/eval.jsonl (the held-out set); produce it with `rim-lens train RECIPE`")
+        raise RunError(
+            f"{run.shown}: run has no data/eval.jsonl (the held-out set); produce it with `rim-lens train RECIPE`"
+        )
     return _lab(str(run.path), tree_stamp(run.path / "model"), stamp(run.path / "data" / "eval.jsonl"))

@@ -1,4 +1,5 @@
 """Shared fixtures: the offline reference data and small thread counts for 2-core machines."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _shared_data() -> Path | None:
-    candidates = [os.environ.get("RIM_LENS_SHARED_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"]
+    candidates = [
+        os.environ.get("RIM_LENS_SHARED_DATA"),
+        REPO.parent / "shared" / "data",
+        "/work/shared/data",
+    ]
     for c in candidates:
         if c and (Path(c) / "README.md").exists():
             return Path(c)

@@ -31,6 +31,7 @@ workers) and must be treated as READ-ONLY: tests that write analyses copy them f
 `clone_runs(runs, tmp_path)` (or use the `*_copy` fixtures), so workers never write into the
 same run directory.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,16 +70,28 @@ def copy_lines(n: int = 300, seed: int = 0) -> list[str]:
 def _config(method: str, memory: dict, steps: int, task: dict, data: dict):
     from training.config import load_config
 
-    return load_config(None, {
-        "method": method,
-        "task": task,
-        "data": data,
-        "model": {"arch": "gpt2", "preset": "tiny", "max_positions": 64},
-        "memory": {"K": 2, "M": 1, **memory},
-        "train": {"steps": steps, "batch_size": 32, "lr": 0.003, "threads": 1, "log_every": 10,
-                  "eval_every": max(steps, 1), "stage1_fraction": 0.7, "stage2_lr": 0.001, "warmup": 0.0},
-        "eval": {"latency_examples": 1},
-    })
+    return load_config(
+        None,
+        {
+            "method": method,
+            "task": task,
+            "data": data,
+            "model": {"arch": "gpt2", "preset": "tiny", "max_positions": 64},
+            "memory": {"K": 2, "M": 1, **memory},
+            "train": {
+                "steps": steps,
+                "batch_size": 32,
+                "lr": 0.003,
+                "threads": 1,
+                "log_every": 10,
+                "eval_every": max(steps, 1),
+                "stage1_fraction": 0.7,
+                "stage2_lr": 0.001,
+                "warmup": 0.0,
+            },
+            "eval": {"latency_examples": 1},
+        },
+    )
 
 
 def train_copy_runs(root: Path) -> dict[str, Path]:
@@ -102,11 +115,15 @@ def identity_chains(n_eval: int = 60, seed: int = 0) -> tuple[list, list]:
     import itertools
     from dataclasses import replace
 
-    from rim_lens.tasks import get_task
+    from rim_lens.data.tasks import get_task
 
     task = get_task("modchain", **MODCHAIN_OPTIONS)
-    questions = [" ".join([str(a), *ops, "mod", "10"]) for n in (1, 2, 3) for a in range(10)
-                 for ops in itertools.product(IDENTITY_OPS, repeat=n)]
+    questions = [
+        " ".join([str(a), *ops, "mod", "10"])
+        for n in (1, 2, 3)
+        for a in range(10)
+        for ops in itertools.product(IDENTITY_OPS, repeat=n)
+    ]
     random.Random(seed).shuffle(questions)
     examples = [replace(task.parse_question(q), id=f"chain-{i}") for i, q in enumerate(questions)]
     return examples[n_eval:], examples[:n_eval]
@@ -129,17 +146,23 @@ def train_modchain_runs(root: Path) -> dict[str, Path]:
     return runs
 
 
-def random_checkpoint(directory: Path, arch: str = "gpt2", seed: int = 0, std: float = 0.1,
-                      task_options: dict | None = None, **spec) -> Path:
+def random_checkpoint(
+    directory: Path,
+    arch: str = "gpt2",
+    seed: int = 0,
+    std: float = 0.1,
+    task_options: dict | None = None,
+    **spec,
+) -> Path:
     """An untrained tiny checkpoint (rim-lens layout: model, tokenizer, memory spec) for the
     modchain task, every weight drawn N(0, std) and norm weights 1 + N(0, std): larger than the
     default init, so hidden states and logits are far from zero and every position matters."""
     import torch
 
-    from rim_lens.memory import MemorySpec
-    from rim_lens.models import build_model, save_checkpoint
-    from rim_lens.tasks import get_task
-    from rim_lens.tokenizer import build_word_tokenizer
+    from rim_lens.data.tasks import get_task
+    from rim_lens.model.checkpoints import build_model, save_checkpoint
+    from rim_lens.model.memory import MemorySpec
+    from rim_lens.model.tokenizer import build_word_tokenizer
 
     task = get_task("modchain", **(task_options or MODCHAIN_OPTIONS))
     spec = MemorySpec(**{"method": "rim", "K": 2, "M": 1, "task": "modchain", **spec})

@@ -1,6 +1,7 @@
 """`rim-lens analyze WHAT RUN`: every analysis runs from the command line and writes its
 parquet / json / plotly files under RUN/analysis/; user errors exit 2 with one line
 `rim-lens: error: ...` and no traceback."""
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,10 @@ import pytest
 import torch
 from fixtures import clone_runs
 
+from rim_lens.analysis.lab import load_result, load_summary
 from rim_lens.cli import main
-from rim_lens.commands.analyze import WHATS
+from rim_lens.cli.analyze import WHATS
 from rim_lens.errors import RunError
-from rim_lens.lab import load_result, load_summary
 
 torch.set_num_threads(1)
 
@@ -22,10 +23,23 @@ N = "24"
 # What each analysis writes under analysis/ (tables: .parquet, summaries: .json, figures: .fig.json).
 FILES = {
     "capture": ["capture/meta.json", "capture/examples.jsonl", "capture/shard_00000.safetensors"],
-    "pca": ["pca.parquet", "pca.trajectories.fig.json", "pca_examples.parquet", "pca_explained.parquet",
-            "pca_input_dependence.parquet", "pca_input_dependence.json", "pca_input_dependence.heatmap.fig.json"],
-    "probe": ["probe_correctness.parquet", "probe_correctness.auroc.fig.json", "probe_values.parquet", "probe_values.json",
-              "probe_values.steps.fig.json", "probe_values.curves.fig.json"],
+    "pca": [
+        "pca.parquet",
+        "pca.trajectories.fig.json",
+        "pca_examples.parquet",
+        "pca_explained.parquet",
+        "pca_input_dependence.parquet",
+        "pca_input_dependence.json",
+        "pca_input_dependence.heatmap.fig.json",
+    ],
+    "probe": [
+        "probe_correctness.parquet",
+        "probe_correctness.auroc.fig.json",
+        "probe_values.parquet",
+        "probe_values.json",
+        "probe_values.steps.fig.json",
+        "probe_values.curves.fig.json",
+    ],
     "lens": ["lens.parquet", "lens.json", "lens.top1.fig.json", "lens_quality.parquet"],
     "ablate": ["ablate.parquet", "ablate.json", "ablate.bars.fig.json"],
     "knockout": ["knockout.parquet", "knockout.json", "knockout.bars.fig.json"],
@@ -48,6 +62,7 @@ def runs(tiny_modchain_runs, tmp_path_factory) -> dict[str, Path]:
 def strict_json(path: Path):
     def bad(name):
         raise ValueError(f"{path}: non-standard JSON constant {name}")
+
     return json.loads(path.read_text(), parse_constant=bad)
 
 
@@ -117,7 +132,12 @@ def test_analyze_options(runs, capsys):
     meta = strict_json(run / "analysis" / "capture" / "meta.json")
     assert meta["attn_layers"] == [0, 1] and meta["n"] == int(N)
 
-    assert analyze(capsys, "ablate", run, "--n", N, "--mode", "zero", "--grid", "--layers", "1", "--blocks", "2")[0] == 0
+    assert (
+        analyze(
+            capsys, "ablate", run, "--n", N, "--mode", "zero", "--grid", "--layers", "1", "--blocks", "2"
+        )[0]
+        == 0
+    )
     table = load_result(run, "ablate")
     assert set(table["mode"]) == {"zero"} and (run / "analysis" / "ablate.grid.fig.json").exists()
     assert set(table.loc[table["scope"] == "cell", "layer"]) == {1}
@@ -133,7 +153,9 @@ def test_backends_give_the_same_ablation_from_the_command_line(runs, capsys):
         assert analyze(capsys, "ablate", run, "--n", N, "--mode", "resample", "--backend", backend)[0] == 0
         tables[backend] = load_result(run, "ablate")
     for backend in ("tl", "nnsight"):
-        pd.testing.assert_frame_equal(tables[backend].drop(columns="logprob"), tables["hf"].drop(columns="logprob"), atol=1e-5)
+        pd.testing.assert_frame_equal(
+            tables[backend].drop(columns="logprob"), tables["hf"].drop(columns="logprob"), atol=1e-5
+        )
 
 
 # -- errors: exit 2, one line ---------------------------------------------------------------------------
@@ -148,14 +170,17 @@ def test_error_checkpoint_without_memory_spec(broken, capsys):
     assert "no memory spec (rim_memory.json); not a rim-lens checkpoint" in line
 
 
-@pytest.mark.parametrize("args, message", [
-    (["ablate", "--layers", "99"], "layer [99] out of range: layers are 0..1"),
-    (["patch", "--layers", "2"], "layer [2] out of range: layers are 0..1"),
-    (["ablate", "--blocks", "0"], "block [0] out of range: blocks are 1..2"),
-    (["knockout", "--blocks", "3"], "block"),
-    (["interchange", "--slots", "9"], "slot [9] out of range: slots are 0..2"),
-    (["probe", "--layers", "99"], "layer 99 out of range"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["ablate", "--layers", "99"], "layer [99] out of range: layers are 0..1"),
+        (["patch", "--layers", "2"], "layer [2] out of range: layers are 0..1"),
+        (["ablate", "--blocks", "0"], "block [0] out of range: blocks are 1..2"),
+        (["knockout", "--blocks", "3"], "block"),
+        (["interchange", "--slots", "9"], "slot [9] out of range: slots are 0..2"),
+        (["probe", "--layers", "99"], "layer 99 out of range"),
+    ],
+)
 def test_error_index_out_of_range(runs, capsys, args, message):
     line = error_line(capsys, args[0], runs["rim"], "--n", N, *args[1:])
     assert message in line
@@ -182,9 +207,20 @@ def test_error_unsupported_architecture(broken, capsys, arch, backend):
 
     model_dir = broken["rim"] / "model"
     vocab = len(AutoTokenizer.from_pretrained(model_dir))
-    config = (GPTNeoXConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-              if arch == "gpt_neox" else
-              OPTConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32, word_embed_proj_dim=16))
+    config = (
+        GPTNeoXConfig(
+            vocab_size=vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+        if arch == "gpt_neox"
+        else OPTConfig(
+            vocab_size=vocab,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            ffn_dim=32,
+            word_embed_proj_dim=16,
+        )
+    )
     for name in ("config.json", "model.safetensors", "generation_config.json"):
         (model_dir / name).unlink(missing_ok=True)
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)

@@ -7,6 +7,7 @@ disk and reloaded the way every analysis loads them; TransformerLens boots from 
 The GPT-2 one uses `readout_sees_question: false`, the Llama one the default, so both mask
 layouts are covered. Questions are modchain chains of 1-3 operations: batches are padded.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,12 +17,12 @@ import pytest
 import torch
 from fixtures import random_checkpoint
 
-from rim_lens.backends import BACKENDS, Edit, make_backend
-from rim_lens.capture import CaptureStore, block_states, capture
+from rim_lens.analysis.backends import BACKENDS, Edit, make_backend
+from rim_lens.analysis.capture import CaptureStore, block_states, capture
+from rim_lens.data.tasks import get_task
 from rim_lens.errors import RunError
-from rim_lens.models import load_checkpoint
-from rim_lens.sequences import Role, SequenceBuilder, block_positions, collate
-from rim_lens.tasks import get_task
+from rim_lens.model.checkpoints import load_checkpoint
+from rim_lens.model.layouts import Role, SequenceBuilder, block_positions, collate
 
 torch.set_num_threads(1)
 
@@ -36,7 +37,9 @@ class Setup:
         self.examples = self.task.generate(8, seed=3)
         lengths = {len(ex.steps) for ex in self.examples}
         assert len(lengths) > 1, "the batch must mix question lengths"
-        self.dir = random_checkpoint(root / arch, arch, task_options=TASK_OPTIONS, readout_sees_question=arch == "llama")
+        self.dir = random_checkpoint(
+            root / arch, arch, task_options=TASK_OPTIONS, readout_sees_question=arch == "llama"
+        )
         self.model, self.tok, self.spec = load_checkpoint(self.dir)
         self.builder = SequenceBuilder(self.tok, self.spec, self.task.join_steps)
         self.backends = {name: make_backend(name, self.model, self.tok, self.dir) for name in BACKENDS}
@@ -92,7 +95,9 @@ def test_backends_agree_with_edits(setup):
         rows = torch.arange(B)
         edits.append(Edit(l, rows, pos[:, l % pos.shape[1], 1], torch.randn(B, d, generator=gen) * 2))
         edits.append(Edit(l, rows[:3], pos[:3, -1, -1], torch.randn(3, d, generator=gen) * 2))
-    edits.append(Edit(0, torch.tensor([0, 5]), torch.tensor([S - 5, S - 6]), torch.randn(2, d, generator=gen)))
+    edits.append(
+        Edit(0, torch.tensor([0, 5]), torch.tensor([S - 5, S - 6]), torch.randn(2, d, generator=gen))
+    )
     layers = list(range(setup.n_layers + 1))
     intact = setup.backends["hf"].run(batch, capture=layers)
     ref = setup.backends["hf"].run(batch, capture=layers, edits=edits, capture_attn=[0])
@@ -116,7 +121,11 @@ def test_editing_a_state_to_its_own_value_changes_nothing(setup):
     for name, be in setup.backends.items():
         clean = be.run(batch, capture=[l, l + 1])
         rows = torch.arange(len(setup.examples))
-        edits = [Edit(l, rows, pos[:, k, j], clean.resid[l][rows, pos[:, k, j]]) for k in range(2) for j in range(3)]
+        edits = [
+            Edit(l, rows, pos[:, k, j], clean.resid[l][rows, pos[:, k, j]])
+            for k in range(2)
+            for j in range(3)
+        ]
         same = be.run(batch, capture=[l + 1], edits=edits)
         close(same.logits, clean.logits, f"{name}: edit with the clean value")
         close(same.resid[l + 1], clean.resid[l + 1], f"{name}: edit with the clean value")
@@ -125,20 +134,34 @@ def test_editing_a_state_to_its_own_value_changes_nothing(setup):
 def test_capture_gives_the_same_states_with_every_backend(setup, tmp_path):
     stores = {}
     for name, be in setup.backends.items():
-        stores[name] = capture(setup.model, setup.tok, setup.spec, setup.examples, tmp_path / name, be, attn=True,
-                               batch_size=3, shard_size=5, task_options=TASK_OPTIONS)
+        stores[name] = capture(
+            setup.model,
+            setup.tok,
+            setup.spec,
+            setup.examples,
+            tmp_path / name,
+            be,
+            attn=True,
+            batch_size=3,
+            shard_size=5,
+            task_options=TASK_OPTIONS,
+        )
     ref = stores["hf"]
     assert ref.meta["shards"] == ["shard_00000.safetensors", "shard_00001.safetensors"]
     assert ref.resid().shape == (8, setup.n_layers + 1, 2, 3, setup.model.config.hidden_size)
     for name in ("tl", "nnsight"):
         store = CaptureStore(tmp_path / name)
         assert store.meta["backend"] == name
-        assert {k: v for k, v in store.meta.items() if k != "backend"} == {k: v for k, v in ref.meta.items() if k != "backend"}
+        assert {k: v for k, v in store.meta.items() if k != "backend"} == {
+            k: v for k, v in ref.meta.items() if k != "backend"
+        }
         assert store.examples == ref.examples
         np.testing.assert_allclose(store.resid(), ref.resid(), rtol=0, atol=ATOL)
         np.testing.assert_allclose(store.attn(), ref.attn(), rtol=0, atol=ATOL)
     # The stored states are the block states of the inference prompts.
-    states, attn = block_states(setup.backends["hf"], setup.builder, setup.examples, list(range(setup.n_layers + 1)), attn=True)
+    states, attn = block_states(
+        setup.backends["hf"], setup.builder, setup.examples, list(range(setup.n_layers + 1)), attn=True
+    )
     np.testing.assert_allclose(ref.resid(), states.numpy(), rtol=0, atol=ATOL)
     np.testing.assert_allclose(ref.attn(), attn.numpy(), rtol=0, atol=ATOL)
     lines = [json.loads(line) for line in (tmp_path / "hf" / "examples.jsonl").read_text().splitlines()]
@@ -190,9 +213,20 @@ def test_block_states_do_not_depend_on_padding(setup, backend):
 def test_unsupported_architecture_is_a_run_error(tmp_path, arch, backend):
     from transformers import AutoModelForCausalLM, GPTNeoXConfig, OPTConfig
 
-    config = (GPTNeoXConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-              if arch == "gpt_neox" else
-              OPTConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32, word_embed_proj_dim=16))
+    config = (
+        GPTNeoXConfig(
+            vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+        if arch == "gpt_neox"
+        else OPTConfig(
+            vocab_size=32,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            ffn_dim=32,
+            word_embed_proj_dim=16,
+        )
+    )
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(RunError, match=f"backend {backend}: unsupported architecture '{arch}'"):
         make_backend(backend, model, None, tmp_path)
@@ -206,4 +240,7 @@ def test_backend_errors(setup):
     with pytest.raises(RunError, match="layer 9 out of range"):
         setup.backends["hf"].run(setup.batch(), capture=[9])
     with pytest.raises(RunError, match="layer .* out of range: edits take layers"):
-        setup.backends["hf"].run(setup.batch(), edits=[Edit(setup.n_layers, torch.tensor([0]), torch.tensor([0]), torch.zeros(1, 64))])
+        setup.backends["hf"].run(
+            setup.batch(),
+            edits=[Edit(setup.n_layers, torch.tensor([0]), torch.tensor([0]), torch.zeros(1, 64))],
+        )

@@ -6,6 +6,7 @@ RIM_LENS_UPDATE_SCREENSHOT=1 the README's docs/dashboard.png is rewritten too.
 Chromium comes from apt (`apt-get install -y chromium`; `make test` does it); never
 `playwright install`, which downloads a browser and fails offline.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,13 +20,19 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from fixtures import clone_runs
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("RIM_LENS_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SHOTS = REPO / "test-artifacts" / "screenshots"
 DOCS_SHOT = REPO / "docs" / "dashboard.png"
 CHART = ".js-plotly-plot .main-svg"
@@ -33,7 +40,9 @@ TIMEOUT_MS = 90_000
 
 pytestmark = pytest.mark.browser  # deselect with -m "not browser"
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (pip install -e .[dev])")
+playwright_api = pytest.importorskip(
+    "playwright.sync_api", reason="the playwright package is not installed (pip install -e .[dev])"
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +73,14 @@ def server(runs_root, tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     with open(log_path, "w") as log:
         # Started beside the runs folder and given it as `runs`, as a user would.
-        proc = subprocess.Popen([*rim_lens_command(), "dashboard", "runs", "--port", str(port)], cwd=runs_root.parent, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [*rim_lens_command(), "dashboard", "runs", "--port", str(port)],
+            cwd=runs_root.parent,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -100,8 +115,10 @@ def stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"Chromium not found at {CHROMIUM}: install it with `apt-get install -y chromium` "
-                    "(make test does), or set RIM_LENS_CHROMIUM")
+        pytest.skip(
+            f"Chromium not found at {CHROMIUM}: install it with `apt-get install -y chromium` "
+            "(make test does), or set RIM_LENS_CHROMIUM"
+        )
     with playwright_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
@@ -133,9 +150,11 @@ def go_to(page, name: str, expect: str) -> None:
 
 def wait_idle(page) -> None:
     """Until Streamlit has finished the script run (no stale elements, no running indicator)."""
-    page.wait_for_function("""() => !document.querySelector('[data-stale="true"]')
+    page.wait_for_function(
+        """() => !document.querySelector('[data-stale="true"]')
         && !document.querySelector('[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"]')""",
-                           timeout=TIMEOUT_MS)
+        timeout=TIMEOUT_MS,
+    )
 
 
 def test_dashboard_in_chromium(server, browser, runs_root):
@@ -173,7 +192,11 @@ def test_dashboard_in_chromium(server, browser, runs_root):
     wait_idle(page)
     page.locator('[data-testid="stMetricValue"]').nth(2).wait_for(timeout=TIMEOUT_MS)
     labels = page.locator('[data-testid="stMetricLabel"]').all_inner_texts()
-    assert [label.strip() for label in labels[:3]] == ["gold answer", "answer, intact", "answer under zero"], labels
+    assert [label.strip() for label in labels[:3]] == [
+        "gold answer",
+        "answer, intact",
+        "answer under zero",
+    ], labels
     assert page.locator(".gtitle", has_text="Readout after each block: intact vs intervened").count() == 1
     shot(page, "5-playground-ablation")
 
@@ -209,4 +232,6 @@ def shrink(path: Path, limit: int) -> None:
         return
     from PIL import Image
 
-    Image.open(path).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    Image.open(path).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(
+        path, optimize=True
+    )

@@ -1,5 +1,6 @@
 """Smoke tests of the `rim-lens` command line: train, eval, the memory-budget sweep, and the
 one-line errors (exit status 2, no traceback)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +48,20 @@ def trained(recipe, tmp_path_factory) -> tuple[Path, str]:
     # A module-scoped fixture cannot use capsys: capture by redirection.
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        code = main(["train", str(recipe), "--runs-dir", str(runs), "--set", "train.steps=6",
-                     "--set", "train.log_every=3", "--set", "train.eval_every=3"])
+        code = main(
+            [
+                "train",
+                str(recipe),
+                "--runs-dir",
+                str(runs),
+                "--set",
+                "train.steps=6",
+                "--set",
+                "train.log_every=3",
+                "--set",
+                "train.eval_every=3",
+            ]
+        )
     assert code == 0
     return runs / "smoke", out.getvalue()
 
@@ -123,12 +136,15 @@ def test_unknown_recipe_key(tmp_path, capsys):
     assert not (tmp_path / "runs").exists(), "nothing is created for an invalid recipe"
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("train.steps=abc", "train.steps: expected int"),
-    ("train.steps=0", "train.steps: must be >= 1"),
-    ("method=coconut", "method: must be one of"),
-    ("train.steps", "expected KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("train.steps=abc", "train.steps: expected int"),
+        ("train.steps=0", "train.steps: must be >= 1"),
+        ("method=coconut", "method: must be one of"),
+        ("train.steps", "expected KEY=VALUE"),
+    ],
+)
 def test_bad_set_value(recipe, tmp_path, capsys, override, expected):
     assert main(["train", str(recipe), "--runs-dir", str(tmp_path), "--set", override]) == 2
     assert expected in error_line(capsys)

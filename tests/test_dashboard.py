@@ -7,6 +7,7 @@ paths; and the `rim-lens dashboard` command line.
 What the pages show is checked against the run's own artefacts (predictions.jsonl,
 metrics.json, report.json), not against accuracies the tiny models may or may not reach.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,8 @@ from streamlit.testing.v1 import AppTest
 
 from dashboards import core
 from rim_lens.cli import main
-from rim_lens.tasks.base import Task
-from rim_lens.tasks.modchain import ModChain
+from rim_lens.data.tasks.base import Task
+from rim_lens.data.tasks.modchain import ModChain
 
 torch.set_num_threads(1)
 
@@ -87,7 +88,9 @@ def array(x) -> list:
         import numpy as np
 
         a = np.frombuffer(base64.b64decode(x["bdata"]), dtype=x["dtype"])
-        return a.reshape([int(n) for n in str(x["shape"]).split(",")]).tolist() if "shape" in x else a.tolist()
+        return (
+            a.reshape([int(n) for n in str(x["shape"]).split(",")]).tolist() if "shape" in x else a.tolist()
+        )
     return x
 
 
@@ -113,7 +116,9 @@ def messages(at: AppTest, kind: str) -> str:
 # -- Runs ----------------------------------------------------------------------------------------
 def test_runs_page_lists_runs_training_and_evaluation(monkeypatch, fresh_root):
     root = fresh_root
-    metrics = {m: json.loads((root / "demo" / m / "metrics.json").read_text()) for m in ("direct", "pause", "rim")}
+    metrics = {
+        m: json.loads((root / "demo" / m / "metrics.json").read_text()) for m in ("direct", "pause", "rim")
+    }
     at = open_app(monkeypatch, root, "Runs")
     table = at.dataframe[0].value
     assert list(table["run"]) == ["demo/direct", "demo/pause", "demo/rim"]
@@ -121,7 +126,9 @@ def test_runs_page_lists_runs_training_and_evaluation(monkeypatch, fresh_root):
     assert set(table["task"]) == {"modchain"} and set(table["status"]) == {"completed"}
     assert set(table["model"]) == {"gpt2 tiny (2 layers, width 64)"}
     assert table.set_index("run").loc["demo/rim", "K"] == 2
-    assert list(table["accuracy"]) == pytest.approx([metrics[m]["accuracy"] for m in ("direct", "pause", "rim")])
+    assert list(table["accuracy"]) == pytest.approx(
+        [metrics[m]["accuracy"] for m in ("direct", "pause", "rim")]
+    )
 
     # The RiM run is shown first: loss per stage and stage-1 readout accuracy per step.
     assert at.selectbox(key="runs.run").value == "demo/rim"
@@ -138,7 +145,9 @@ def test_runs_page_lists_runs_training_and_evaluation(monkeypatch, fresh_root):
         assert evaluation.loc[m, "answer_tokens"] == pytest.approx(metrics[m]["answer_tokens_mean"])
     assert evaluation.loc["rim", "any_block_accuracy"] == pytest.approx(metrics["rim"]["any_block_accuracy"])
     assert evaluation.loc["direct", "ttft_vs_direct"] == pytest.approx(1.0)
-    assert evaluation.loc["rim", "latency_vs_direct"] == pytest.approx(metrics["rim"]["latency_ms"] / metrics["direct"]["latency_ms"])
+    assert evaluation.loc["rim", "latency_vs_direct"] == pytest.approx(
+        metrics["rim"]["latency_ms"] / metrics["direct"]["latency_ms"]
+    )
     per_block = chart(at, "Accuracy of the readout after each block")
     assert {t["name"] for t in per_block["data"]} == {"rim", "pause", "direct (no blocks)"}
     rim_line = next(t for t in per_block["data"] if t["name"] == "rim")
@@ -179,7 +188,13 @@ def test_memory_explorer_example_tokens_readouts_states(monkeypatch, fresh_root)
     # reading it as bold markup.
     assert text.count("&lt;b&gt;") == 2 and text.count("&lt;/b&gt;") == 2 and text.count("&lt;m&gt;") == 2
     assert text[-1] == "####"
-    assert {t["name"] for t in tokens["data"][1:]} == {"question", "block begin", "memory", "block end", "readout"}
+    assert {t["name"] for t in tokens["data"][1:]} == {
+        "question",
+        "block begin",
+        "memory",
+        "block end",
+        "readout",
+    }
 
     # The readout after every block: the same as `rim-lens eval` recorded.
     readouts = at.dataframe[0].value
@@ -192,7 +207,9 @@ def test_memory_explorer_example_tokens_readouts_states(monkeypatch, fresh_root)
     chart(at, "Logit lens at slot &lt;/b&gt;")
 
     # A widget changes what is shown: the example, and the slot of the heat maps.
-    other = next(i for i, ex in enumerate(examples) if ex["question"].count(" ") != examples[0]["question"].count(" "))
+    other = next(
+        i for i, ex in enumerate(examples) if ex["question"].count(" ") != examples[0]["question"].count(" ")
+    )
     at.selectbox(key="explorer.example").set_value(other).run()
     assert_no_exception(at)
     assert f"`{examples[other]['question']}`" in messages(at, "markdown")
@@ -267,7 +284,9 @@ def test_playground_ablation_changes_the_prediction(monkeypatch, sample_root):
     assert answers[changed][0] != predicted[changed]
     metrics, table = run_intervention(at, changed)
     assert "the final answer changed" in messages(at, "success")
-    assert bool(table["changed"].iloc[-1]) and table["logprob_after"].iloc[-1] < table["logprob_before"].iloc[-1]
+    assert (
+        bool(table["changed"].iloc[-1]) and table["logprob_after"].iloc[-1] < table["logprob_before"].iloc[-1]
+    )
     effect = chart(at, "Readout after each block: intact vs intervened")
     assert [t["name"] for t in effect["data"]] == ["intact", "intervened"]
     block1_blind = table.loc[0, "readout_after"]
@@ -281,7 +300,9 @@ def test_playground_ablation_changes_the_prediction(monkeypatch, sample_root):
 
     # Patching every block from an example whose question has the same length (the same
     # positions) gives this example exactly the donor's answer: the readout sees only blocks.
-    donor = next(x for x in range(len(examples)) if predicted[x] != predicted[changed] and same_length(x, changed))
+    donor = next(
+        x for x in range(len(examples)) if predicted[x] != predicted[changed] and same_length(x, changed)
+    )
     at.multiselect(key="play.blocks").set_value([1, 2])
     at.radio(key="play.kind").set_value("patch from another example").run()
     at.selectbox(key="play.donor").set_value(donor)
@@ -322,7 +343,10 @@ def test_causal_report_from_the_page_then_probes(monkeypatch, fresh_root):
     card = at.dataframe[0].value.set_index("metric")
     assert list(card.columns) == ["rim", "control: pause"]
     assert card.loc["examples", "rim"] == "48"
-    for label, key in (("accuracy, blocks intact", "accuracy_intact"), ("accuracy, all blocks mean-ablated", "accuracy_all_blocks_ablated")):
+    for label, key in (
+        ("accuracy, blocks intact", "accuracy_intact"),
+        ("accuracy, all blocks mean-ablated", "accuracy_all_blocks_ablated"),
+    ):
         assert card.loc[label, "rim"] == f"{report['run'][key]:.3f}"
         assert card.loc[label, "control: pause"] == f"{report['control'][key]:.3f}"
     assert report["verdict"] in messages(at, "markdown")
@@ -330,7 +354,9 @@ def test_causal_report_from_the_page_then_probes(monkeypatch, fresh_root):
     for name in ("Mean ablation of block states", "Patching: recovery", "Attention knockout", "Interchange"):
         # the run and its control side by side
         assert any(t.startswith(name) and t.endswith("<sup>rim: demo/rim</sup>") for t in titles), titles
-        assert any(t.startswith(name) and t.endswith("<sup>control: demo/pause</sup>") for t in titles), titles
+        assert any(t.startswith(name) and t.endswith("<sup>control: demo/pause</sup>") for t in titles), (
+            titles
+        )
 
     at.sidebar.radio(key="page").set_value("Probes").run()
     assert_no_exception(at)
@@ -343,14 +369,26 @@ def test_causal_report_from_the_page_then_probes(monkeypatch, fresh_root):
     at.selectbox(key="probes.step").set_value(2).run()
     chart(at, "Step 2 (value) probe score")
     at.radio(key="probes.metric").set_value("selectivity").run()
-    assert array(chart(at, "Step 2 (value) probe selectivity")["data"][0]["z"]) != array(step1["data"][0]["z"])
+    assert array(chart(at, "Step 2 (value) probe selectivity")["data"][0]["z"]) != array(
+        step1["data"][0]["z"]
+    )
     chart(at, "Value probes at layer")
 
     # Probe-based answer selection, as analysis/probe_values.json records it.
     summary_path = root / "demo/rim/analysis/probe_values.json"
     summary = json.loads(summary_path.read_text())
-    summary["selection"] = {"layer": 2, "n": 48, "n_any": 40, "selected": 0.75, "final_block": 0.5, "random_block": 0.4,
-                            "any_block": 0.8, "selected_when_any": 0.9, "final_block_when_any": 0.6, "random_block_when_any": 0.5}
+    summary["selection"] = {
+        "layer": 2,
+        "n": 48,
+        "n_any": 40,
+        "selected": 0.75,
+        "final_block": 0.5,
+        "random_block": 0.4,
+        "any_block": 0.8,
+        "selected_when_any": 0.9,
+        "final_block_when_any": 0.6,
+        "random_block_when_any": 0.5,
+    }
     summary_path.write_text(json.dumps(summary))
     table = pd.read_parquet(correctness)
     table["auroc"] = 0.5 + 0.1 * table["layer"]  # as if some readouts had been wrong
@@ -366,7 +404,9 @@ def test_causal_report_from_the_page_then_probes(monkeypatch, fresh_root):
 def test_missing_and_corrupt_artefacts_name_the_fix(monkeypatch, sample_root, tmp_path):
     root = tmp_path / "runs"
     shutil.copytree(sample_root / "demo" / "direct", root / "x" / "failed")
-    (root / "x" / "failed" / "status.json").write_text(json.dumps({"status": "failed", "error": "DataError: boom"}))
+    (root / "x" / "failed" / "status.json").write_text(
+        json.dumps({"status": "failed", "error": "DataError: boom"})
+    )
     (root / "x" / "failed" / "metrics.json").unlink()
     broken = root / "x" / "broken"
     shutil.copytree(sample_root / "demo" / "rim", broken)
@@ -382,7 +422,9 @@ def test_missing_and_corrupt_artefacts_name_the_fix(monkeypatch, sample_root, tm
     assert "corrupt JSON" in table.loc["x/broken", "error"]
     assert at.selectbox(key="runs.run").value == "x/broken"
     assert "rim-lens train RECIPE" in messages(at, "code")  # no training log
-    assert "corrupt JSON" in messages(at, "warning") and f"rim-lens eval {root}/x/broken" in messages(at, "warning")
+    assert "corrupt JSON" in messages(at, "warning") and f"rim-lens eval {root}/x/broken" in messages(
+        at, "warning"
+    )
     at.selectbox(key="runs.run").set_value("x/failed").run()
     assert_no_exception(at)
     assert "status **failed**: DataError: boom" in messages(at, "error")
@@ -391,7 +433,9 @@ def test_missing_and_corrupt_artefacts_name_the_fix(monkeypatch, sample_root, tm
     assert_no_exception(at)
     warnings = messages(at, "warning")
     assert "report.json: corrupt JSON" in warnings and f"rim-lens analyze report {root}/x/broken" in warnings
-    assert "ablate.parquet: corrupt table" in warnings and f"rim-lens analyze ablate {root}/x/broken" in warnings
+    assert (
+        "ablate.parquet: corrupt table" in warnings and f"rim-lens analyze ablate {root}/x/broken" in warnings
+    )
 
     # A run without its model: the pages that need it say so and how to make one.
     shutil.rmtree(broken / "model")
@@ -418,15 +462,25 @@ def test_paths_outside_the_root_are_refused(monkeypatch, sample_root, tmp_path):
     shutil.copy(root / "leaky" / "rim" / "data" / "eval.jsonl", secret)
     (root / "leaky" / "rim" / "data" / "eval.jsonl").unlink()
     (root / "leaky" / "rim" / "data" / "eval.jsonl").symlink_to(secret)  # a file linking outside the root
-    (root / "escape").symlink_to(sample_root / "demo" / "rim", target_is_directory=True)  # a run linking outside
+    (root / "escape").symlink_to(
+        sample_root / "demo" / "rim", target_is_directory=True
+    )  # a run linking outside
 
     at = open_app(monkeypatch, root, "Runs")
-    assert list(at.dataframe[0].value["run"]) == ["leaky/rim", "ok/rim"], "the link leading outside is not listed"
+    assert list(at.dataframe[0].value["run"]) == ["leaky/rim", "ok/rim"], (
+        "the link leading outside is not listed"
+    )
     sidebar = messages(at.sidebar, "warning")
     assert "escape: a link to" in sidebar and "outside the runs root; ignored" in sidebar
 
     outside = sample_root / "demo" / "rim"
-    for typed in (os.path.relpath(outside, root), "escape", str(outside), "ok/../../secret.jsonl", "leaky/rim"):
+    for typed in (
+        os.path.relpath(outside, root),
+        "escape",
+        str(outside),
+        "ok/../../secret.jsonl",
+        "leaky/rim",
+    ):
         at.sidebar.text_input(key="run_path").input(typed).run()
         assert_no_exception(at)
         assert "Refused" in messages(at, "error") and "outside the runs root" in messages(at, "error"), typed
@@ -469,11 +523,15 @@ def test_dashboard_command_starts_streamlit_on_the_app(monkeypatch, tmp_path, ca
         main(["dashboard", str(tmp_path), "--port", "8765", "--host", "0.0.0.0"])
     argv = launched[-1]
     assert argv[1:4] == ["-m", "streamlit", "run"] and Path(argv[4]) == APP
-    flags = argv[5:argv.index("--")]
+    flags = argv[5 : argv.index("--")]
     pairs = dict(zip(flags[::2], flags[1::2]))
-    assert pairs["--server.headless"] == "true" and pairs["--server.address"] == "0.0.0.0" and pairs["--server.port"] == "8765"
-    assert argv[argv.index("--") + 1:] == ["--runs", str(tmp_path)]
-    assert core.runs_argument(argv[argv.index("--") + 1:]) == str(tmp_path)
+    assert (
+        pairs["--server.headless"] == "true"
+        and pairs["--server.address"] == "0.0.0.0"
+        and pairs["--server.port"] == "8765"
+    )
+    assert argv[argv.index("--") + 1 :] == ["--runs", str(tmp_path)]
+    assert core.runs_argument(argv[argv.index("--") + 1 :]) == str(tmp_path)
 
     with pytest.raises(Launched):
         main(["dashboard"])

@@ -1,4 +1,5 @@
 """Data files: reading every format, errors naming file and line, atomic writes, the `data` CLI."""
+
 from __future__ import annotations
 
 import json
@@ -10,20 +11,25 @@ import pytest
 
 from rim_lens.cli import main
 from rim_lens.data import Example, read_examples, write_examples
+from rim_lens.data.tasks import get_task
 from rim_lens.errors import ConfigError, DataError
-from rim_lens.tasks import get_task
 
-MULT_LINE = ("5 6 3 2 * 7 4 3 4||5 5 5 6 1 + 0 0 6 4 9 0 ( 5 5 1 1 1 1 ) + 0 0 5 9 0 7 0 "
-             "( 5 5 6 0 2 8 0 ) + 0 0 0 0 6 4 9 0 #### 5 5 6 0 8 2 0 1")
+MULT_LINE = (
+    "5 6 3 2 * 7 4 3 4||5 5 5 6 1 + 0 0 6 4 9 0 ( 5 5 1 1 1 1 ) + 0 0 5 9 0 7 0 "
+    "( 5 5 6 0 2 8 0 ) + 0 0 0 0 6 4 9 0 #### 5 5 6 0 8 2 0 1"
+)
 
 
-@pytest.mark.parametrize("relpath, task, count", [
-    ("mult_4x4/valid.txt", "mult", 1000),
-    ("mult_5x5/valid.txt", "mult", 1000),
-    ("gsm8k/valid.txt", "gsm8k", 500),
-    ("gsm8k/train.txt", "gsm8k", 6973),
-    ("prosqa/valid.json", "prosqa", 300),
-])
+@pytest.mark.parametrize(
+    "relpath, task, count",
+    [
+        ("mult_4x4/valid.txt", "mult", 1000),
+        ("mult_5x5/valid.txt", "mult", 1000),
+        ("gsm8k/valid.txt", "gsm8k", 500),
+        ("gsm8k/train.txt", "gsm8k", 6973),
+        ("prosqa/valid.json", "prosqa", 300),
+    ],
+)
 def test_reads_shared_files_guessing_the_task(shared_data, relpath, task, count):
     examples, skipped = read_examples(shared_data / relpath)
     assert (len(examples), skipped) == (count, 0)
@@ -101,12 +107,32 @@ def test_jsonl_errors(tmp_path):
 
 def test_cli_generate_then_validate(tmp_path, capsys):
     out = tmp_path / "train.txt"
-    assert main(["data", "generate", "mult", "--n", "30", "--seed", "4", "--out", str(out),
-                 "--option", "n=3"]) == 0
+    assert (
+        main(["data", "generate", "mult", "--n", "30", "--seed", "4", "--out", str(out), "--option", "n=3"])
+        == 0
+    )
     assert f"wrote 30 mult(n=3) examples (seed 4) to {out}" in capsys.readouterr().out
     held_out = tmp_path / "test.jsonl"
-    assert main(["data", "generate", "modchain", "--n", "20", "--out", str(held_out),
-                 "--option", "length=2", "--option", "operators=+-", "--exclude", str(out)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "generate",
+                "modchain",
+                "--n",
+                "20",
+                "--out",
+                str(held_out),
+                "--option",
+                "length=2",
+                "--option",
+                "operators=+-",
+                "--exclude",
+                str(out),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     for path, count, task in [(out, 30, "mult"), (held_out, 20, "modchain")]:
         assert main(["data", "validate", str(path)]) == 0
@@ -118,8 +144,9 @@ def test_cli_validate_reports_bad_lines(tmp_path, capsys):
     path.write_text(f"{MULT_LINE}\n{MULT_LINE[:-1]}7\n")
     assert main(["data", "validate", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"rim-lens: error: {path}:2: expected answer '5 5 6 0 8 2 0 1' "
-                   "for question '5 6 3 2 * 7 4 3 4'\n")
+    assert err == (
+        f"rim-lens: error: {path}:2: expected answer '5 5 6 0 8 2 0 1' for question '5 6 3 2 * 7 4 3 4'\n"
+    )
     assert main(["data", "validate", str(path), "--skip-invalid"]) == 0
     assert capsys.readouterr().out == f"{path}: 1 examples, task mult, 1 invalid skipped\n"
 
@@ -128,8 +155,10 @@ def test_console_script_exits_2_with_one_line(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_text("7 +5 *3 -2 mod 10||2 6 4 #### 5\n")
     script = Path(sys.executable).with_name("rim-lens")
-    result = subprocess.run([str(script), "data", "validate", str(path)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(script), "data", "validate", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
-    assert result.stderr == (f"rim-lens: error: {path}:1: expected answer '4' "
-                             "for question '7 +5 *3 -2 mod 10'\n")
+    assert result.stderr == (
+        f"rim-lens: error: {path}:1: expected answer '4' for question '7 +5 *3 -2 mod 10'\n"
+    )

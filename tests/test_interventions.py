@@ -6,6 +6,7 @@ Models come from tests/fixtures.py (trained once per session, read-only here):
 `tiny_runs` (copy task: rim routes the answer through its blocks, pause ignores them) and
 `tiny_modchain_runs` (variable-length modchain: padding, and the synthetic task patching needs).
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -14,11 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
-from rim_lens import interventions as iv
-from rim_lens.backends import Edit, make_backend
-from rim_lens.decoding import greedy_decode
-from rim_lens.lab import Lab
-from rim_lens.sequences import Role, block_positions, collate
+from rim_lens.analysis import interventions as iv
+from rim_lens.analysis.backends import Edit, make_backend
+from rim_lens.analysis.lab import Lab
+from rim_lens.model.decoding import greedy_decode
+from rim_lens.model.layouts import Role, block_positions, collate
 
 torch.set_num_threads(1)
 
@@ -80,9 +81,15 @@ def test_ablation_per_example_does_not_depend_on_padding(chains, name, mode):
 
     # Left padding (run_variants), several examples and variants per pass.
     batched = iv.run_variants(be, seqs, [iv.Variant(s, values) for s in specs], metric, pad, sq)
-    alone = torch.stack([
-        iv.run_variants(be, [seqs[i]], [iv.Variant(s, shifted(values, i)) for s in specs], metric, pad, sq)[:, 0]
-        for i in range(len(examples))], 1)
+    alone = torch.stack(
+        [
+            iv.run_variants(
+                be, [seqs[i]], [iv.Variant(s, shifted(values, i)) for s in specs], metric, pad, sq
+            )[:, 0]
+            for i in range(len(examples))
+        ],
+        1,
+    )
     assert (batched[..., 0] == alone[..., 0]).all()
     torch.testing.assert_close(batched[..., 1], alone[..., 1], rtol=0, atol=ATOL)
     assert (batched[0, :, 1] != batched[1, :, 1]).any(), "ablating every block must change something"
@@ -114,14 +121,26 @@ def test_patching_per_example_does_not_depend_on_padding(chains, name):
     states = iv.clean_states(be, builder, pairs.clean)
     values = lambda ex, l, k, j: states[ex, l, k - 1, j]  # noqa: E731
     sel = lab.select()
-    variants = [iv.Variant([])] + [iv.Variant(sel.sites(blocks=[k], layers=[l]), values) for l in sel.layers for k in sel.blocks]
+    variants = [iv.Variant([])] + [
+        iv.Variant(sel.sites(blocks=[k], layers=[l]), values) for l in sel.layers for k in sel.blocks
+    ]
     seqs = [iv._with_prefix(builder, ex, p) for ex, p in zip(pairs.corrupt, pairs.prefix)]
     metric, pad, sq = iv.logit_diff_metric(pairs), lab.tokenizer.pad_token_id, lab.spec.readout_sees_question
     batched = iv.run_variants(be, seqs, variants, metric, pad, sq)
-    alone = torch.stack([
-        iv.run_variants(be, [seqs[i]], [iv.Variant(v.sites, v.values and shifted(v.values, i)) for v in variants],
-                        lambda logits, batch, ex_idx, i=i: metric(logits, batch, ex_idx + i), pad, sq)[:, 0]
-        for i in range(len(seqs))], 1)
+    alone = torch.stack(
+        [
+            iv.run_variants(
+                be,
+                [seqs[i]],
+                [iv.Variant(v.sites, v.values and shifted(v.values, i)) for v in variants],
+                lambda logits, batch, ex_idx, i=i: metric(logits, batch, ex_idx + i),
+                pad,
+                sq,
+            )[:, 0]
+            for i in range(len(seqs))
+        ],
+        1,
+    )
     torch.testing.assert_close(batched, alone, rtol=0, atol=ATOL)
     # Right padding by hand: each row's metric at its own last token.
     batch = collate(seqs, pad, sq, side="right")
@@ -135,7 +154,9 @@ def test_patching_per_example_does_not_depend_on_padding(chains, name):
         torch.testing.assert_close(ld, alone[v], rtol=0, atol=ATOL)
     # The patching table is the mean over pairs of these per-example values.
     table, base = iv.patch(be, builder, pairs, sel)
-    torch.testing.assert_close(torch.tensor(table["logit_diff"].values, dtype=torch.float32), alone[1:].mean(1), rtol=0, atol=ATOL)
+    torch.testing.assert_close(
+        torch.tensor(table["logit_diff"].values, dtype=torch.float32), alone[1:].mean(1), rtol=0, atol=ATOL
+    )
     assert base["logit_diff_corrupt"] == pytest.approx(alone[0].mean().item(), abs=ATOL)
 
 
@@ -146,9 +167,9 @@ def random_labs(tmp_path_factory) -> dict[str, SimpleNamespace]:
     readout seeing the question."""
     from fixtures import random_checkpoint
 
-    from rim_lens.models import load_checkpoint
-    from rim_lens.sequences import SequenceBuilder
-    from rim_lens.tasks import get_task
+    from rim_lens.data.tasks import get_task
+    from rim_lens.model.checkpoints import load_checkpoint
+    from rim_lens.model.layouts import SequenceBuilder
 
     labs = {}
     for arch in ("gpt2", "llama"):
@@ -156,10 +177,17 @@ def random_labs(tmp_path_factory) -> dict[str, SimpleNamespace]:
         model, tok, spec = load_checkpoint(path)
         task = get_task("modchain", min_length=2, max_length=2)
         be = make_backend("hf", model, tok, path)
-        labs[arch] = SimpleNamespace(model=model, tokenizer=tok, spec=spec, task=task, backend=be,
-                                     builder=SequenceBuilder(tok, spec, task.join_steps), model_dir=path,
-                                     examples=task.generate(4, seed=2),
-                                     select=lambda be=be, spec=spec: iv.select(be, spec.K, spec.M))
+        labs[arch] = SimpleNamespace(
+            model=model,
+            tokenizer=tok,
+            spec=spec,
+            task=task,
+            backend=be,
+            builder=SequenceBuilder(tok, spec, task.join_steps),
+            model_dir=path,
+            examples=task.generate(4, seed=2),
+            select=lambda be=be, spec=spec: iv.select(be, spec.K, spec.M),
+        )
     return labs
 
 
@@ -176,7 +204,9 @@ def test_patch_per_slot_equals_transformer_lens_resid_pre_patching(run, random_l
         # GSM8K cannot corrupt its questions: change the copied digit by hand.
         clean = lab.examples[0]
         digit = str((int(clean.answer) + 3) % 10)
-        corrupt = lab.task.parse_line(f"{clean.question[:7]}{digit}{clean.question[8:]}||<<{digit}={digit}>> #### {digit}")
+        corrupt = lab.task.parse_line(
+            f"{clean.question[:7]}{digit}{clean.question[8:]}||<<{digit}={digit}>> #### {digit}"
+        )
         a, b = builder.encode(clean.answer), builder.encode(corrupt.answer)
         pairs = iv.Pairs([clean], [corrupt], [[]], torch.tensor(a[:1]), torch.tensor(b[:1]))
     else:
@@ -228,9 +258,9 @@ def test_patch_per_slot_equals_transformer_lens_resid_pre_patching(run, random_l
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_answer_scores_agree_with_greedy_decoding(tiny_runs, tiny_modchain_runs, run, side):
     from rim_lens.data import read_examples
-    from rim_lens.models import load_checkpoint
-    from rim_lens.sequences import SequenceBuilder
-    from rim_lens.tasks import get_task
+    from rim_lens.data.tasks import get_task
+    from rim_lens.model.checkpoints import load_checkpoint
+    from rim_lens.model.layouts import SequenceBuilder
 
     run_dir = tiny_modchain_runs["rim"] if run == "chain-rim" else tiny_runs[run]
     model, tok, spec = load_checkpoint(run_dir / "model")
@@ -241,17 +271,27 @@ def test_answer_scores_agree_with_greedy_decoding(tiny_runs, tiny_modchain_runs,
     batch = collate([builder.scored(ex) for ex in examples], tok.pad_token_id, sq, side=side)
     with torch.no_grad():
         correct, logprob = iv.answer_scores(model(**batch.model_inputs()).logits, batch)
-    decoded = greedy_decode(model, [builder.prompt(ex) for ex in examples], eos_id=tok.eos_token_id,
-                            pad_id=tok.pad_token_id, max_new_tokens=12, sees_question=sq)
+    decoded = greedy_decode(
+        model,
+        [builder.prompt(ex) for ex in examples],
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        max_new_tokens=12,
+        sees_question=sq,
+    )
     greedy = [ids == builder.encode(ex.answer) for ids, ex in zip(decoded.tokens, examples)]
     assert correct.tolist() == greedy
     assert (logprob <= 0).all()
-    if run == "rim":
+    if run == "chain-rim":  # the copy-task rim can be right on all 48, which would test less
         assert 0 < sum(greedy) < len(greedy), "both outcomes occur"
     # Scoring the model's own greedy answer (where it ended with the end token) is always "correct".
     finished = [i for i, ids in enumerate(decoded.tokens) if len(ids) < 12]
-    own = collate([builder.scored(examples[i], tok.decode(decoded.tokens[i]).replace(" ", "")) for i in finished],
-                  tok.pad_token_id, sq, side=side)
+    own = collate(
+        [builder.scored(examples[i], tok.decode(decoded.tokens[i]).replace(" ", "")) for i in finished],
+        tok.pad_token_id,
+        sq,
+        side=side,
+    )
     with torch.no_grad():
         own_correct, _ = iv.answer_scores(model(**own.model_inputs()).logits, own)
     assert own_correct.all()
@@ -264,7 +304,9 @@ def test_scored_ablation_agrees_with_decoding_under_the_same_ablation(routing, m
     states = iv.clean_states(lab.backend, lab.builder, examples)
     values = iv.ablation_values(states, mode, seed=0)
     variant = iv.Variant(lab.select(blocks=[1]).sites(), values)
-    correct, _ = iv._answers(lab.backend, lab.builder, iv.scored_sequences(lab.builder, examples), [iv.Variant([]), variant])
+    correct, _ = iv._answers(
+        lab.backend, lab.builder, iv.scored_sequences(lab.builder, examples), [iv.Variant([]), variant]
+    )
     decoded = iv.decode_with_edits(lab.backend, lab.builder, examples, variant)
     assert correct[1].tolist() == [d == ex.answer for d, ex in zip(decoded, examples)]
     intact = iv.decode_with_edits(lab.backend, lab.builder, examples, iv.Variant([]))
@@ -288,28 +330,42 @@ def test_the_ignoring_model_really_ignores_its_blocks(ignoring):
     none = table[(table["knockout"] == "answer->block") & table["block"].isna()]["accuracy"].item()
     assert intact >= 0.9 and none == intact
     seqs = iv.scored_sequences(lab.builder, lab.examples)
+
     # Log-probs with the answer cut off from the blocks, the same way knockout does it.
     def cut(batch, var_idx, ex_idx):
         is_block = (batch.roles >= Role.BLOCK_BEGIN) & (batch.roles <= Role.BLOCK_END)
-        blocked = (batch.roles == Role.READOUT)[:, :, None] & is_block[:, None, :] & (var_idx == 1)[:, None, None]
+        blocked = (
+            (batch.roles == Role.READOUT)[:, :, None] & is_block[:, None, :] & (var_idx == 1)[:, None, None]
+        )
         batch.attention_mask.masked_fill_(blocked[:, None], torch.finfo(batch.attention_mask.dtype).min)
 
     def logprob(logits, batch, ex_idx):
         return iv.answer_scores(logits, batch)[1]
 
-    lp = iv.run_variants(lab.backend, seqs, [iv.Variant([]), iv.Variant([])], logprob, lab.tokenizer.pad_token_id,
-                         True, mask_edit=cut)
+    lp = iv.run_variants(
+        lab.backend,
+        seqs,
+        [iv.Variant([]), iv.Variant([])],
+        logprob,
+        lab.tokenizer.pad_token_id,
+        True,
+        mask_edit=cut,
+    )
     assert (lp[1] - lp[0]).abs().max() < 0.05
 
 
 @pytest.mark.parametrize("mode", iv.ABLATIONS)
 def test_ablating_all_blocks_breaks_the_routing_model_only(routing, ignoring, mode):
     chance = routing.task.chance_accuracy() or 0.1  # gsm8k has none; the copy task's is 0.1
-    intact, ablated, _ = _all_vs_intact(iv.ablate(routing.backend, routing.builder, routing.examples, routing.select(), mode=mode))
+    intact, ablated, _ = _all_vs_intact(
+        iv.ablate(routing.backend, routing.builder, routing.examples, routing.select(), mode=mode)
+    )
     assert intact >= 0.7
     assert ablated <= chance + 0.25 and intact - ablated >= 0.45, (mode, intact, ablated)
 
-    intact, ablated, change = _all_vs_intact(iv.ablate(ignoring.backend, ignoring.builder, ignoring.examples, ignoring.select(), mode=mode))
+    intact, ablated, change = _all_vs_intact(
+        iv.ablate(ignoring.backend, ignoring.builder, ignoring.examples, ignoring.select(), mode=mode)
+    )
     assert intact >= 0.9
     assert ablated >= intact - 0.04 and abs(change) < 0.1, (mode, intact, ablated, change)
 
@@ -324,7 +380,9 @@ def test_knockout_of_every_block_breaks_the_routing_model(routing):
 
 
 def test_interchange_on_the_routing_model_transfers_the_donor_answer(routing):
-    table, pairs = iv.interchange(routing.backend, routing.builder, routing.examples, routing.select(), grid=False)
+    table, pairs = iv.interchange(
+        routing.backend, routing.builder, routing.examples, routing.select(), grid=False
+    )
     every = table[table["swap"] == "all"].iloc[0]
     none = table[table["swap"] == "none"].iloc[0]
     assert len(pairs) >= 15

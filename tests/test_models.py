@@ -1,5 +1,6 @@
 """Checkpoints are plain Hugging Face directories; saving is atomic; a pretrained model is adapted
 with LoRA, its vocabulary embeddings frozen and only the memory-token embeddings trained."""
+
 from __future__ import annotations
 
 import json
@@ -8,16 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models as tk_models
+from tokenizers import Tokenizer
+from tokenizers import models as tk_models
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
-import rim_lens.models as rim_models
+import rim_lens.model.checkpoints as rim_models
+from rim_lens.data.tasks import get_task
 from rim_lens.errors import ConfigError, RunError
-from rim_lens.memory import SPEC_FILENAME, MemorySpec
-from rim_lens.models import build_model, load_checkpoint, load_pretrained, save_checkpoint
-from rim_lens.sequences import SequenceBuilder, collate
-from rim_lens.tasks import get_task
-from rim_lens.tokenizer import _pre_tokenizer, build_word_tokenizer, memory_token_ids
+from rim_lens.model.checkpoints import build_model, load_checkpoint, load_pretrained, save_checkpoint
+from rim_lens.model.layouts import SequenceBuilder, collate
+from rim_lens.model.memory import SPEC_FILENAME, MemorySpec
+from rim_lens.model.tokenizer import _pre_tokenizer, build_word_tokenizer, memory_token_ids
 from training import trainer
 from training.config import load_config
 from training.trainer import train
@@ -52,22 +54,34 @@ def test_checkpoint_loads_with_plain_transformers(tmp_path, tokenizer, examples,
     spec = MemorySpec(K=3)
     model = build_model(tokenizer, arch, "tiny", seed=2).eval()
     save_checkpoint(model, tokenizer, spec, tmp_path / "model")
-    assert {"model.safetensors", "config.json", "tokenizer.json", SPEC_FILENAME} <= set(snapshot(tmp_path / "model"))
+    assert {"model.safetensors", "config.json", "tokenizer.json", SPEC_FILENAME} <= set(
+        snapshot(tmp_path / "model")
+    )
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
     assert type(loaded) is type(model)
-    assert torch.equal(packed_logits(loaded, tokenizer, spec, examples), packed_logits(model, tokenizer, spec, examples))
+    assert torch.equal(
+        packed_logits(loaded, tokenizer, spec, examples), packed_logits(model, tokenizer, spec, examples)
+    )
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "model")
     ids = tok.encode("<b> <m> </b>", add_special_tokens=False)
     assert ids == list(memory_token_ids(tokenizer, spec)) and len(ids) == 3
     assert tok.convert_ids_to_tokens(ids) == ["<b>", "<m>", "</b>"]
-    assert tok.encode(examples[0].question, add_special_tokens=False) == tokenizer.encode(examples[0].question, add_special_tokens=False)
-    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    assert tok.encode(examples[0].question, add_special_tokens=False) == tokenizer.encode(
+        examples[0].question, add_special_tokens=False
+    )
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (
+        tokenizer.pad_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+    )
 
     m2, tok2, spec2 = load_checkpoint(tmp_path / "model")
     assert spec2 == spec and not m2.training
-    assert torch.equal(packed_logits(m2, tok2, spec, examples), packed_logits(model, tokenizer, spec, examples))
+    assert torch.equal(
+        packed_logits(m2, tok2, spec, examples), packed_logits(model, tokenizer, spec, examples)
+    )
 
 
 def test_load_checkpoint_needs_a_memory_spec(tmp_path, tokenizer):
@@ -129,9 +143,17 @@ def pretrained_dir(tmp_path_factory) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="</s>")
     assert tok.bos_token is None and tok.pad_token is None
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=None, tie_word_embeddings=True,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=None,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
@@ -153,16 +175,26 @@ def copy_data(tmp_path_factory) -> tuple[Path, Path]:
 
 def lora_config(pretrained_dir, copy_data, **lora):
     train_file, eval_file = copy_data
-    return load_config(None, {
-        "method": "rim",
-        "task": {"name": "gsm8k"},
-        "data": {"train": str(train_file), "eval": str(eval_file)},
-        "model": {"pretrained": str(pretrained_dir), "lora": lora or {"r": 4, "lora_alpha": 8}},
-        "memory": {"K": 2},
-        "train": {"steps": 8, "batch_size": 16, "lr": 0.01, "stage2_lr": 0.01, "threads": 1,
-                  "log_every": 4, "eval_every": 4},
-        "eval": {"latency_examples": 1, "n": 8},
-    })
+    return load_config(
+        None,
+        {
+            "method": "rim",
+            "task": {"name": "gsm8k"},
+            "data": {"train": str(train_file), "eval": str(eval_file)},
+            "model": {"pretrained": str(pretrained_dir), "lora": lora or {"r": 4, "lora_alpha": 8}},
+            "memory": {"K": 2},
+            "train": {
+                "steps": 8,
+                "batch_size": 16,
+                "lr": 0.01,
+                "stage2_lr": 0.01,
+                "threads": 1,
+                "log_every": 4,
+                "eval_every": 4,
+            },
+            "eval": {"latency_examples": 1, "n": 8},
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +208,7 @@ def lora_run(pretrained_dir, copy_data, tmp_path_factory):
         def wrapper(*args, **kwargs):
             calls.append((name, kwargs))
             return fn(*args, **kwargs)
+
         return wrapper
 
     auto_model = rim_models.AutoModelForCausalLM.from_pretrained
@@ -232,8 +265,13 @@ def test_lora_trains_memory_embeddings_only_and_the_adapters(lora_run):
     changed = (emb_after[memory_ids] - emb_before[memory_ids]).abs().amax(1)
     assert (changed > 1e-4).all(), "every memory-token embedding was trained"
     # The transformer was adapted (LoRA merged into the linear layers); norms were frozen.
-    assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"].detach(), before["model.layers.0.self_attn.q_proj.weight"])
-    assert not torch.equal(after["model.layers.1.mlp.down_proj.weight"].detach(), before["model.layers.1.mlp.down_proj.weight"])
+    assert not torch.equal(
+        after["model.layers.0.self_attn.q_proj.weight"].detach(),
+        before["model.layers.0.self_attn.q_proj.weight"],
+    )
+    assert not torch.equal(
+        after["model.layers.1.mlp.down_proj.weight"].detach(), before["model.layers.1.mlp.down_proj.weight"]
+    )
     assert torch.equal(after["model.norm.weight"].detach(), before["model.norm.weight"])
 
 

@@ -6,6 +6,7 @@ and 03 (each trains them itself when run alone). The kernel is this interpreter'
 through a kernelspec written to a temporary directory, so no installed kernelspec is needed and
 none elsewhere (a user-level `python3` pointing at another Python) is picked up.
 """
+
 from __future__ import annotations
 
 import ast
@@ -40,9 +41,13 @@ def test_notebook_is_stored_without_outputs(name):
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
             assert cell.outputs == [], f"{name} cell {i}: has outputs; clear them before saving"
-            assert cell.execution_count is None, f"{name} cell {i}: has an execution count; clear it before saving"
+            assert cell.execution_count is None, (
+                f"{name} cell {i}: has an execution count; clear it before saving"
+            )
         assert "execution" not in cell.metadata, f"{name} cell {i}: has execution timing metadata"
-    assert nb.metadata.get("kernelspec", {}).get("name") == "python3", f"{name}: kernelspec should be the default python3"
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3", (
+        f"{name}: kernelspec should be the default python3"
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -53,10 +58,19 @@ def test_notebook_uses_only_the_public_api(name):
             continue
         tree = ast.parse(cell.source)
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("rim_lens", "training"):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in (
+                "rim_lens",
+                "training",
+            ):
                 private = [a.name for a in node.names if a.name.startswith("_")]
-                assert not private and "._" not in node.module, f"{name} cell {i}: imports private {node.module} {private}"
-            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                assert not private and "._" not in node.module, (
+                    f"{name} cell {i}: imports private {node.module} {private}"
+                )
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
                 pytest.fail(f"{name} cell {i}: uses private attribute .{node.attr}")
 
 
@@ -67,11 +81,15 @@ def kernel_dirs(tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("kernels")
     spec = root / KERNEL
     spec.mkdir()
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": f"rim-lens tests ({sys.executable})",
-        "language": "python",
-    }))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": f"rim-lens tests ({sys.executable})",
+                "language": "python",
+            }
+        )
+    )
     return [str(root)]
 
 
@@ -90,11 +108,16 @@ def test_notebook_runs(name, kernel_dirs, notebook_runs, tmp_path):
 
     nb = _read(name)
     env = {k: v for k, v in os.environ.items() if k != "RIM_LENS_NB_RUN"}  # never a user's run
-    env.update(RIM_LENS_NB_RUNS=str(notebook_runs), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYDEVD_DISABLE_FILE_VALIDATION="1")
+    env.update(
+        RIM_LENS_NB_RUNS=str(notebook_runs),
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYDEVD_DISABLE_FILE_VALIDATION="1",
+    )
     km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=kernel_dirs))
-    client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, allow_errors=False,
-                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client = NotebookClient(
+        nb, km=km, timeout=CELL_TIMEOUT, allow_errors=False, resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
     start = time.perf_counter()
     client.execute(env=env)  # raises CellExecutionError, naming the cell, at the first error
     print(f"{name}: executed in {time.perf_counter() - start:.0f}s")

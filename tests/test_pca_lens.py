@@ -1,20 +1,21 @@
 """PCA input-dependence on synthetic states; logit and tuned lens on a tiny GPT-2's capture."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from rim_lens.backends import make_backend
-from rim_lens.capture import capture
+from rim_lens.analysis.backends import make_backend
+from rim_lens.analysis.capture import capture
+from rim_lens.analysis.lens import TunedLens, lens_quality, logit_lens, unembedding
+from rim_lens.analysis.pca import block_pca, input_dependence
+from rim_lens.data.tasks import get_task
 from rim_lens.errors import RunError
-from rim_lens.lens import TunedLens, lens_quality, logit_lens, unembedding
-from rim_lens.memory import MemorySpec
-from rim_lens.models import build_model
-from rim_lens.pca import block_pca, input_dependence
-from rim_lens.sequences import SequenceBuilder, block_positions, collate
-from rim_lens.tasks import get_task
-from rim_lens.tokenizer import build_word_tokenizer
+from rim_lens.model.checkpoints import build_model
+from rim_lens.model.layouts import SequenceBuilder, block_positions, collate
+from rim_lens.model.memory import MemorySpec
+from rim_lens.model.tokenizer import build_word_tokenizer
 
 
 class ArrayStore:
@@ -38,7 +39,14 @@ def synthetic(input_scale: float, n: int = 50, K: int = 4, S: int = 3, d: int = 
 
 def test_input_dependence_ratio():
     fixed = input_dependence(synthetic(0.0))
-    assert len(fixed) == 2 * 4 * 3 and list(fixed.columns) == ["layer", "block", "slot", "input_var", "block_var", "ratio"]
+    assert len(fixed) == 2 * 4 * 3 and list(fixed.columns) == [
+        "layer",
+        "block",
+        "slot",
+        "input_var",
+        "block_var",
+        "ratio",
+    ]
     assert (fixed["ratio"] < 1e-10).all()
     spread = input_dependence(synthetic(5.0))
     assert (spread.loc[spread["layer"] == 0, "ratio"] < 1e-10).all()  # layer 0 stays input-free
@@ -67,7 +75,9 @@ def tiny(tmp_path_factory):
     task = get_task("modchain", length=2)
     examples = task.generate(24, seed=0)
     spec = MemorySpec(K=2, task="modchain")
-    tok = build_word_tokenizer([ex.question for ex in examples] + [" ".join(ex.steps) for ex in examples], spec)
+    tok = build_word_tokenizer(
+        [ex.question for ex in examples] + [" ".join(ex.steps) for ex in examples], spec
+    )
     model = build_model(tok, "gpt2", "tiny").eval()
     backend = make_backend("hf", model, tok)
     store = capture(model, tok, spec, examples, tmp_path_factory.mktemp("cap"), backend, max_new_tokens=2)
@@ -90,7 +100,9 @@ def test_logit_lens_at_last_layer_is_the_models_own_logits(tiny):
     assert len(df) == store.K * len(store.slots) * 3
     top = df[df["rank"] == 1].sort_values(["block", "slot"])
     assert top["token_id"].tolist() == own[5].argmax(-1).flatten().tolist()
-    torch.testing.assert_close(torch.tensor(top["prob"].tolist()), own[5].softmax(-1).max(-1).values.flatten())
+    torch.testing.assert_close(
+        torch.tensor(top["prob"].tolist()), own[5].softmax(-1).max(-1).values.flatten()
+    )
     with pytest.raises(RunError, match="block"):
         logit_lens(model, tok, store, blocks=[3])
 
@@ -119,8 +131,9 @@ def test_bridge_unembedding_matches_hf(tiny, tmp_path):
     model, tok, store, _ = tiny
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    bridge = TransformerBridge.boot_transformers(str(tmp_path), hf_model=model, tokenizer=AutoTokenizer.from_pretrained(tmp_path),
-                                                 device="cpu")
+    bridge = TransformerBridge.boot_transformers(
+        str(tmp_path), hf_model=model, tokenizer=AutoTokenizer.from_pretrained(tmp_path), device="cpu"
+    )
     bridge.eval()
     states = torch.from_numpy(store.resid(layer=1)[:4])
     torch.testing.assert_close(unembedding(bridge)(states), unembedding(model)(states), atol=1e-5, rtol=1e-5)

@@ -1,4 +1,5 @@
 """Probes on a hand-written capture with planted signals: found where planted, nowhere else."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,8 @@ import torch
 from safetensors.torch import save_file
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from rim_lens.capture import CaptureStore
-from rim_lens.errors import RunError
-from rim_lens.probes import (
+from rim_lens.analysis.capture import CaptureStore
+from rim_lens.analysis.probes import (
     control_labels,
     probe_correctness,
     probe_values,
@@ -20,12 +20,15 @@ from rim_lens.probes import (
     select_answers,
     weighted_ranking,
 )
+from rim_lens.errors import RunError
 
 N, LAYERS, K, SLOTS, D = 240, [0, 1], 3, ["<b>", "</b>"], 6
 FAST = dict(folds=4, n_boot=200)
 
 
-def write_capture(path: Path, resid: np.ndarray, records: list[dict], layers: list[int], slots: list[str]) -> CaptureStore:
+def write_capture(
+    path: Path, resid: np.ndarray, records: list[dict], layers: list[int], slots: list[str]
+) -> CaptureStore:
     """A capture directory in capture.py's format: two shards, examples.jsonl, meta.json."""
     path.mkdir(parents=True, exist_ok=True)
     n, half, shards = len(records), len(records) // 2, []
@@ -33,10 +36,24 @@ def write_capture(path: Path, resid: np.ndarray, records: list[dict], layers: li
         name = f"shard_{i:05d}.safetensors"
         save_file({"resid": torch.from_numpy(resid[a:b]).float(), "index": torch.arange(a, b)}, path / name)
         shards.append(name)
-    (path / "examples.jsonl").write_text("".join(json.dumps({"index": i, **r}) + "\n" for i, r in enumerate(records)))
-    meta = {"n": n, "layers": layers, "attn_layers": [], "K": resid.shape[2], "M": len(slots) - 2, "slots": slots,
-            "d_model": resid.shape[-1], "n_layers": max(layers), "backend": "hf", "task": "synthetic",
-            "method": "rim", "dtype": "float32", "shards": shards}
+    (path / "examples.jsonl").write_text(
+        "".join(json.dumps({"index": i, **r}) + "\n" for i, r in enumerate(records))
+    )
+    meta = {
+        "n": n,
+        "layers": layers,
+        "attn_layers": [],
+        "K": resid.shape[2],
+        "M": len(slots) - 2,
+        "slots": slots,
+        "d_model": resid.shape[-1],
+        "n_layers": max(layers),
+        "backend": "hf",
+        "task": "synthetic",
+        "method": "rim",
+        "dtype": "float32",
+        "shards": shards,
+    }
     (path / "meta.json").write_text(json.dumps(meta))
     return CaptureStore(path)
 
@@ -57,9 +74,17 @@ def planted(tmp_path_factory) -> CaptureStore:
     records = []
     for i in range(N):
         values = [int(v1[i])] + ([int(v2[i])] if i % 5 else [])
-        records.append({"id": f"x{i}", "question": f"{words[rng.integers(8)]} q{i}", "answer": "0",
-                        "steps": [str(v) for v in values], "values": values, "readouts": ["0"] * K,
-                        "correct": correct[i].tolist()})
+        records.append(
+            {
+                "id": f"x{i}",
+                "question": f"{words[rng.integers(8)]} q{i}",
+                "answer": "0",
+                "steps": [str(v) for v in values],
+                "values": values,
+                "readouts": ["0"] * K,
+                "correct": correct[i].tolist(),
+            }
+        )
     return write_capture(tmp_path_factory.mktemp("planted"), resid, records, LAYERS, SLOTS)
 
 
@@ -98,8 +123,18 @@ def test_correctness_probe_one_slot_and_deterministic(planted):
 
 def test_single_class_cell_is_skipped_with_a_reason(tmp_path):
     rng = np.random.default_rng(1)
-    records = [{"id": str(i), "question": f"w{i % 20 % 3} q{i % 20}", "answer": "1", "steps": ["1"], "values": [1],
-                "readouts": ["1", "1"], "correct": [False, bool(i % 2)]} for i in range(40)]
+    records = [
+        {
+            "id": str(i),
+            "question": f"w{i % 20 % 3} q{i % 20}",
+            "answer": "1",
+            "steps": ["1"],
+            "values": [1],
+            "readouts": ["1", "1"],
+            "correct": [False, bool(i % 2)],
+        }
+        for i in range(40)
+    ]
     store = write_capture(tmp_path, rng.normal(size=(40, 1, 2, 2, 4)).astype(np.float32), records, [1], SLOTS)
     assert len(np.unique(question_groups(store))) == 20  # repeated questions share a group
     df = probe_correctness(store, **FAST)
@@ -114,8 +149,18 @@ def test_single_class_cell_is_skipped_with_a_reason(tmp_path):
 def test_large_integers_are_probed_by_digit(tmp_path):
     rng = np.random.default_rng(2)
     big = rng.integers(10**4, 10**6, size=60)
-    records = [{"id": str(i), "question": f"q{i}", "answer": "0", "steps": ["s"], "values": [int(v)],
-                "readouts": ["0"], "correct": [bool(i % 2)]} for i, v in enumerate(big)]
+    records = [
+        {
+            "id": str(i),
+            "question": f"q{i}",
+            "answer": "0",
+            "steps": ["s"],
+            "values": [int(v)],
+            "readouts": ["0"],
+            "correct": [bool(i % 2)],
+        }
+        for i, v in enumerate(big)
+    ]
     resid = rng.normal(size=(60, 1, 1, 2, 4)).astype(np.float32)
     resid[:, 0, 0, 0, :] += 4 * np.eye(10)[big % 10][:, :4]  # digit 0 is (partly) readable
     df = probe_values(write_capture(tmp_path, resid, records, [0], SLOTS), **FAST)

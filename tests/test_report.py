@@ -1,5 +1,6 @@
 """The causal report card: `build_report` on a RiM run with its pause control and direct
 baseline writes analysis/report.json and report.md with every number in range."""
+
 from __future__ import annotations
 
 import json
@@ -8,19 +9,28 @@ import math
 import pytest
 import torch
 
-from rim_lens.report import KEYS, build_report
+from rim_lens.analysis.report import KEYS, build_report
 
 torch.set_num_threads(1)
 
 N = 32
-CARD_KEYS = {"accuracy_intact", "accuracy_all_blocks_ablated", "accuracy_direct_baseline", "interchange_transfer_rate",
-             "best_value_probe_selectivity", "correctness_probe_auroc", "patching_peak"}
+CARD_KEYS = {
+    "accuracy_intact",
+    "accuracy_all_blocks_ablated",
+    "accuracy_direct_baseline",
+    "interchange_transfer_rate",
+    "best_value_probe_selectivity",
+    "correctness_probe_auroc",
+    "patching_peak",
+}
 
 
 def strict_json(path) -> dict:
     """Parse refusing NaN / Infinity, which strict JSON readers (browsers) reject."""
+
     def bad(name):
         raise ValueError(f"{path}: non-standard JSON constant {name}")
+
     return json.loads(path.read_text(), parse_constant=bad)
 
 
@@ -64,7 +74,12 @@ def test_report_card_values_are_in_range(report, which):
     # The run's path, absolute or relative to the reported run.
     assert (runs["rim"] / card["run"]).resolve() == runs["rim" if which == "run" else "pause"].resolve()
     assert card["n"] == N
-    for key in ("accuracy_intact", "accuracy_all_blocks_ablated", "accuracy_direct_baseline", "interchange_transfer_rate"):
+    for key in (
+        "accuracy_intact",
+        "accuracy_all_blocks_ablated",
+        "accuracy_direct_baseline",
+        "interchange_transfer_rate",
+    ):
         assert unit(card[key]), (key, card[key])
     direct = json.loads((runs["direct"] / "metrics.json").read_text())["accuracy"]
     assert card["accuracy_direct_baseline"] == direct

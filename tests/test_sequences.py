@@ -7,15 +7,16 @@ default position ids 0..n-1), for GPT-2 and Llama. The references below are buil
 tokenizer and the memory spec directly, not from `SequenceBuilder`, so that a layout bug cannot
 cancel out.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rim_lens.decoding import greedy_decode
-from rim_lens.memory import MemorySpec
-from rim_lens.models import build_model
-from rim_lens.sequences import (
+from rim_lens.data.tasks import get_task
+from rim_lens.model.checkpoints import build_model
+from rim_lens.model.decoding import greedy_decode
+from rim_lens.model.layouts import (
     IGNORE,
     Role,
     SequenceBuilder,
@@ -25,8 +26,8 @@ from rim_lens.sequences import (
     slot_names,
     visibility,
 )
-from rim_lens.tasks import get_task
-from rim_lens.tokenizer import build_word_tokenizer
+from rim_lens.model.memory import MemorySpec
+from rim_lens.model.tokenizer import build_word_tokenizer
 
 torch.set_num_threads(1)
 
@@ -112,9 +113,11 @@ def reference_logits(model, q, blocks, target, sees_question):
     mask = torch.ones(1, n + len(readout), dtype=torch.long)
     mask[0, : len(q)] = 0
     rest = model(
-        input_ids=torch.tensor([readout]), attention_mask=mask,
+        input_ids=torch.tensor([readout]),
+        attention_mask=mask,
         position_ids=torch.arange(n, n + len(readout))[None],
-        past_key_values=out.past_key_values, use_cache=True,
+        past_key_values=out.past_key_values,
+        use_cache=True,
     ).logits[0]
     return torch.cat([first, rest])
 
@@ -145,7 +148,9 @@ def test_stage1_packed_readouts_equal_plain_causal_runs(model, tokenizer, exampl
         targets = [step_ids(tokenizer, s) for s in ex.steps] + [answer_ids(tokenizer, spec, ex)]
         assert int(batch.target_index[row].max()) == len(targets)
         for t, target in enumerate(targets, start=1):
-            ref = reference_logits(model, question_ids(tokenizer, ex), blk * (t + offset), target, sees_question)
+            ref = reference_logits(
+                model, question_ids(tokenizer, ex), blk * (t + offset), target, sees_question
+            )
             idx = readout_rows(batch, row, t)
             assert batch.targets[row, idx].tolist() == target
             got = logits[row, idx]
@@ -190,8 +195,11 @@ def test_packed_without_position_ids_is_not_exact(model, tokenizer, examples):
 def test_visibility_rules(tokenizer, examples, sees_question, stage):
     spec = MemorySpec(K=K, readout_sees_question=sees_question, step_offset=1)
     seqs = [
-        (builder_for(tokenizer, spec, ex.task).grounding(ex) if stage == 1 else
-         builder_for(tokenizer, spec, ex.task).refinement(ex))
+        (
+            builder_for(tokenizer, spec, ex.task).grounding(ex)
+            if stage == 1
+            else builder_for(tokenizer, spec, ex.task).refinement(ex)
+        )
         for ex in examples
     ]
     batch = collate(seqs, tokenizer.pad_token_id, sees_question)
@@ -210,7 +218,9 @@ def test_visibility_rules(tokenizer, examples, sees_question, stage):
     assert not (allowed & later).any(), "nothing sees the future"
     assert not (allowed & is_block(qr) & readout_k).any(), "blocks never see readouts"
     assert not (allowed & readout_q & readout_k & (qb != kb)).any(), "readouts never see other readouts"
-    assert not (allowed & readout_q & is_block(kr) & (kb > qb)).any(), "a readout sees only blocks up to its own"
+    assert not (allowed & readout_q & is_block(kr) & (kb > qb)).any(), (
+        "a readout sees only blocks up to its own"
+    )
     assert not (allowed & (qr == Role.QUESTION) & (is_block(kr) | readout_k)).any()
     assert not (allowed & ~pad_q & pad_k).any(), "no real token sees padding"
     # A padding query sees itself (no empty softmax row); what else it sees is irrelevant
@@ -261,7 +271,9 @@ def test_grounding_labels(tokenizer, examples, offset):
     assert seq.blocks[block_part] == [k for k in range(1, n_blocks + 1) for _ in range(L)]
     assert seq.slots[block_part] == list(range(L)) * n_blocks
     assert seq.positions[block_part] == list(range(nq, nq + L * n_blocks))
-    assert seq.slots[:nq] == [-1] * nq and seq.slots[nq + L * n_blocks :] == [-1] * (len(seq) - nq - L * n_blocks)
+    assert seq.slots[:nq] == [-1] * nq and seq.slots[nq + L * n_blocks :] == [-1] * (
+        len(seq) - nq - L * n_blocks
+    )
     assert seq.n_steps == len(ex.steps)
     # Readouts: in order t = 1..T+1, labelled with the block they read, positions continuing
     # from that block's end, whose end token predicts the readout's first token.
@@ -330,7 +342,9 @@ def test_block_positions(tokenizer, examples):
     mixed = collate([b.prompt(chains[0], 2), b.prompt(chains[1], 3)], tokenizer.pad_token_id)
     with pytest.raises(ValueError):
         block_positions(mixed)
-    none = collate([builder_for(tokenizer, MemorySpec(method="direct", K=0)).prompt(chains[0])], tokenizer.pad_token_id)
+    none = collate(
+        [builder_for(tokenizer, MemorySpec(method="direct", K=0)).prompt(chains[0])], tokenizer.pad_token_id
+    )
     assert block_positions(none).shape == (1, 0, 0)
 
 
@@ -346,8 +360,9 @@ def decode_without_cache(model, seq, sees_question, eos_id, max_new_tokens):
             logits = model(input_ids=torch.tensor([ids])).logits
         else:
             mask = additive_mask(visibility(torch.tensor([roles]), torch.tensor([blocks]), False))
-            logits = model(input_ids=torch.tensor([ids]), attention_mask=mask,
-                           position_ids=torch.arange(len(ids))[None]).logits
+            logits = model(
+                input_ids=torch.tensor([ids]), attention_mask=mask, position_ids=torch.arange(len(ids))[None]
+            ).logits
         nxt = int(logits[0, -1].argmax())
         if nxt == eos_id:
             return out, True
@@ -359,7 +374,9 @@ def decode_without_cache(model, seq, sees_question, eos_id, max_new_tokens):
 
 
 @pytest.mark.parametrize("method,sees_question", [("rim", True), ("rim", False), ("direct", True)])
-def test_greedy_decode_with_cache_equals_decoding_without_cache(model, tokenizer, examples, method, sees_question):
+def test_greedy_decode_with_cache_equals_decoding_without_cache(
+    model, tokenizer, examples, method, sees_question
+):
     spec = MemorySpec(method=method, K=3 if method == "rim" else 0, readout_sees_question=sees_question)
     b = builder_for(tokenizer, spec)
     prompts = [b.prompt(ex) for ex in examples[:6]]
@@ -370,13 +387,25 @@ def test_greedy_decode_with_cache_equals_decoding_without_cache(model, tokenizer
     free = [decode_without_cache(model, p, sees_question, -1, max_new)[0] for p in prompts]
     eos = free[0][2]
     refs = [decode_without_cache(model, p, sees_question, eos, max_new) for p in prompts]
-    got = greedy_decode(model, prompts, eos_id=eos, pad_id=tokenizer.pad_token_id,
-                        max_new_tokens=max_new, sees_question=sees_question)
+    got = greedy_decode(
+        model,
+        prompts,
+        eos_id=eos,
+        pad_id=tokenizer.pad_token_id,
+        max_new_tokens=max_new,
+        sees_question=sees_question,
+    )
     assert got.tokens == [r[0] for r in refs]
     steps = max(len(t) + 1 if stopped else max_new for t, stopped in refs)
     assert got.forward_passes == steps == len(got.step_times)
     assert got.step_times == sorted(got.step_times)
     # Batch 1 gives the same as the batch.
-    single = greedy_decode(model, prompts[1:2], eos_id=eos, pad_id=tokenizer.pad_token_id,
-                           max_new_tokens=max_new, sees_question=sees_question)
+    single = greedy_decode(
+        model,
+        prompts[1:2],
+        eos_id=eos,
+        pad_id=tokenizer.pad_token_id,
+        max_new_tokens=max_new,
+        sees_question=sees_question,
+    )
     assert single.tokens == [refs[1][0]]

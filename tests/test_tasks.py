@@ -1,4 +1,5 @@
 """Tasks: line formats against the shared iCoT files, generators, corruption and answer checks."""
+
 from __future__ import annotations
 
 import random
@@ -10,13 +11,14 @@ from dataclasses import replace
 import pytest
 
 from rim_lens.data import read_examples
+from rim_lens.data.tasks import TASK_NAMES, get_task, infer_task
+from rim_lens.data.tasks.gsm8k import load_hub
 from rim_lens.errors import ConfigError, DataError, RimLensError
-from rim_lens.tasks import TASK_NAMES, get_task, infer_task
-from rim_lens.tasks.gsm8k import load_hub
 
 
 def rule_line(a: int, b: int, n: int) -> str:
     """The iCoT line of a * b, written straight from the rule in the shared data README."""
+
     def rev(x: int, width: int) -> str:
         return " ".join(reversed(str(x).zfill(width)))
 
@@ -38,6 +40,7 @@ def operands(question: str) -> tuple[int, int]:
 
 
 # --- mult -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("n", [4, 5])
 def test_mult_recomputes_every_shared_line(shared_data, n):
@@ -71,8 +74,10 @@ def test_generated_mult_lines_follow_the_rule(n):
 
 def test_mult_rejects_inconsistent_lines():
     task = get_task("mult", n=4)
-    line = ("5 6 3 2 * 7 4 3 4||5 5 5 6 1 + 0 0 6 4 9 0 ( 5 5 1 1 1 1 ) + 0 0 5 9 0 7 0 "
-            "( 5 5 6 0 2 8 0 ) + 0 0 0 0 6 4 9 0 #### 5 5 6 0 8 2 0 1")
+    line = (
+        "5 6 3 2 * 7 4 3 4||5 5 5 6 1 + 0 0 6 4 9 0 ( 5 5 1 1 1 1 ) + 0 0 5 9 0 7 0 "
+        "( 5 5 6 0 2 8 0 ) + 0 0 0 0 6 4 9 0 #### 5 5 6 0 8 2 0 1"
+    )
     task.parse_line(line)
     with pytest.raises(ValueError, match="expected steps"):
         task.parse_line(line.replace("5 5 5 6 1 +", "5 5 5 6 2 +"))
@@ -84,6 +89,7 @@ def test_mult_rejects_inconsistent_lines():
 
 
 # --- modchain ---------------------------------------------------------------------------------
+
 
 def test_modchain_line_format():
     task = get_task("modchain")
@@ -139,16 +145,25 @@ def test_modchain_variable_length():
     assert set(lengths) == {2, 3, 4, 5} and min(lengths.count(k) for k in range(2, 6)) > 60
     # Parsing accepts any chain length; the length options only shape generation.
     assert get_task("modchain").parse_question("1 +1 mod 10").answer == "2"
-    for bad in [dict(length=3, min_length=1, max_length=2), dict(min_length=2),
-                dict(min_length=3, max_length=2), dict(length=0), dict(modulus=1), dict(operators="+/")]:
+    for bad in [
+        dict(length=3, min_length=1, max_length=2),
+        dict(min_length=2),
+        dict(min_length=3, max_length=2),
+        dict(length=0),
+        dict(modulus=1),
+        dict(operators="+/"),
+    ]:
         with pytest.raises(ConfigError, match="task modchain"):
             get_task("modchain", **bad)
 
 
 # --- corrupt ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, options", [("mult", {"n": 4}), ("mult", {"n": 2}),
-                                           ("modchain", {"length": 4}), ("modchain", {"modulus": 3})])
+
+@pytest.mark.parametrize(
+    "name, options",
+    [("mult", {"n": 4}), ("mult", {"n": 2}), ("modchain", {"length": 4}), ("modchain", {"modulus": 3})],
+)
 def test_corrupt_changes_one_value_and_the_answer(name, options):
     task, rng, uncorruptible = get_task(name, **options), random.Random(0), 0
     for ex in task.generate(100, seed=3):
@@ -171,6 +186,7 @@ def test_corrupt_fails_when_no_value_change_alters_the_answer():
 
 
 # --- gsm8k and prosqa -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("split, count", [("train", 6973), ("valid", 500)])
 def test_gsm8k_lines_round_trip(shared_data, split, count):
@@ -221,6 +237,7 @@ def test_prosqa_steps_and_values(shared_data):
 
 # --- registry ---------------------------------------------------------------------------------
 
+
 def test_registry_errors_name_the_problem():
     with pytest.raises(ConfigError, match="unknown task 'mul'.*mult, modchain, gsm8k, prosqa"):
         get_task("mul")
@@ -245,8 +262,12 @@ def test_infer_task():
 
 
 def test_gsm8k_hub_loader_without_network(monkeypatch):
-    rows = [{"question": "Natalia sold clips to 48 friends,\nthen half as many.",
-             "answer": "She sold 48/2 = <<48/2=24>>24.\nIn all 48+24 = <<48+24=72>>72.\n#### 1,072"}]
+    rows = [
+        {
+            "question": "Natalia sold clips to 48 friends,\nthen half as many.",
+            "answer": "She sold 48/2 = <<48/2=24>>24.\nIn all 48+24 = <<48+24=72>>72.\n#### 1,072",
+        }
+    ]
     fake = types.ModuleType("datasets")
     fake.load_dataset = lambda path, name, split: rows if (path, name) == ("openai/gsm8k", "main") else None
     monkeypatch.setitem(sys.modules, "datasets", fake)

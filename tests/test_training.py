@@ -6,6 +6,7 @@ held-out questions are disjoint from the training ones): `pick 4 8 1||<<8=8>> ##
 answer being the middle digit. Chance is 0.1; a 2-layer width-64 model learns it in well under
 a hundred steps on one thread.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from rim_lens.errors import ConfigError, DataError, RunError
-from rim_lens.models import load_checkpoint
+from rim_lens.model.checkpoints import load_checkpoint
 from training import trainer
 from training.config import RunConfig, load_config
 from training.schedules import block_weights, grounding_weights, refinement_weights, step_weights
@@ -29,8 +30,15 @@ from training.trainer import train
 torch.set_num_threads(1)
 
 METRIC_KEYS = {
-    "method", "task", "accuracy", "answer_tokens_mean", "forward_passes_mean", "ttft_ms",
-    "latency_ms", "examples_per_s", "n_eval",
+    "method",
+    "task",
+    "accuracy",
+    "answer_tokens_mean",
+    "forward_passes_mean",
+    "ttft_ms",
+    "latency_ms",
+    "examples_per_s",
+    "n_eval",
 }
 BLOCK_METRIC_KEYS = {"any_block_accuracy", "per_block_accuracy"}
 
@@ -68,12 +76,10 @@ def test_lambda_is_scheduled_on_each_examples_own_T():
     # Halfway through the decay, an example with T=2 has dropped step 1 and keeps step 2,
     # an example with T=6 has dropped steps 1-3 and keeps 4-6: each by its own T, not max T.
     hold = 0.0
-    target_index = torch.tensor([[1, 1, 2, 3, 3, 0, 0, 0, 0],
-                                 [1, 2, 3, 4, 5, 6, 7, 7, 0]])
+    target_index = torch.tensor([[1, 1, 2, 3, 3, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 7, 0]])
     n_steps = torch.tensor([2, 6])
     w = grounding_weights(target_index, n_steps, progress=0.5, hold=hold)
-    expected = torch.tensor([[0, 0, 1, 1, 1, 0, 0, 0, 0],
-                             [0, 0, 0, 1, 1, 1, 1, 1, 0]], dtype=torch.float32)
+    expected = torch.tensor([[0, 0, 1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1, 1, 0]], dtype=torch.float32)
     torch.testing.assert_close(w, expected)
     # The answer readout (t = T + 1) keeps weight 1 throughout; non-readout positions get 0.
     for s in (0.0, 0.3, 0.7, 1.0):
@@ -135,8 +141,17 @@ def tiny_config(copy_data, method: str, **changes) -> RunConfig:
         "data": {"train": str(train_file), "eval": str(eval_file)},
         "model": {"arch": "gpt2", "preset": "tiny", "max_positions": 64},
         "memory": {"K": 2, "M": 1},
-        "train": {"steps": 60, "batch_size": 32, "lr": 0.003, "threads": 1, "log_every": 10,
-                  "eval_every": 20, "stage1_fraction": 0.5, "stage2_lr": 0.001, "warmup": 0.0},
+        "train": {
+            "steps": 60,
+            "batch_size": 32,
+            "lr": 0.003,
+            "threads": 1,
+            "log_every": 10,
+            "eval_every": 20,
+            "stage1_fraction": 0.5,
+            "stage2_lr": 0.001,
+            "warmup": 0.0,
+        },
         "eval": {"latency_examples": 2},
     }
     for key, value in changes.items():
@@ -210,11 +225,25 @@ def test_rim_switches_stage_with_reset_schedule(runs):
 def test_run_directory_contents(runs, copy_data):
     run = runs["rim"]
     names = {p.name for p in run.path.iterdir()}
-    assert {"config.yaml", "model", "train_log.jsonl", "metrics.json", "predictions.jsonl", "status.json", "data"} <= names
+    assert {
+        "config.yaml",
+        "model",
+        "train_log.jsonl",
+        "metrics.json",
+        "predictions.jsonl",
+        "status.json",
+        "data",
+    } <= names
     # config.yaml is a recipe that reloads to the same configuration.
     assert load_config(run.path / "config.yaml") == tiny_config(copy_data, "rim")
     model_files = {p.name for p in run.model_dir.iterdir()}
-    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "rim_memory.json"} <= model_files
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "rim_memory.json",
+    } <= model_files
     model, tokenizer, spec = load_checkpoint(run.model_dir)
     assert spec.method == "rim" and spec.K == 2 and spec.M == 1 and spec.task == "gsm8k"
     assert len(tokenizer) == model.config.vocab_size
@@ -227,18 +256,28 @@ def test_run_directory_contents(runs, copy_data):
     stage1_acc = [r["readout_accuracy"] for r in log if r["stage"] == "grounding" and "readout_accuracy" in r]
     assert stage1_acc and all(set(a) == {"step_1", "answer"} for a in stage1_acc)
     assert all(0.0 <= v <= 1.0 for a in stage1_acc for v in a.values())
-    stage2_acc = [r["readout_accuracy"] for r in log if r["stage"] == "refinement" and "readout_accuracy" in r]
+    stage2_acc = [
+        r["readout_accuracy"] for r in log if r["stage"] == "refinement" and "readout_accuracy" in r
+    ]
     assert stage2_acc and set(stage2_acc[-1]) == {"block_1", "block_2"}
 
     metrics = run.read_json("metrics.json")
     assert METRIC_KEYS | BLOCK_METRIC_KEYS <= set(metrics)
     predictions = read_jsonl(run.path / "predictions.jsonl")
     assert len(predictions) == metrics["n_eval"] == 50
-    assert {"id", "question", "answer", "prediction", "correct", "per_block", "per_block_correct"} <= set(predictions[0])
+    assert {"id", "question", "answer", "prediction", "correct", "per_block", "per_block_correct"} <= set(
+        predictions[0]
+    )
     assert sum(p["correct"] for p in predictions) / 50 == pytest.approx(metrics["accuracy"])
-    assert sum(any(p["per_block_correct"]) for p in predictions) / 50 == pytest.approx(metrics["any_block_accuracy"])
-    eval_questions = {json.loads(line)["question"] for line in (run.path / "data" / "eval.jsonl").read_text().splitlines()}
-    train_questions = {json.loads(line)["question"] for line in (run.path / "data" / "train.jsonl").read_text().splitlines()}
+    assert sum(any(p["per_block_correct"]) for p in predictions) / 50 == pytest.approx(
+        metrics["any_block_accuracy"]
+    )
+    eval_questions = {
+        json.loads(line)["question"] for line in (run.path / "data" / "eval.jsonl").read_text().splitlines()
+    }
+    train_questions = {
+        json.loads(line)["question"] for line in (run.path / "data" / "train.jsonl").read_text().splitlines()
+    }
     assert len(eval_questions) == 50 and not eval_questions & train_questions
 
 
@@ -246,12 +285,20 @@ def test_same_seed_same_metrics(copy_data, tmp_path):
     def run(name, seed):
         cfg = tiny_config(copy_data, "rim", seed=seed, train__steps=16, train__log_every=4)
         r = train(cfg, tmp_path / name)
-        losses = [(x["stage"], x["step"], x["loss"]) for x in read_jsonl(r.path / "train_log.jsonl") if "loss" in x]
+        losses = [
+            (x["stage"], x["step"], x["loss"]) for x in read_jsonl(r.path / "train_log.jsonl") if "loss" in x
+        ]
         return r, r.read_json("metrics.json"), losses
 
     a, ma, la = run("a", 0)
     b, mb, lb = run("b", 0)
-    for key in ("accuracy", "per_block_accuracy", "any_block_accuracy", "answer_tokens_mean", "forward_passes_mean"):
+    for key in (
+        "accuracy",
+        "per_block_accuracy",
+        "any_block_accuracy",
+        "answer_tokens_mean",
+        "forward_passes_mean",
+    ):
         assert ma[key] == mb[key], key
     assert la == lb
     assert (a.path / "predictions.jsonl").read_text() == (b.path / "predictions.jsonl").read_text()
@@ -342,8 +389,11 @@ def test_bad_choices(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert str(err.value).startswith(f"{path}:2: method: must be one of") and "'coconut'" in str(err.value)
-    for override, key in [("model.arch=bert", "model.arch"), ("train.alpha=exp", "train.alpha"),
-                          ("train.lr_schedule=linear", "train.lr_schedule")]:
+    for override, key in [
+        ("model.arch=bert", "model.arch"),
+        ("train.alpha=exp", "train.alpha"),
+        ("train.lr_schedule=linear", "train.lr_schedule"),
+    ]:
         with pytest.raises(ConfigError, match=rf"{key}: must be one of"):
             load_config(None, [override])
 
@@ -375,9 +425,27 @@ def test_trainer_runs_unchanged_under_accelerate_launch(tmp_path):
         "train: {steps: 6, batch_size: 16, eval_every: 3, log_every: 3, threads: 1}\neval: {latency_examples: 1}\n"
     )
     bin_dir = Path(sys.executable).parent
-    cmd = [str(bin_dir / "accelerate"), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rim_lens.cli", "train", str(recipe),
-           "--runs-dir", str(tmp_path / "runs"), "--name", "ddp"]
+    cmd = [
+        str(bin_dir / "accelerate"),
+        "launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "rim_lens.cli",
+        "train",
+        str(recipe),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--name",
+        "ddp",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     run = tmp_path / "runs" / "ddp"

@@ -2,6 +2,7 @@
 
 An unknown key or a bad value is reported as `file:line: key: problem`, one line, exit 2.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,8 @@ from typing import Any
 import yaml
 
 from rim_lens.errors import ConfigError
-from rim_lens.memory import METHODS
+from rim_lens.methods import METHODS
+from rim_lens.model.memory import TRAINING_FIELDS, MemorySpec
 
 
 @dataclass
@@ -39,18 +41,6 @@ class ModelConfig:
     trust_remote_code: bool = False
     max_positions: int = 256
     lora: dict | None = None  # peft.LoraConfig fields, e.g. {r: 16, lora_alpha: 32}; pretrained only
-
-
-@dataclass
-class MemoryConfig:
-    M: int = 2
-    K: int = 8
-    begin: str = "<b>"
-    memory: str = "<m>"
-    end: str = "</b>"
-    answer_prefix: str = "####"
-    readout_sees_question: bool = True
-    step_offset: int = 0
 
 
 @dataclass
@@ -90,12 +80,15 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    memory: MemorySpec = field(default_factory=MemorySpec)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for key in TRAINING_FIELDS:
+            del d["memory"][key]
+        return d
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -108,12 +101,23 @@ CHOICES = {
     "train.lr_schedule": ("constant", "cosine"),
 }
 RANGES = {  # inclusive lower bounds, and upper bounds where one exists
-    "train.steps": (1, None), "train.batch_size": (1, None), "train.lr": (0.0, None),
-    "train.stage2_lr": (0.0, None), "train.warmup": (0.0, 1.0), "train.dropout": (0.0, 1.0),
-    "train.stage2_dropout": (0.0, 1.0), "train.stage1_fraction": (0.0, 1.0),
-    "train.lambda_hold": (0.0, 1.0), "memory.M": (0, None), "memory.K": (1, None),
-    "memory.step_offset": (0, None), "eval.batch_size": (1, None), "eval.latency_examples": (0, None),
-    "eval.max_new_tokens": (1, None), "train.log_every": (1, None), "train.eval_every": (1, None),
+    "train.steps": (1, None),
+    "train.batch_size": (1, None),
+    "train.lr": (0.0, None),
+    "train.stage2_lr": (0.0, None),
+    "train.warmup": (0.0, 1.0),
+    "train.dropout": (0.0, 1.0),
+    "train.stage2_dropout": (0.0, 1.0),
+    "train.stage1_fraction": (0.0, 1.0),
+    "train.lambda_hold": (0.0, 1.0),
+    "memory.M": (0, None),
+    "memory.K": (1, None),
+    "memory.step_offset": (0, None),
+    "eval.batch_size": (1, None),
+    "eval.latency_examples": (0, None),
+    "eval.max_new_tokens": (1, None),
+    "train.log_every": (1, None),
+    "train.eval_every": (1, None),
 }
 
 
@@ -159,7 +163,7 @@ def _build(cls: type, raw: Any, path: str, source: str, lines: dict[str, int]) -
     if not isinstance(raw, dict):
         raise ConfigError(f"{_where(source, lines, path)}: {path or 'recipe'}: expected a mapping")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)} - (set(TRAINING_FIELDS) if cls is MemorySpec else set())
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{path}.{key}" if path else str(key)
@@ -176,12 +180,16 @@ def _build(cls: type, raw: Any, path: str, source: str, lines: dict[str, int]) -
         except TypeError as err:
             raise ConfigError(f"{_where(source, lines, dotted)}: {dotted}: {err}") from None
         if dotted in CHOICES and value not in CHOICES[dotted]:
-            raise ConfigError(f"{_where(source, lines, dotted)}: {dotted}: must be one of {CHOICES[dotted]}, got {value!r}")
+            raise ConfigError(
+                f"{_where(source, lines, dotted)}: {dotted}: must be one of {CHOICES[dotted]}, got {value!r}"
+            )
         if dotted in RANGES and value is not None:
             lo, hi = RANGES[dotted]
             if value < lo or (hi is not None and value > hi):
                 bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-                raise ConfigError(f"{_where(source, lines, dotted)}: {dotted}: must be {bound}, got {value!r}")
+                raise ConfigError(
+                    f"{_where(source, lines, dotted)}: {dotted}: must be {bound}, got {value!r}"
+                )
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -204,7 +212,11 @@ def parse_overrides(overrides: list[str]) -> dict:
 def _merge(base: dict, extra: dict) -> dict:
     merged = dict(base)
     for k, v in extra.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) and k != "options" else v
+        merged[k] = (
+            _merge(merged[k], v)
+            if isinstance(v, dict) and isinstance(merged.get(k), dict) and k != "options"
+            else v
+        )
     return merged
 
 
@@ -246,7 +258,9 @@ def _check_lora(lora: dict, where: str, pretrained: str | None) -> None:
     known = {f.name for f in dataclasses.fields(LoraConfig)}
     unknown = sorted(set(lora) - known)
     if unknown:
-        raise ConfigError(f"{where}: model.lora: unknown LoraConfig field(s) {', '.join(unknown)} (e.g. r, lora_alpha, lora_dropout, target_modules)")
+        raise ConfigError(
+            f"{where}: model.lora: unknown LoraConfig field(s) {', '.join(unknown)} (e.g. r, lora_alpha, lora_dropout, target_modules)"
+        )
 
 
 def _covered(key: str, extra: dict) -> bool:

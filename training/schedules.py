@@ -8,6 +8,7 @@ scheduled by its own T. The answer readout keeps weight 1.
 alpha_k: stage-2 weight of the answer read after block k of K; `linear` is proportional to k
 (later blocks count more), `uniform` is flat; both sum to 1 over the K blocks.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,9 @@ def block_weights(k: torch.Tensor, K: int, kind: str = "linear") -> torch.Tensor
     return k / (K * (K + 1) / 2)
 
 
-def grounding_weights(target_index: torch.Tensor, n_steps: torch.Tensor, progress: float, hold: float) -> torch.Tensor:
+def grounding_weights(
+    target_index: torch.Tensor, n_steps: torch.Tensor, progress: float, hold: float
+) -> torch.Tensor:
     """Per-position stage-1 weights: lambda for step readouts, 1 for the answer, 0 elsewhere."""
     T = n_steps[:, None].expand_as(target_index)
     lam = step_weights(target_index, T, progress, hold)

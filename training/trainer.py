@@ -4,15 +4,16 @@ RiM trains in two stages (grounding, then refinement) with the optimizer and LR 
 at the switch; the baselines (direct, cot, pause) run one stage with the same trainer, data and
 step budget. The loop runs unchanged on one process or under `accelerate launch`.
 """
+
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +25,16 @@ from tqdm import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from rim_lens.data import Example, read_examples, write_examples
+from rim_lens.data.tasks import Task, get_task
 from rim_lens.errors import ConfigError, RunError
-from rim_lens.evaluate import evaluate
-from rim_lens.memory import MemorySpec
-from rim_lens.models import build_model, load_pretrained, save_checkpoint, set_dropout
-from rim_lens.runs import Run, atomic_write_text
-from rim_lens.sequences import Batch, Sequence, SequenceBuilder, collate
-from rim_lens.tasks import Task, get_task
-from rim_lens.tokenizer import build_word_tokenizer, memory_token_ids
+from rim_lens.evaluation import evaluate
+from rim_lens.fileio import atomic_write_text
+from rim_lens.methods import Method
+from rim_lens.model.checkpoints import build_model, load_pretrained, save_checkpoint, set_dropout
+from rim_lens.model.layouts import Batch, Layout, SequenceBuilder, collate
+from rim_lens.model.memory import MemorySpec
+from rim_lens.model.tokenizer import build_word_tokenizer, memory_token_ids
+from rim_lens.runs import Run
 from training.config import RunConfig
 from training.schedules import grounding_weights, refinement_weights
 
@@ -44,7 +47,7 @@ class Stage:
     steps: int
     lr: float
     dropout: float
-    layout: Callable[[Example], Sequence]
+    layout: Callable[[Example], Layout]
     weights: Callable[[Batch, float], torch.Tensor]  # (batch, progress in [0, 1]) -> [B, S]
 
 
@@ -75,7 +78,9 @@ def load_data(cfg: RunConfig, task: Task) -> tuple[list[Example], list[Example]]
     def load(source: int | str, seed: int, exclude: set[str]) -> list[Example]:
         if isinstance(source, int):
             return task.generate(source, seed=seed, exclude=exclude)
-        examples, skipped = read_examples(source, task.name, skip_invalid=d.skip_invalid, task_options=task.options)
+        examples, skipped = read_examples(
+            source, task.name, skip_invalid=d.skip_invalid, task_options=task.options
+        )
         if skipped:
             print(f"{source}: skipped {skipped} invalid lines")
         return examples
@@ -102,7 +107,9 @@ def make_model(cfg: RunConfig, spec: MemorySpec, texts: list[str]):
         lora = dict(m.lora)
         lora.setdefault("target_modules", "all-linear")
         try:
-            config = LoraConfig(task_type="CAUSAL_LM", trainable_token_indices=list(memory_token_ids(tokenizer, spec)), **lora)
+            config = LoraConfig(
+                task_type="CAUSAL_LM", trainable_token_indices=list(memory_token_ids(tokenizer, spec)), **lora
+            )
         except TypeError as err:
             raise ConfigError(f"model.lora: {err}") from None
         model = get_peft_model(model, config)
@@ -151,22 +158,35 @@ def seed_everything(seed: int) -> None:
 
 # -- the loop ------------------------------------------------------------------------------------
 def run_stage(
-    stage: Stage, model, train_set: list[Example], monitor: list[Example], cfg: RunConfig,
-    accelerator: Accelerator, run: Run, pad_id: int, sees_question: bool,
+    stage: Stage,
+    model,
+    train_set: list[Example],
+    monitor: list[Example],
+    cfg: RunConfig,
+    accelerator: Accelerator,
+    run: Run,
+    pad_id: int,
+    sees_question: bool,
 ) -> dict[str, float]:
     """Train one stage with a fresh optimizer and LR schedule; returns the final monitor accuracy."""
     t = cfg.train
     set_dropout(model, stage.dropout)
     batches = partial(collate, pad_id=pad_id, sees_question=sees_question)
     loader = DataLoader(
-        [stage.layout(ex) for ex in train_set], batch_size=t.batch_size, shuffle=True, drop_last=len(train_set) >= t.batch_size,
-        collate_fn=batches, generator=torch.Generator().manual_seed(cfg.seed),
+        [stage.layout(ex) for ex in train_set],
+        batch_size=t.batch_size,
+        shuffle=True,
+        drop_last=len(train_set) >= t.batch_size,
+        collate_fn=batches,
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     monitor_batch = batches([stage.layout(ex) for ex in monitor]).to(accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=t.weight_decay)
     warmup = int(t.warmup * stage.steps)
-    make_schedule = get_cosine_schedule_with_warmup if t.lr_schedule == "cosine" else get_constant_schedule_with_warmup
+    make_schedule = (
+        get_cosine_schedule_with_warmup if t.lr_schedule == "cosine" else get_constant_schedule_with_warmup
+    )
     kwargs = {"num_training_steps": stage.steps} if t.lr_schedule == "cosine" else {}
     scheduler = make_schedule(optimizer, num_warmup_steps=warmup, **kwargs)
     optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
@@ -201,17 +221,29 @@ def run_stage(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if accelerator.is_main_process and (step % t.log_every == 0 or step == stage.steps):
-                run.log({"stage": stage.name, "step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                         "elapsed_s": time.perf_counter() - start, "tokens_seen": tokens})
+                run.log(
+                    {
+                        "stage": stage.name,
+                        "step": step,
+                        "loss": loss.item(),
+                        "lr": scheduler.get_last_lr()[0],
+                        "elapsed_s": time.perf_counter() - start,
+                        "tokens_seen": tokens,
+                    }
+                )
             if step % t.eval_every == 0 or step == stage.steps:
                 acc = monitor_now(step)
-                bar.set_postfix(loss=f"{loss.item():.4f}", **{k: f"{v:.2f}" for k, v in list(acc.items())[:4]})
+                bar.set_postfix(
+                    loss=f"{loss.item():.4f}", **{k: f"{v:.2f}" for k, v in list(acc.items())[:4]}
+                )
             if step >= stage.steps:
                 break
     bar.close()
     if accelerator.is_main_process:
         shown = "  ".join(f"{k} {v:.3f}" for k, v in acc.items())
-        print(f"[{cfg.method}] {stage.name}: {step} steps in {time.perf_counter() - start:.0f}s; held-out readout accuracy: {shown}")
+        print(
+            f"[{cfg.method}] {stage.name}: {step} steps in {time.perf_counter() - start:.0f}s; held-out readout accuracy: {shown}"
+        )
     return {"time_s": time.perf_counter() - start, "tokens_seen": tokens, "readout_accuracy": acc}
 
 
@@ -251,24 +283,33 @@ def _train(cfg: RunConfig, run: Run, accelerator: Accelerator) -> dict:
     if accelerator.is_main_process:
         write_examples(run.path / "data" / "train.jsonl", train_set)
         write_examples(run.path / "data" / "eval.jsonl", eval_set)
-    mem = cfg.memory
-    blocks = cfg.method in ("rim", "pause")
+    blocks = Method(cfg.method).uses_blocks
     # Without blocks the readout must see the question, whatever the memory section says.
-    spec = MemorySpec(
-        method=cfg.method, begin=mem.begin, memory=mem.memory, end=mem.end, M=mem.M,
-        K=mem.K if blocks else 0, answer_prefix=mem.answer_prefix,
-        readout_sees_question=mem.readout_sees_question or not blocks, step_offset=mem.step_offset, task=task.name,
+    spec = cfg.memory.replace(
+        method=cfg.method,
+        task=task.name,
+        K=cfg.memory.K if blocks else 0,
+        readout_sees_question=cfg.memory.readout_sees_question or not blocks,
     )
     model, tokenizer = make_model(cfg, spec, all_texts(train_set + eval_set))
-    builder = SequenceBuilder(tokenizer, spec.replace(K=mem.K), task.join_steps)
+    builder = SequenceBuilder(tokenizer, spec.replace(K=cfg.memory.K), task.join_steps)
     model = accelerator.prepare(model)
 
     summary: dict = {"stages": {}}
     monitor = eval_set[: min(len(eval_set), 256)]
     for stage in plan_stages(cfg, builder):
         seed_everything(cfg.seed)
-        summary["stages"][stage.name] = run_stage(stage, model, train_set, monitor, cfg, accelerator, run,
-                                                  tokenizer.pad_token_id, spec.readout_sees_question)
+        summary["stages"][stage.name] = run_stage(
+            stage,
+            model,
+            train_set,
+            monitor,
+            cfg,
+            accelerator,
+            run,
+            tokenizer.pad_token_id,
+            spec.readout_sees_question,
+        )
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return summary
@@ -284,10 +325,18 @@ def _train(cfg: RunConfig, run: Run, accelerator: Accelerator) -> dict:
     e = cfg.eval
     examples = eval_set[: e.n] if e.n else eval_set
     metrics, predictions = evaluate(
-        model, tokenizer, spec, examples, task_options=task.options, batch_size=e.batch_size,
-        latency_examples=e.latency_examples, max_new_tokens=e.max_new_tokens,
+        model,
+        tokenizer,
+        spec,
+        examples,
+        task_options=task.options,
+        batch_size=e.batch_size,
+        latency_examples=e.latency_examples,
+        max_new_tokens=e.max_new_tokens,
     )
-    metrics.update(train_time_s=summary["train_time_s"], tokens_seen=summary["tokens_seen"], train_steps=cfg.train.steps)
+    metrics.update(
+        train_time_s=summary["train_time_s"], tokens_seen=summary["tokens_seen"], train_steps=cfg.train.steps
+    )
     write_results(run, metrics, predictions)
     summary["accuracy"] = metrics["accuracy"]
     return summary
@@ -296,4 +345,6 @@ def _train(cfg: RunConfig, run: Run, accelerator: Accelerator) -> dict:
 def write_results(run: Run, metrics: dict, predictions: list[dict], suffix: str = "") -> None:
     """metrics{suffix}.json and predictions{suffix}.jsonl, each written atomically."""
     run.write_json(f"metrics{suffix}.json", metrics)
-    atomic_write_text(run.path / f"predictions{suffix}.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+    atomic_write_text(
+        run.path / f"predictions{suffix}.jsonl", "".join(json.dumps(p) + "\n" for p in predictions)
+    )

@@ -1,0 +1,276 @@
+"""Hook backends: one interface over plain HF hooks, TransformerLens and nnsight.
+
+Hook sites follow one naming scheme. `resid[l]` is the residual stream after l transformer
+layers: l = 0 is the embedding output, l = n_layers is the last layer's output before the
+final norm (TransformerLens `blocks.{l}.hook_resid_pre`, and `blocks.{L-1}.hook_resid_post`).
+`attn[l]` is the attention output of layer l. An `Edit` overwrites `resid[l]` (l < n_layers)
+at chosen (row, position) pairs before layer l reads it, so one forward pass can carry many
+different interventions, one per batch row.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rim_lens.errors import RunError
+from rim_lens.model.layouts import Batch
+
+BACKENDS = ("hf", "tl", "nnsight")
+# Where each supported architecture keeps its decoder layers and their attention module.
+LAYOUTS = {"gpt2": ("transformer.h", "attn"), "llama": ("model.layers", "self_attn")}
+
+
+@dataclass
+class Edit:
+    """Set resid[layer][rows[i], positions[i]] = values[i] (values: [N, d_model])."""
+
+    layer: int
+    rows: torch.Tensor
+    positions: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor
+    resid: dict[int, torch.Tensor] = field(default_factory=dict)
+    attn: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _first(x):
+    """Module outputs are a Tensor in transformers 5 but a tuple in older code paths."""
+    return x[0] if isinstance(x, tuple) else x
+
+
+def _apply(hidden: torch.Tensor, edits: list[Edit]) -> torch.Tensor:
+    if not edits:
+        return hidden
+    hidden = hidden.clone()
+    for e in edits:
+        hidden[e.rows, e.positions] = e.values.to(hidden.dtype)
+    return hidden
+
+
+def _by_layer(edits: Seq[Edit], n_layers: int) -> dict[int, list[Edit]]:
+    out: dict[int, list[Edit]] = defaultdict(list)
+    for e in edits:
+        if not 0 <= e.layer < n_layers:
+            raise RunError(f"layer {e.layer} out of range: edits take layers 0..{n_layers - 1}")
+        out[e.layer].append(e)
+    return out
+
+
+class Backend:
+    """Runs a model on a Batch, capturing resid/attn sites and applying edits."""
+
+    name = ""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_dir: str | Path | None = None
+    ):
+        arch = model.config.model_type
+        if arch not in LAYOUTS:
+            raise RunError(
+                f"backend {self.name}: unsupported architecture {arch!r} (supported: {', '.join(LAYOUTS)})"
+            )
+        self.model, self.tokenizer, self.model_dir = model, tokenizer, model_dir
+        self.layers_path, self.attn_name = LAYOUTS[arch]
+        self.n_layers = model.config.num_hidden_layers
+        self.d_model = model.config.hidden_size
+
+    def layers(self) -> torch.nn.ModuleList:
+        module = self.model
+        for part in self.layers_path.split("."):
+            module = getattr(module, part)
+        return module
+
+    def check_layers(self, layers: Seq[int]) -> None:
+        for l in layers:
+            if not 0 <= l <= self.n_layers:
+                raise RunError(f"layer {l} out of range: this model has resid sites 0..{self.n_layers}")
+
+    @torch.no_grad()
+    def run(
+        self, batch: Batch, capture: Seq[int] = (), edits: Seq[Edit] = (), capture_attn: Seq[int] = ()
+    ) -> Output:
+        self.check_layers(list(capture) + list(capture_attn))
+        return self._run(
+            batch, sorted(set(capture)), _by_layer(edits, self.n_layers), sorted(set(capture_attn))
+        )
+
+    def _run(
+        self, batch: Batch, capture: list[int], edits: dict[int, list[Edit]], capture_attn: list[int]
+    ) -> Output:
+        raise NotImplementedError
+
+
+class HFBackend(Backend):
+    """Plain PyTorch forward hooks on the HF model."""
+
+    name = "hf"
+
+    def _run(self, batch, capture, edits, capture_attn):
+        out = Output(logits=torch.empty(0))
+        layers, handles = self.layers(), []
+
+        def pre_hook(l):
+            def hook(module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                if l in capture:
+                    out.resid[l] = hidden.detach().clone()
+                new = _apply(hidden, edits.get(l, []))
+                if args:
+                    return (new, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": new}
+
+            return hook
+
+        def post_hook(module, args, output):
+            out.resid[self.n_layers] = _first(output).detach().clone()
+
+        def attn_hook(l):
+            def hook(module, args, output):
+                out.attn[l] = _first(output).detach().clone()
+
+            return hook
+
+        try:
+            for l in set(capture) | set(edits):
+                if l < self.n_layers:
+                    handles.append(layers[l].register_forward_pre_hook(pre_hook(l), with_kwargs=True))
+            if self.n_layers in capture:
+                handles.append(layers[-1].register_forward_hook(post_hook))
+            for l in capture_attn:
+                handles.append(getattr(layers[l], self.attn_name).register_forward_hook(attn_hook(l)))
+            out.logits = self.model(**batch.model_inputs(), use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+        return out
+
+    @contextmanager
+    def editing(self, edits: Seq[Edit]) -> Iterator[None]:
+        """Apply `edits` on every forward pass inside the block (e.g. a decoding prefill)."""
+        by_layer = _by_layer(edits, self.n_layers)
+
+        def pre_hook(l):
+            def hook(module, args, kwargs):
+                if args:
+                    return (_apply(args[0], by_layer[l]), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": _apply(kwargs["hidden_states"], by_layer[l])}
+
+            return hook
+
+        handles = [
+            self.layers()[l].register_forward_pre_hook(pre_hook(l), with_kwargs=True) for l in by_layer
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+class TLBackend(Backend):
+    """TransformerLens 4.x TransformerBridge hook points (`blocks.{l}.hook_resid_pre`, ...)."""
+
+    name = "tl"
+
+    def __init__(self, model, tokenizer, model_dir=None):
+        super().__init__(model, tokenizer, model_dir)
+        if model_dir is None:
+            raise RunError("backend tl needs the checkpoint directory (TransformerBridge boots from it)")
+        from transformer_lens.model_bridge import TransformerBridge
+
+        try:
+            self.bridge = TransformerBridge.boot_transformers(
+                str(model_dir), hf_model=model, tokenizer=tokenizer, device="cpu"
+            )
+        except Exception as err:  # noqa: BLE001 - any boot failure means the architecture is unsupported
+            raise RunError(
+                f"backend tl: cannot wrap {model.config.model_type!r} in a TransformerBridge ({err})"
+            ) from None
+
+    @staticmethod
+    def site(l: int, n_layers: int) -> str:
+        return f"blocks.{l}.hook_resid_pre" if l < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
+
+    def _run(self, batch, capture, edits, capture_attn):
+        out = Output(logits=torch.empty(0))
+        hooks = []
+
+        def resid_hook(l):
+            def hook(tensor, hook):
+                if l in capture:
+                    out.resid[l] = tensor.detach().clone()
+                return _apply(tensor, edits.get(l, []))
+
+            return hook
+
+        def attn_hook(l):
+            def hook(tensor, hook):
+                out.attn[l] = _first(tensor).detach().clone()
+
+            return hook
+
+        for l in set(capture) | set(edits):
+            hooks.append((self.site(l, self.n_layers), resid_hook(l)))
+        for l in capture_attn:
+            hooks.append((f"blocks.{l}.hook_attn_out", attn_hook(l)))
+        out.logits = self.bridge.run_with_hooks(
+            batch.input_ids,
+            fwd_hooks=hooks,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+        )
+        return out
+
+
+class NNsightBackend(Backend):
+    """nnsight 0.8 `TransformersModel`: reads and writes module inputs inside a trace."""
+
+    name = "nnsight"
+
+    def __init__(self, model, tokenizer, model_dir=None):
+        super().__init__(model, tokenizer, model_dir)
+        from nnsight.modeling.transformers import TransformersModel
+
+        self.wrapped = TransformersModel(model, tokenizer=tokenizer)
+
+    def _run(self, batch, capture, edits, capture_attn):
+        envoy = self.wrapped
+        for part in self.layers_path.split("."):
+            envoy = getattr(envoy, part)
+        saved_resid, saved_attn = {}, {}
+        with self.wrapped.trace(**batch.model_inputs(), use_cache=False):
+            # nnsight requires modules to be visited in execution order.
+            for l in range(self.n_layers):
+                layer = envoy[l]
+                if l in capture:
+                    saved_resid[l] = layer.input.clone().save()
+                for e in edits.get(l, []):
+                    layer.input[e.rows, e.positions] = e.values
+                if l in capture_attn:
+                    saved_attn[l] = _first(getattr(layer, self.attn_name).output).clone().save()
+            if self.n_layers in capture:
+                saved_resid[self.n_layers] = _first(envoy[self.n_layers - 1].output).clone().save()
+            logits = self.wrapped.lm_head.output.save()
+        return Output(logits=logits, resid=dict(saved_resid), attn=dict(saved_attn))
+
+
+def make_backend(
+    name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_dir: str | Path | None = None
+) -> Backend:
+    """The backend called `name` ("hf", "tl" or "nnsight") over a loaded checkpoint."""
+    classes = {"hf": HFBackend, "tl": TLBackend, "nnsight": NNsightBackend}
+    if name not in classes:
+        raise RunError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return classes[name](model, tokenizer, model_dir)

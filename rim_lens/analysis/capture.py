@@ -1,0 +1,201 @@
+"""Capture memory-block hidden states to disk, labelled by layer x block x slot.
+
+States stream to safetensors shards (`shard_00000.safetensors`, ...) holding
+`resid` [n, layers, K, M + 2, d_model] (and `attn` when asked), so 10,000 examples never sit
+in memory at once. `examples.jsonl` stores, per example, its id, question, answer, step
+values, the readout after every block and whether it was correct. `meta.json` is written last:
+a capture without it is incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rim_lens.analysis.backends import Backend
+from rim_lens.data.examples import Example
+from rim_lens.data.tasks import get_task
+from rim_lens.errors import RunError
+from rim_lens.evaluation import decode_answers
+from rim_lens.fileio import atomic_write_json, atomic_write_text
+from rim_lens.model.layouts import SequenceBuilder, block_positions, collate, slot_names
+from rim_lens.model.memory import MemorySpec
+
+
+def block_states(
+    backend: Backend, builder: SequenceBuilder, examples: Seq[Example], layers: Seq[int], attn: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """States at the block positions of the inference prompts of `examples`:
+    resid [n, len(layers), K, M + 2, d] and, if `attn`, attention outputs of the same layers
+    below the last ([n, layers < n_layers, K, M + 2, d])."""
+    tok = builder.tokenizer
+    batch = collate(
+        [builder.prompt(ex) for ex in examples],
+        tok.pad_token_id,
+        builder.spec.readout_sees_question,
+        side="left",
+    )
+    attn_layers = [l for l in layers if l < backend.n_layers] if attn else []
+    out = backend.run(batch, capture=layers, capture_attn=attn_layers)
+    pos = block_positions(batch)  # [B, K, S]
+    rows = torch.arange(len(examples))[:, None, None]
+
+    def gather(states: dict[int, torch.Tensor], ls: Seq[int]) -> torch.Tensor:
+        return torch.stack([states[l][rows, pos] for l in ls], dim=1)
+
+    return gather(out.resid, layers), (gather(out.attn, attn_layers) if attn_layers else None)
+
+
+def capture(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: MemorySpec,
+    examples: Seq[Example],
+    out_dir: str | Path,
+    backend: Backend,
+    *,
+    layers: Seq[int] | None = None,
+    attn: bool = False,
+    batch_size: int = 64,
+    shard_size: int = 1024,
+    dtype: torch.dtype = torch.float32,
+    task_options: dict | None = None,
+    max_new_tokens: int = 32,
+) -> CaptureStore:
+    """Capture block states of `examples` (and their per-block readouts) into `out_dir`."""
+    if not spec.uses_blocks:
+        raise RunError(f"a {spec.method} model has no memory blocks to capture")
+    layers = list(range(backend.n_layers + 1)) if layers is None else sorted(set(layers))
+    backend.check_layers(layers)
+    task = get_task(spec.task or examples[0].task, **(task_options or {}))
+    builder = SequenceBuilder(tokenizer, spec, task.join_steps)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)
+    shards, records = [], []
+    for start in range(0, len(examples), shard_size):
+        chunk = list(examples[start : start + shard_size])
+        readouts = [
+            decode_answers(model, tokenizer, builder, chunk, k, batch_size=256, max_new_tokens=max_new_tokens)
+            for k in range(1, spec.K + 1)
+        ]
+        resid, attn_states = [], []
+        for b in range(0, len(chunk), batch_size):
+            r, a = block_states(backend, builder, chunk[b : b + batch_size], layers, attn)
+            resid.append(r.to(dtype))
+            if a is not None:
+                attn_states.append(a.to(dtype))
+        tensors = {"resid": torch.cat(resid), "index": torch.arange(start, start + len(chunk))}
+        if attn_states:
+            tensors["attn"] = torch.cat(attn_states)
+        name = f"shard_{len(shards):05d}.safetensors"
+        save_file(tensors, out / f".{name}.tmp")
+        os.replace(out / f".{name}.tmp", out / name)
+        shards.append(name)
+        for i, ex in enumerate(chunk):
+            texts = [rs[i].text for rs in readouts]
+            records.append(
+                {
+                    "index": start + i,
+                    "id": ex.id,
+                    "question": ex.question,
+                    "answer": ex.answer,
+                    "steps": list(ex.steps),
+                    "values": list(ex.values),
+                    "readouts": texts,
+                    "correct": [task.answers_match(t, ex.answer) for t in texts],
+                }
+            )
+    atomic_write_text(out / "examples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    meta = {
+        "n": len(records),
+        "layers": layers,
+        "attn_layers": [l for l in layers if l < backend.n_layers] if attn else [],
+        "K": spec.K,
+        "M": spec.M,
+        "slots": slot_names(spec),
+        "d_model": backend.d_model,
+        "n_layers": backend.n_layers,
+        "backend": backend.name,
+        "task": task.name,
+        "method": spec.method,
+        "dtype": str(dtype).replace("torch.", ""),
+        "shards": shards,
+    }
+    atomic_write_json(out / "meta.json", meta)
+    return CaptureStore(out)
+
+
+class CaptureStore:
+    """Read access to a capture directory, sliced by layer, block (1-based) and slot."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.exists():
+            raise RunError(
+                f"{self.path}: no complete capture here; produce one with `rim-lens analyze capture RUN`"
+            )
+        self.meta = json.loads(meta_path.read_text())
+        lines = (self.path / "examples.jsonl").read_text().splitlines()
+        self.examples = [json.loads(line) for line in lines if line.strip()]
+
+    @property
+    def n(self) -> int:
+        return self.meta["n"]
+
+    @property
+    def layers(self) -> list[int]:
+        return self.meta["layers"]
+
+    @property
+    def K(self) -> int:
+        return self.meta["K"]
+
+    @property
+    def slots(self) -> list[str]:
+        return self.meta["slots"]
+
+    def correct(self) -> np.ndarray:
+        """[n, K] whether the readout after block k was correct."""
+        return np.array([r["correct"] for r in self.examples], dtype=bool)
+
+    def _index(self, layer: int | None, block: int | None, slot: int | None, layers: list[int]) -> tuple:
+        if layer is not None and layer not in layers:
+            raise RunError(f"layer {layer} out of range: captured layers are {layers}")
+        if block is not None and not 1 <= block <= self.K:
+            raise RunError(f"block {block} out of range: blocks are 1..{self.K}")
+        if slot is not None and not 0 <= slot < len(self.slots):
+            raise RunError(
+                f"slot {slot} out of range: slots are 0..{len(self.slots) - 1} ({', '.join(self.slots)})"
+            )
+        pick = lambda v, f: slice(None) if v is None else f(v)  # noqa: E731
+        return (slice(None), pick(layer, layers.index), pick(block, lambda k: k - 1), pick(slot, int))
+
+    def _read(self, key: str, index: tuple) -> Iterator[np.ndarray]:
+        for name in self.meta["shards"]:
+            with safe_open(self.path / name, framework="pt") as f:
+                yield f.get_slice(key)[index].float().numpy()
+
+    def resid(
+        self, layer: int | None = None, block: int | None = None, slot: int | None = None
+    ) -> np.ndarray:
+        """Residual states [n, (layers), (K), (slots), d]; a given index drops its axis."""
+        return np.concatenate(list(self._read("resid", self._index(layer, block, slot, self.layers))))
+
+    def attn(self, layer: int | None = None, block: int | None = None, slot: int | None = None) -> np.ndarray:
+        """Attention outputs, indexed like `resid` (only if captured with attn=True)."""
+        if not self.meta["attn_layers"]:
+            raise RunError(f"{self.path}: attention outputs were not captured (use --attn)")
+        return np.concatenate(
+            list(self._read("attn", self._index(layer, block, slot, self.meta["attn_layers"])))
+        )

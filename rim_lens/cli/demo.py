@@ -1,0 +1,40 @@
+"""`rim-lens demo`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="train RiM and the direct / CoT / pause baselines on the default task, compare, report"
+    )
+    p.add_argument("--full", action="store_true", help="the longer budget (training/recipes/demo_full.yaml)")
+    p.add_argument("--runs-dir", help="where the runs go (default: runs/demo, or runs/demo-full with --full)")
+    p.add_argument(
+        "--methods", default="direct,cot,pause,rim", help="comma-separated subset of direct,cot,pause,rim"
+    )
+    p.add_argument("--no-report", action="store_true", help="skip the causal report on the RiM run")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key",
+    )
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rim_lens.errors import ConfigError
+    from rim_lens.methods import METHODS
+    from training.demo import run_demo
+
+    methods = tuple(m for m in args.methods.split(",") if m)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+    runs_dir = args.runs_dir or ("runs/demo-full" if args.full else "runs/demo")
+    run_demo(runs_dir, full=args.full, methods=methods, report=not args.no_report, overrides=args.overrides)
+    return 0

@@ -1,0 +1,41 @@
+"""An example: question, explicit reasoning steps, final answer and per-step values."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+Value = int | float | str
+
+
+@dataclass(frozen=True)
+class Example:
+    """One reasoning problem: question, explicit steps, final answer and per-step values.
+
+    `values[t]` is the intermediate quantity that `steps[t]` computes (a running sum, a
+    running value, an equation result, an entity reached); probes decode it from block states.
+    """
+
+    question: str
+    steps: tuple[str, ...]
+    answer: str
+    values: tuple[Value, ...]
+    task: str
+    id: str = ""
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["steps"], d["values"] = list(self.steps), list(self.values)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Example:
+        return cls(
+            question=d["question"],
+            steps=tuple(d["steps"]),
+            answer=d["answer"],
+            values=tuple(d["values"]),
+            task=d["task"],
+            id=d.get("id", ""),
+            meta=d.get("meta", {}),
+        )

@@ -1,0 +1,178 @@
+"""Exact-match accuracy, per-block readouts, answer tokens, forward passes and latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rim_lens.data.examples import Example
+from rim_lens.data.tasks import get_task
+from rim_lens.model.decoding import greedy_decode
+from rim_lens.model.layouts import SequenceBuilder
+from rim_lens.model.memory import MemorySpec
+
+
+@dataclass
+class Readout:
+    """What a model answered for one prompt, and how many tokens it generated for it."""
+
+    text: str
+    tokens: int
+
+
+def answer_text(tokenizer: PreTrainedTokenizerBase, ids: list[int], spec: MemorySpec) -> str:
+    """The answer in generated ids: everything after the answer prefix for CoT, else all."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if spec.method == "cot":
+        head, sep, tail = text.rpartition(spec.answer_prefix)
+        return tail.strip() if sep else ""
+    return text.strip()
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def decode_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    builder: SequenceBuilder,
+    examples: Seq[Example],
+    n_blocks: int | None = None,
+    batch_size: int = 256,
+    max_new_tokens: int = 64,
+) -> list[Readout]:
+    """Greedy answers for `examples`, reading out after `n_blocks` blocks (default K)."""
+    out: list[Readout] = []
+    for chunk in _chunks(list(examples), batch_size):
+        decoded = greedy_decode(
+            model,
+            [builder.prompt(ex, n_blocks) for ex in chunk],
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            max_new_tokens=max_new_tokens,
+            sees_question=builder.spec.readout_sees_question,
+        )
+        out += [Readout(answer_text(tokenizer, ids, builder.spec), len(ids)) for ids in decoded.tokens]
+    return out
+
+
+def _first_answer_step(tokenizer: PreTrainedTokenizerBase, ids: list[int], spec: MemorySpec) -> int:
+    """Index of the decoding step that produced the first answer token."""
+    if spec.method != "cot":
+        return 0
+    prefix = tokenizer.encode(spec.answer_prefix, add_special_tokens=False)
+    for i in range(len(ids) - len(prefix) + 1):
+        if ids[i : i + len(prefix)] == prefix:
+            return i + len(prefix)
+    return max(len(ids), 0)
+
+
+def measure_latency(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    builder: SequenceBuilder,
+    examples: Seq[Example],
+    max_new_tokens: int = 64,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """Median time to first answer token and full-answer latency (ms) at batch 1, KV cache."""
+    ttft, total = [], []
+    warm = list(examples[:warmup])
+    for i, ex in enumerate(warm + list(examples)):
+        d = greedy_decode(
+            model,
+            [builder.prompt(ex)],
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            max_new_tokens=max_new_tokens,
+            sees_question=builder.spec.readout_sees_question,
+        )
+        if i < len(warm):
+            continue
+        first = min(_first_answer_step(tokenizer, d.tokens[0], builder.spec), len(d.step_times) - 1)
+        ttft.append(d.step_times[first] * 1e3)
+        total.append(d.step_times[-1] * 1e3)
+    if not ttft:
+        return {}
+    return {"ttft_ms": statistics.median(ttft), "latency_ms": statistics.median(total)}
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: MemorySpec,
+    examples: Seq[Example],
+    *,
+    task_options: dict | None = None,
+    K: int | None = None,
+    M: int | None = None,
+    batch_size: int = 256,
+    latency_examples: int = 20,
+    max_new_tokens: int = 64,
+) -> tuple[dict, list[dict]]:
+    """Metrics (the keys of metrics.json) and one prediction record per example.
+
+    K and M may differ from what the model was trained with (the memory-budget sweep).
+    """
+    spec = spec.replace(K=K or spec.K, M=spec.M if M is None else M)
+    task = get_task(spec.task or examples[0].task, **(task_options or {}))
+    builder = SequenceBuilder(tokenizer, spec, task.join_steps)
+    model.eval()
+
+    start = time.perf_counter()
+    final = decode_answers(model, tokenizer, builder, examples, None, batch_size, max_new_tokens)
+    elapsed = time.perf_counter() - start
+    correct = [task.answers_match(r.text, ex.answer) for r, ex in zip(final, examples)]
+
+    n = len(examples)
+    metrics: dict = {
+        "method": spec.method,
+        "task": task.name,
+        "n_eval": n,
+        "K": spec.K if spec.uses_blocks else 0,
+        "M": spec.M,
+    }
+    metrics["accuracy"] = sum(correct) / n
+    per_block: list[list[Readout]] = []
+    if spec.uses_blocks:
+        per_block = [
+            decode_answers(model, tokenizer, builder, examples, k, batch_size, max_new_tokens)
+            for k in range(1, spec.K)
+        ]
+        per_block.append(final)
+        block_correct = [
+            [task.answers_match(r.text, ex.answer) for r, ex in zip(rs, examples)] for rs in per_block
+        ]
+        metrics["per_block_accuracy"] = [sum(c) / n for c in block_correct]
+        metrics["any_block_accuracy"] = sum(any(col) for col in zip(*block_correct)) / n
+    metrics["chance_accuracy"] = task.chance_accuracy()
+    metrics["answer_tokens_mean"] = sum(r.tokens for r in final) / n
+    # One prefill, then one call per generated token after the first (the end token included).
+    metrics["forward_passes_mean"] = (
+        sum(r.tokens + (1 if r.tokens < max_new_tokens else 0) for r in final) / n
+    )
+    metrics["examples_per_s"] = n / elapsed
+    metrics.update(
+        measure_latency(model, tokenizer, builder, list(examples[:latency_examples]), max_new_tokens)
+    )
+
+    predictions = []
+    for i, (ex, r, ok) in enumerate(zip(examples, final, correct)):
+        record = {
+            "id": ex.id,
+            "question": ex.question,
+            "answer": ex.answer,
+            "prediction": r.text,
+            "correct": ok,
+            "answer_tokens": r.tokens,
+        }
+        if per_block:
+            record["per_block"] = [rs[i].text for rs in per_block]
+            record["per_block_correct"] = [task.answers_match(rs[i].text, ex.answer) for rs in per_block]
+        predictions.append(record)
+    return metrics, predictions

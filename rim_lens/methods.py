@@ -1,0 +1,38 @@
+"""The training methods rim-lens compares, with what each one implies."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Method(StrEnum):
+    """How a model was trained. Values are the strings used in recipes, specs and run names."""
+
+    DIRECT = "direct"  # the answer right after the question
+    COT = "cot"  # the steps written out, then the answer
+    PAUSE = "pause"  # memory blocks trained on the answer only: RiM without grounding
+    RIM = "rim"  # memory blocks grounded on the steps (stage 1), then refined (stage 2)
+
+    @property
+    def uses_blocks(self) -> bool:
+        """Whether inference appends memory blocks to the question."""
+        return self in (Method.PAUSE, Method.RIM)
+
+    @property
+    def writes_steps(self) -> bool:
+        """Whether the model writes its reasoning steps before the answer."""
+        return self is Method.COT
+
+    @property
+    def grounded(self) -> bool:
+        """Whether training supervises the blocks with the reasoning steps."""
+        return self is Method.RIM
+
+    @property
+    def color(self) -> str:
+        """The method's colour in every figure."""
+        return _COLORS[self]
+
+
+_COLORS = {Method.DIRECT: "#7f7f7f", Method.COT: "#1f77b4", Method.PAUSE: "#ff7f0e", Method.RIM: "#2ca02c"}
+METHODS: tuple[str, ...] = tuple(m.value for m in Method)

@@ -1,0 +1,278 @@
+"""Token layouts for every method, with role / block / slot labels and 4D attention masks.
+
+A RiM training example is packed as `[q][block_1]..[block_N][readout_1]..[readout_N]` and run
+in ONE forward pass. Explicit position ids and a 4D mask make readout t see exactly what it
+would see in the plain causal sequence `[q][block_1..block_t][readout_t]`:
+
+- question tokens: causal over the question;
+- block k: the question and blocks 1..k (causal inside the block); never a readout;
+- readout t: the question (if `readout_sees_question`), blocks up to the one it reads, and
+  its own earlier tokens; never another readout. Its positions continue from its block's end.
+
+Direct and CoT sequences use the same machinery with no blocks, which reduces to a causal mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from rim_lens.data.examples import Example
+from rim_lens.model.memory import MemorySpec
+from rim_lens.model.tokenizer import memory_token_ids
+
+IGNORE = -100
+
+
+class Role(IntEnum):
+    """What a token position is; blocks and slots label the block roles."""
+
+    PAD = 0
+    QUESTION = 1
+    BLOCK_BEGIN = 2
+    MEMORY = 3
+    BLOCK_END = 4
+    READOUT = 5
+
+
+@dataclass
+class Layout:
+    """One laid-out example. Per position: token, position id, role, block k (1-based; for a
+    readout token, the block it reads), slot j inside the block (-1 outside), the next-token
+    target predicted there and which readout target t (1-based) it belongs to (0: none)."""
+
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    roles: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    target_index: list[int] = field(default_factory=list)
+    n_steps: int = 0
+
+    def add(self, token: int, position: int, role: Role, block: int = 0, slot: int = -1) -> int:
+        self.ids.append(token)
+        self.positions.append(position)
+        self.roles.append(int(role))
+        self.blocks.append(block)
+        self.slots.append(slot)
+        self.targets.append(IGNORE)
+        self.target_index.append(0)
+        return len(self.ids) - 1
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class SequenceBuilder:
+    """Lays out examples as training sequences and inference prompts for one tokenizer/spec."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        spec: MemorySpec,
+        join_steps: Callable[[Seq[str]], str] = " ".join,
+    ) -> None:
+        self.tokenizer, self.spec, self.join_steps = tokenizer, spec, join_steps
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id
+        self.prefix = self.encode(spec.answer_prefix)
+        self.block_ids = self._block_ids(memory_token_ids(tokenizer, spec)) if spec.uses_blocks else []
+
+    def _block_ids(self, ids: tuple[int, int, int]) -> list[int]:
+        begin, memory, end = ids
+        return [begin] + [memory] * self.spec.M + [end]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def answer_target(self, answer: str) -> list[int]:
+        """Readout tokens for the answer: prefix, answer, end of sequence."""
+        return self.prefix + self.encode(answer) + [self.eos]
+
+    def step_target(self, step: str) -> list[int]:
+        return self.encode(step) + [self.eos]
+
+    # -- layouts -----------------------------------------------------------------------------
+    def _question(self, ex: Example) -> Layout:
+        seq = Layout()
+        ids = ([self.bos] if self.bos is not None else []) + self.encode(ex.question)
+        for i, tok in enumerate(ids):
+            seq.add(tok, i, Role.QUESTION)
+        return seq
+
+    def _add_blocks(self, seq: Layout, n_blocks: int) -> list[int]:
+        """Append blocks 1..n; returns the sequence index of each block's end token."""
+        ends = []
+        for k in range(1, n_blocks + 1):
+            for j, tok in enumerate(self.block_ids):
+                role = Role.BLOCK_BEGIN if j == 0 else Role.BLOCK_END if j == self.spec.M + 1 else Role.MEMORY
+                idx = seq.add(tok, seq.positions[-1] + 1, role, block=k, slot=j)
+            ends.append(idx)
+        return ends
+
+    def _add_readout(self, seq: Layout, after: int, target: list[int], t: int, block: int) -> None:
+        """Readout target t, predicted from sequence index `after` onwards, positions continuing."""
+        seq.targets[after], seq.target_index[after] = target[0], t
+        pos = seq.positions[after]
+        for i, tok in enumerate(target[:-1]):
+            idx = seq.add(tok, pos + 1 + i, Role.READOUT, block=block)
+            seq.targets[idx], seq.target_index[idx] = target[i + 1], t
+
+    def direct(self, ex: Example) -> Layout:
+        seq = self._question(ex)
+        self._add_readout(seq, len(seq) - 1, self.answer_target(ex.answer), 1, 0)
+        return seq
+
+    def cot(self, ex: Example) -> Layout:
+        seq = self._question(ex)
+        target = self.encode(self.join_steps(ex.steps)) + self.answer_target(ex.answer)
+        self._add_readout(seq, len(seq) - 1, target, 1, 0)
+        seq.n_steps = len(ex.steps)
+        return seq
+
+    def grounding(self, ex: Example) -> Layout:
+        """Stage 1: targets (r_1..r_T, y), target t read out after block t + step_offset."""
+        targets = [self.step_target(s) for s in ex.steps] + [self.answer_target(ex.answer)]
+        return self._packed(ex, targets, offset=self.spec.step_offset, n_steps=len(ex.steps))
+
+    def refinement(self, ex: Example, n_blocks: int | None = None) -> Layout:
+        """Stage 2 (and pause): the answer read out after every one of K blocks."""
+        K = self.spec.K if n_blocks is None else n_blocks
+        return self._packed(ex, [self.answer_target(ex.answer)] * K, offset=0, n_steps=len(ex.steps))
+
+    def _packed(self, ex: Example, targets: list[list[int]], offset: int, n_steps: int) -> Layout:
+        seq = self._question(ex)
+        ends = self._add_blocks(seq, len(targets) + offset)
+        for t, target in enumerate(targets, start=1):
+            self._add_readout(seq, ends[t + offset - 1], target, t, block=t + offset)
+        seq.n_steps = n_steps
+        return seq
+
+    def training(self, ex: Example, method: str, stage: int = 2) -> Layout:
+        """The training sequence of `ex` for a method (and RiM stage)."""
+        if method == "direct":
+            return self.direct(ex)
+        if method == "cot":
+            return self.cot(ex)
+        if method == "rim" and stage == 1:
+            return self.grounding(ex)
+        return self.refinement(ex)
+
+    def scored(self, ex: Example, answer: str | None = None, n_blocks: int | None = None) -> Layout:
+        """Inference prompt followed by `answer` (default: the gold one) and end of sequence,
+        teacher-forced: the targets score exactly what greedy decoding would have to emit."""
+        seq = self.prompt(ex, n_blocks)
+        tokens = self.encode(ex.answer if answer is None else answer) + [self.eos]
+        self._add_readout(seq, len(seq) - 1, tokens, 1, block=seq.blocks[-1])
+        return seq
+
+    def prompt(self, ex: Example, n_blocks: int | None = None) -> Layout:
+        """Inference prompt: question, blocks, answer prefix (CoT: the question alone)."""
+        seq = self._question(ex)
+        if self.spec.method == "cot":
+            return seq
+        n = (self.spec.K if n_blocks is None else n_blocks) if self.spec.uses_blocks else 0
+        self._add_blocks(seq, n)
+        for tok in self.prefix:
+            seq.add(tok, seq.positions[-1] + 1, Role.READOUT, block=n)
+        return seq
+
+
+# -- batching ------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """Padded tensors for a list of sequences; `attention_mask` is additive [B, 1, S, S]."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    roles: torch.Tensor
+    blocks: torch.Tensor
+    slots: torch.Tensor
+    targets: torch.Tensor
+    target_index: torch.Tensor
+    n_steps: torch.Tensor
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return dict(
+            input_ids=self.input_ids, position_ids=self.position_ids, attention_mask=self.attention_mask
+        )
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
+def visibility(roles: torch.Tensor, blocks: torch.Tensor, sees_question: bool) -> torch.Tensor:
+    """Boolean [B, S, S]: which key position each query position may attend, from the
+    [B, S] role and block labels."""
+    S = roles.shape[1]
+    q_roles, q_blocks = roles[:, :, None], blocks[:, :, None]
+    k_roles, k_blocks = roles[:, None, :], blocks[:, None, :]
+    is_block = lambda r: (r >= Role.BLOCK_BEGIN) & (r <= Role.BLOCK_END)  # noqa: E731
+    q_readout, k_readout = q_roles == Role.READOUT, k_roles == Role.READOUT
+    see_question = (k_roles == Role.QUESTION) & (~q_readout | sees_question)
+    see_block = is_block(k_roles) & (is_block(q_roles) | q_readout) & (k_blocks <= q_blocks)
+    see_readout = k_readout & q_readout & (k_blocks == q_blocks)
+    idx = torch.arange(S, device=roles.device)
+    causal = idx[None, :, None] >= idx[None, None, :]
+    allowed = causal & (see_question | see_block | see_readout)
+    # A padding query always attends to itself, so no softmax row is empty (NaN under SDPA);
+    # what else it sees does not matter, since nothing reads padding outputs.
+    pad_self = (q_roles == Role.PAD) & (idx[None, :, None] == idx[None, None, :])
+    return allowed | pad_self
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Booleans [B, Sq, Sk] to the additive float mask [B, 1, Sq, Sk] transformers expects."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def collate(seqs: Seq[Layout], pad_id: int, sees_question: bool = True, side: str = "right") -> Batch:
+    """Pad sequences to one length (`side`: right for training, left for generation)."""
+    S = max(len(s) for s in seqs)
+
+    def pad(values: list[int], fill: int) -> list[int]:
+        gap = [fill] * (S - len(values))
+        return values + gap if side == "right" else gap + values
+
+    def tensor(attr: str, fill: int) -> torch.Tensor:
+        return torch.tensor([pad(getattr(s, attr), fill) for s in seqs], dtype=torch.long)
+
+    roles, blocks = tensor("roles", Role.PAD), tensor("blocks", 0)
+    return Batch(
+        input_ids=tensor("ids", pad_id),
+        position_ids=tensor("positions", 0),
+        attention_mask=additive_mask(visibility(roles, blocks, sees_question)),
+        roles=roles,
+        blocks=blocks,
+        slots=tensor("slots", -1),
+        targets=tensor("targets", IGNORE),
+        target_index=tensor("target_index", 0),
+        n_steps=torch.tensor([s.n_steps for s in seqs], dtype=torch.long),
+    )
+
+
+def block_positions(batch: Batch) -> torch.Tensor:
+    """Sequence index of block k, slot j for every row: LongTensor [B, K, M + 2]."""
+    is_block = (batch.roles >= Role.BLOCK_BEGIN) & (batch.roles <= Role.BLOCK_END)
+    counts = is_block.sum(1)
+    if (counts != counts[0]).any():
+        raise ValueError("rows hold different numbers of block tokens")
+    B, n = batch.roles.shape[0], int(counts[0])
+    K = int(batch.blocks[is_block].max()) if n else 0
+    # Block tokens appear in (block, slot) order, so the k-th block token of a row is its index.
+    idx = is_block.nonzero()[:, 1].view(B, n)
+    return idx.view(B, K, n // K if K else 0)
+
+
+def slot_names(spec: MemorySpec) -> list[str]:
+    """Labels of the slots of a block: the begin token, m1..mM, the end token."""
+    return [spec.begin] + [f"m{j}" for j in range(1, spec.M + 1)] + [spec.end]

@@ -1,0 +1,76 @@
+"""The memory spec: which tokens form a block, how many, and how readouts are written.
+
+It is saved as `rim_memory.json` beside every checkpoint this project writes, and every
+analysis reads it from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rim_lens.errors import RunError
+from rim_lens.methods import METHODS, Method
+
+SPEC_FILENAME = "rim_memory.json"
+# Set by training from the recipe's top level, never in its `memory` section.
+TRAINING_FIELDS = ("method", "task")
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """Memory-block format of a model.
+
+    A block is `begin`, then M copies of `memory`, then `end`. Inference appends K blocks to
+    the question, then `answer_prefix`, and decodes the answer. `method` records how the model
+    was trained; direct and CoT models have K = 0. A recipe's `memory` section holds every field
+    but `method` and `task`.
+    """
+
+    method: str = "rim"
+    begin: str = "<b>"
+    memory: str = "<m>"
+    end: str = "</b>"
+    M: int = 2
+    K: int = 8
+    answer_prefix: str = "####"
+    readout_sees_question: bool = True
+    step_offset: int = 0
+    task: str = ""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise RunError(f"memory spec: method must be one of {METHODS}, got {self.method!r}")
+        if self.M < 0 or self.K < 0 or self.step_offset < 0:
+            raise RunError("memory spec: M, K and step_offset must be >= 0")
+
+    @property
+    def uses_blocks(self) -> bool:
+        return Method(self.method).uses_blocks
+
+    @property
+    def special_tokens(self) -> list[str]:
+        return [self.begin, self.memory, self.end]
+
+    def block_tokens(self) -> list[str]:
+        return [self.begin] + [self.memory] * self.M + [self.end]
+
+    def replace(self, **changes) -> MemorySpec:
+        return dataclasses.replace(self, **changes)
+
+    def save(self, directory: str | Path) -> None:
+        path = Path(directory) / SPEC_FILENAME
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> MemorySpec:
+        path = Path(directory) / SPEC_FILENAME
+        if not path.exists():
+            raise RunError(f"{directory}: no memory spec ({SPEC_FILENAME}); not a rim-lens checkpoint")
+        try:
+            fields = json.loads(path.read_text())
+            return cls(**fields)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise RunError(f"{path}: unreadable memory spec ({err})") from None

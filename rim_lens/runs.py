@@ -7,19 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rim_lens import artefacts
+from rim_lens.artefacts import PRODUCERS
 from rim_lens.errors import RunError
 from rim_lens.fileio import atomic_write_json, read_jsonl
-
-# What produces each artefact, so a missing one can be reported with the fix.
-PRODUCERS = {
-    "config.yaml": "rim-lens train RECIPE",
-    "model": "rim-lens train RECIPE",
-    "data": "rim-lens train RECIPE",
-    "metrics.json": "rim-lens eval {run}",
-    "predictions.jsonl": "rim-lens eval {run}",
-    "train_log.jsonl": "rim-lens train RECIPE",
-    "sweep.json": "rim-lens eval {run} --K 1,2,4,8",
-}
 
 
 class Run:
@@ -34,11 +25,11 @@ class Run:
 
     @property
     def model_dir(self) -> Path:
-        return self.path / "model"
+        return self.path / artefacts.MODEL
 
     @property
     def analysis_dir(self) -> Path:
-        return self.path / "analysis"
+        return self.path / artefacts.ANALYSIS
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -66,18 +57,20 @@ class Run:
         return atomic_write_json(self.path / name, obj)
 
     def status(self) -> dict:
-        return self.read_json("status.json") if self.exists("status.json") else {"status": "unknown"}
+        return self.read_json(artefacts.STATUS) if self.exists(artefacts.STATUS) else {"status": "unknown"}
 
     def mark(self, status: str, **info: Any) -> None:
         """Record the run's state: running, completed or failed (with the error)."""
-        self.write_json("status.json", {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info})
+        self.write_json(
+            artefacts.STATUS, {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+        )
 
     def log(self, record: dict) -> None:
-        with open(self.path / "train_log.jsonl", "a") as f:
+        with open(self.path / artefacts.TRAIN_LOG, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def read_log(self) -> list[dict]:
-        return read_jsonl(self.require("train_log.jsonl"))
+        return read_jsonl(self.require(artefacts.TRAIN_LOG))
 
 
 def open_run(path: str | Path) -> Run:
@@ -85,6 +78,6 @@ def open_run(path: str | Path) -> Run:
     run = Run(path)
     if not run.path.is_dir():
         raise RunError(f"{path}: no such run directory")
-    if not (run.exists("config.yaml") or run.exists("model")):
+    if not (run.exists(artefacts.CONFIG) or run.exists(artefacts.MODEL)):
         raise RunError(f"{path}: not a rim-lens run (no config.yaml or model/)")
     return run

@@ -14,6 +14,7 @@ from rim_lens.data.tasks import get_task
 from rim_lens.model.decoding import greedy_decode
 from rim_lens.model.layouts import SequenceBuilder
 from rim_lens.model.memory import MemorySpec
+from rim_lens.stats import proportion
 
 
 @dataclass
@@ -31,6 +32,12 @@ def answer_text(tokenizer: PreTrainedTokenizerBase, ids: list[int], spec: Memory
         head, sep, tail = text.rpartition(spec.answer_prefix)
         return tail.strip() if sep else ""
     return text.strip()
+
+
+def _with_interval(metrics: dict, key: str, flags: Seq[bool]) -> None:
+    """metrics[key] = the fraction of true flags, metrics[key_ci] = its 95% Wilson interval."""
+    estimate = proportion(flags)
+    metrics[key], metrics[f"{key}_ci"] = estimate.value, [estimate.lo, estimate.hi]
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -137,7 +144,7 @@ def evaluate(
         "K": spec.K if spec.uses_blocks else 0,
         "M": spec.M,
     }
-    metrics["accuracy"] = sum(correct) / n
+    _with_interval(metrics, "accuracy", correct)
     per_block: list[list[Readout]] = []
     if spec.uses_blocks:
         per_block = [
@@ -148,8 +155,10 @@ def evaluate(
         block_correct = [
             [task.answers_match(r.text, ex.answer) for r, ex in zip(rs, examples)] for rs in per_block
         ]
-        metrics["per_block_accuracy"] = [sum(c) / n for c in block_correct]
-        metrics["any_block_accuracy"] = sum(any(col) for col in zip(*block_correct)) / n
+        block_estimates = [proportion(c) for c in block_correct]
+        metrics["per_block_accuracy"] = [e.value for e in block_estimates]
+        metrics["per_block_accuracy_ci"] = [[e.lo, e.hi] for e in block_estimates]
+        _with_interval(metrics, "any_block_accuracy", [any(col) for col in zip(*block_correct)])
     metrics["chance_accuracy"] = task.chance_accuracy()
     metrics["answer_tokens_mean"] = sum(r.tokens for r in final) / n
     # One prefill, then one call per generated token after the first (the end token included).

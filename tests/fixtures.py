@@ -102,7 +102,8 @@ def train_copy_runs(root: Path) -> dict[str, Path]:
     (root / "data").mkdir(parents=True, exist_ok=True)
     (root / "data" / "train.txt").write_text("\n".join(lines[:250]) + "\n")
     (root / "data" / "eval.txt").write_text("\n".join(lines[250:]) + "\n")
-    data = {"train": str(root / "data" / "train.txt"), "eval": str(root / "data" / "eval.txt")}
+    # Validation: 20 questions held out of the training file.
+    data = {"train": str(root / "data" / "train.txt"), "val": 20, "test": str(root / "data" / "eval.txt")}
     runs = {}
     for name, (method, memory, steps) in COPY_METHODS.items():
         train(_config(method, memory, steps, {"name": "gsm8k"}, data), root / name, overwrite=True)
@@ -135,9 +136,11 @@ def train_modchain_runs(root: Path) -> dict[str, Path]:
     from training.trainer import train
 
     train_set, eval_set = identity_chains()
-    write_examples(root / "data" / "train.jsonl", train_set)
+    write_examples(root / "data" / "train.jsonl", train_set[20:])
+    write_examples(root / "data" / "val.jsonl", train_set[:20])
     write_examples(root / "data" / "eval.jsonl", eval_set)
-    data = {"train": str(root / "data" / "train.jsonl"), "eval": str(root / "data" / "eval.jsonl")}
+    data = {name: str(root / "data" / f"{name}.jsonl") for name in ("train", "val")}
+    data["test"] = str(root / "data" / "eval.jsonl")
     task = {"name": "modchain", "options": MODCHAIN_OPTIONS}
     runs = {}
     for name, (method, memory, steps) in MODCHAIN_METHODS.items():

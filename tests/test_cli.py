@@ -23,7 +23,7 @@ method: rim
 task:
   name: modchain
   options: {length: 2, modulus: 5}
-data: {train: 64, eval: 12}
+data: {train: 64, val: 10, test: 12}
 model: {preset: tiny, max_positions: 64}
 memory: {K: 3}
 train: {steps: 500, batch_size: 16, threads: 1}
@@ -78,7 +78,7 @@ def error_line(capsys) -> str:
 
 def test_train_with_overrides(trained):
     run, out = trained
-    assert f"{run}: accuracy" in out and "on 12 held-out examples" in out
+    assert f"{run}: test accuracy" in out and "on 12 held-out examples" in out
     config = (run / "config.yaml").read_text()
     assert "steps: 6\n" in config and "name: smoke\n" in config
     assert json.loads((run / "status.json").read_text())["status"] == "completed"
@@ -92,9 +92,18 @@ def test_eval_run(trained, capsys):
     before = json.loads((run / "metrics.json").read_text())
     assert main(["eval", str(run)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("K=3 M=2: accuracy ") and "(n=12)" in out
+    assert out.startswith(f"{run}: test accuracy ") and ", val " in out
     after = json.loads((run / "metrics.json").read_text())
-    for key in ("accuracy", "per_block_accuracy", "any_block_accuracy", "answer_tokens_mean"):
+    for key in (
+        "accuracy",
+        "per_block_accuracy",
+        "any_block_accuracy",
+        "answer_tokens_mean",
+        "val_accuracy",
+        "test_accuracy_ci",
+        "train_steps",
+        "splits",
+    ):
         assert after[key] == before[key], key
 
 
@@ -102,15 +111,15 @@ def test_eval_sweep_over_K(trained, capsys):
     run, _ = trained
     assert main(["eval", str(run), "--K", "1,2"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in out] == ["K=1 M=2", "K=2 M=2"]
+    assert [line.split(":")[0] for line in out] == ["K=1 M=2 (test)", "K=2 M=2 (test)"]
     sweep = json.loads((run / "sweep.json").read_text())
     assert [(s["K"], s["M"]) for s in sweep] == [(1, 2), (2, 2)]
     for s in sweep:
         assert len(s["per_block_accuracy"]) == s["K"]
     for K in (1, 2):
-        metrics = json.loads((run / f"metrics_K{K}_M2.json").read_text())
-        assert metrics["K"] == K and metrics["M"] == 2
-        assert (run / f"predictions_K{K}_M2.jsonl").exists()
+        metrics = json.loads((run / f"metrics_K{K}_M2_test.json").read_text())
+        assert metrics["K"] == K and metrics["M"] == 2 and metrics["split"] == "test"
+        assert (run / f"predictions_K{K}_M2_test.jsonl").exists()
     # The trained setting's metrics.json is untouched by a sweep at other K.
     assert json.loads((run / "metrics.json").read_text())["K"] == 3
     # A second sweep updates entries rather than duplicating them.

@@ -180,7 +180,7 @@ def lora_config(pretrained_dir, copy_data, **lora):
         {
             "method": "rim",
             "task": {"name": "gsm8k"},
-            "data": {"train": str(train_file), "eval": str(eval_file)},
+            "data": {"train": str(train_file), "val": 20, "test": str(eval_file)},
             "model": {"pretrained": str(pretrained_dir), "lora": lora or {"r": 4, "lora_alpha": 8}},
             "memory": {"K": 2},
             "train": {

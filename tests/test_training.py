@@ -40,7 +40,20 @@ METRIC_KEYS = {
     "examples_per_s",
     "n_eval",
 }
-BLOCK_METRIC_KEYS = {"any_block_accuracy", "per_block_accuracy"}
+METRIC_KEYS |= {
+    "accuracy_ci",
+    "val_accuracy",
+    "val_accuracy_ci",
+    "test_accuracy",
+    "test_accuracy_ci",
+    "splits",
+}
+BLOCK_METRIC_KEYS = {
+    "any_block_accuracy",
+    "per_block_accuracy",
+    "any_block_accuracy_ci",
+    "per_block_accuracy_ci",
+}
 
 
 # -- lambda: stage-1 step weights ----------------------------------------------------------------
@@ -138,7 +151,7 @@ def tiny_config(copy_data, method: str, **changes) -> RunConfig:
     overrides = {
         "method": method,
         "task": {"name": "gsm8k"},
-        "data": {"train": str(train_file), "eval": str(eval_file)},
+        "data": {"train": str(train_file), "val": 20, "test": str(eval_file)},
         "model": {"arch": "gpt2", "preset": "tiny", "max_positions": 64},
         "memory": {"K": 2, "M": 1},
         "train": {
@@ -269,16 +282,24 @@ def test_run_directory_contents(runs, copy_data):
         predictions[0]
     )
     assert sum(p["correct"] for p in predictions) / 50 == pytest.approx(metrics["accuracy"])
+    assert metrics["accuracy"] == metrics["test_accuracy"] and metrics["scored_on"] == "test"
+    lo, hi = metrics["accuracy_ci"]
+    assert lo <= metrics["accuracy"] <= hi and hi - lo > 0.05  # a 95% interval over 50 questions
+    assert len(read_jsonl(run.path / "predictions_val.jsonl")) == metrics["n_val"] == 20
     assert sum(any(p["per_block_correct"]) for p in predictions) / 50 == pytest.approx(
         metrics["any_block_accuracy"]
     )
     eval_questions = {
-        json.loads(line)["question"] for line in (run.path / "data" / "eval.jsonl").read_text().splitlines()
+        json.loads(line)["question"] for line in (run.path / "data" / "test.jsonl").read_text().splitlines()
     }
+    val_questions = {
+        json.loads(line)["question"] for line in (run.path / "data" / "val.jsonl").read_text().splitlines()
+    }
+    assert len(val_questions) == 20 and not val_questions & eval_questions
     train_questions = {
         json.loads(line)["question"] for line in (run.path / "data" / "train.jsonl").read_text().splitlines()
     }
-    assert len(eval_questions) == 50 and not eval_questions & train_questions
+    assert len(eval_questions) == 50 and not (eval_questions | val_questions) & train_questions
 
 
 def test_same_seed_same_metrics(copy_data, tmp_path):
@@ -420,7 +441,7 @@ def test_trainer_runs_unchanged_under_accelerate_launch(tmp_path):
     """Two CPU processes through `accelerate launch`: the same trainer, one finished run."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
-        "method: rim\ntask: {name: modchain, options: {length: 2}}\ndata: {train: 400, eval: 40}\n"
+        "method: rim\ntask: {name: modchain, options: {length: 2}}\ndata: {train: 400, val: 20, test: 40}\n"
         "model: {preset: tiny}\nmemory: {K: 2}\n"
         "train: {steps: 6, batch_size: 16, eval_every: 3, log_every: 3, threads: 1}\neval: {latency_examples: 1}\n"
     )

@@ -27,8 +27,12 @@ class TaskConfig:
 
 @dataclass
 class DataConfig:
-    train: int | str = 20000  # how many examples to generate, or a data file
-    eval: int | str = 500
+    """Each split is a data file or a number: generated (synthetic tasks) or held out of the
+    training file. The three are disjoint by the task's canonical question key."""
+
+    train: int | str = 20000
+    val: int | str = 500  # every setting is chosen on this split
+    test: int | str = 500  # scored once, at the end
     seed: int = 1234
     skip_invalid: bool = False
 
@@ -66,7 +70,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    n: int | None = None  # evaluate on the first n held-out examples (all if unset)
+    n: int | None = None  # evaluate on the first n examples of each held-out split (all if unset)
+    score_test: bool = True  # false while searching settings: only the validation split is scored
     batch_size: int = 256
     latency_examples: int = 20
     max_new_tokens: int = 64

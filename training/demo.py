@@ -7,6 +7,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from rim_lens.artefacts import SPLITS, split_file
 from rim_lens.data import write_examples
 from rim_lens.data.tasks import get_task
 from rim_lens.fileio import atomic_write_json, atomic_write_text
@@ -70,22 +71,19 @@ def run_demo(
 ) -> dict:
     """Train and compare the methods of the demo recipe; returns the summary written to runs_dir."""
     from training.config import load_config
-    from training.trainer import train
+    from training.trainer import load_data, train
 
     start = time.perf_counter()
     runs_dir = Path(runs_dir)
     recipe = recipe_path(full)
     base = load_config(recipe, overrides)
     task = get_task(base.task.name, **base.task.options)
-    eval_set = task.generate(base.data.eval, seed=base.data.seed)
-    train_set = task.generate(
-        base.data.train, seed=base.data.seed + 1, exclude={ex.question for ex in eval_set}
-    )
-    write_examples(runs_dir / "data" / "eval.jsonl", eval_set)
-    write_examples(runs_dir / "data" / "train.jsonl", train_set)
-    print(
-        f"demo: task {task!r}, {len(train_set)} training / {len(eval_set)} held-out examples, recipe {recipe.name}"
-    )
+    splits = load_data(base, task)
+    files = {name: runs_dir / split_file(name) for name in SPLITS}
+    for name, path in files.items():
+        write_examples(path, getattr(splits, name))
+    sizes = ", ".join(f"{len(getattr(splits, name))} {name}" for name in SPLITS)
+    print(f"demo: task {task!r}, {sizes} examples, recipe {recipe.name}")
 
     metrics = {}
     for method in methods:
@@ -94,8 +92,7 @@ def run_demo(
             (overrides or [])
             + [
                 f"method={method}",
-                f"data.train={runs_dir / 'data' / 'train.jsonl'}",
-                f"data.eval={runs_dir / 'data' / 'eval.jsonl'}",
+                *(f"data.{name}={path}" for name, path in files.items()),
             ],
         )
         run = train(cfg, runs_dir / method, overwrite=True)

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from rim_lens.data import Example, read_examples, write_examples
+from rim_lens.artefacts import SPLITS, split_file
+from rim_lens.data import Example, Splits, make_splits, read_examples, write_examples
 from rim_lens.data.tasks import Task, get_task
 from rim_lens.errors import ConfigError, RunError
 from rim_lens.evaluation import evaluate
@@ -71,26 +72,22 @@ def plan_stages(cfg: RunConfig, builder: SequenceBuilder) -> list[Stage]:
 
 
 # -- data and model ------------------------------------------------------------------------------
-def load_data(cfg: RunConfig, task: Task) -> tuple[list[Example], list[Example]]:
-    """(train, eval) examples; a training set never holds a question of the evaluation set."""
+def load_data(cfg: RunConfig, task: Task) -> Splits:
+    """Train, validation and test sets, disjoint by the task's canonical question key."""
     d = cfg.data
 
-    def load(source: int | str, seed: int, exclude: set[str]) -> list[Example]:
-        if isinstance(source, int):
-            return task.generate(source, seed=seed, exclude=exclude)
+    def read(path: str) -> list[Example]:
         examples, skipped = read_examples(
-            source, task.name, skip_invalid=d.skip_invalid, task_options=task.options
+            path, task.name, skip_invalid=d.skip_invalid, task_options=task.options
         )
         if skipped:
-            print(f"{source}: skipped {skipped} invalid lines")
+            print(f"{path}: skipped {skipped} invalid lines")
         return examples
 
-    eval_set = load(d.eval, d.seed, set())
-    held_out = {ex.question for ex in eval_set}
-    train_set = [ex for ex in load(d.train, d.seed + 1, held_out) if ex.question not in held_out]
-    if not train_set or not eval_set:
-        raise ConfigError(f"data: empty {'training' if not train_set else 'evaluation'} set")
-    return train_set, eval_set
+    splits = make_splits(task, d.train, d.val, d.test, d.seed, read)
+    if splits.dropped_from_train:
+        print(f"data: dropped {splits.dropped_from_train} training examples whose question is held out")
+    return splits
 
 
 def make_model(cfg: RunConfig, spec: MemorySpec, texts: list[str]):
@@ -279,10 +276,10 @@ def _train(cfg: RunConfig, run: Run, accelerator: Accelerator) -> dict:
     torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
     seed_everything(cfg.seed)
     task = get_task(cfg.task.name, **cfg.task.options)
-    train_set, eval_set = load_data(cfg, task)
+    splits = load_data(cfg, task)
     if accelerator.is_main_process:
-        write_examples(run.path / "data" / "train.jsonl", train_set)
-        write_examples(run.path / "data" / "eval.jsonl", eval_set)
+        for name in SPLITS:
+            write_examples(run.path / split_file(name), getattr(splits, name))
     blocks = Method(cfg.method).uses_blocks
     # Without blocks the readout must see the question, whatever the memory section says.
     spec = cfg.memory.replace(
@@ -291,18 +288,18 @@ def _train(cfg: RunConfig, run: Run, accelerator: Accelerator) -> dict:
         K=cfg.memory.K if blocks else 0,
         readout_sees_question=cfg.memory.readout_sees_question or not blocks,
     )
-    model, tokenizer = make_model(cfg, spec, all_texts(train_set + eval_set))
+    model, tokenizer = make_model(cfg, spec, all_texts(splits.train + splits.val + splits.test))
     builder = SequenceBuilder(tokenizer, spec.replace(K=cfg.memory.K), task.join_steps)
     model = accelerator.prepare(model)
 
     summary: dict = {"stages": {}}
-    monitor = eval_set[: min(len(eval_set), 256)]
+    monitor = splits.val[: min(len(splits.val), 256)]
     for stage in plan_stages(cfg, builder):
         seed_everything(cfg.seed)
         summary["stages"][stage.name] = run_stage(
             stage,
             model,
-            train_set,
+            splits.train,
             monitor,
             cfg,
             accelerator,
@@ -322,29 +319,54 @@ def _train(cfg: RunConfig, run: Run, accelerator: Accelerator) -> dict:
     summary["train_time_s"] = sum(s["time_s"] for s in summary["stages"].values())
     summary["tokens_seen"] = sum(s["tokens_seen"] for s in summary["stages"].values())
 
-    e = cfg.eval
-    examples = eval_set[: e.n] if e.n else eval_set
-    metrics, predictions = evaluate(
-        model,
-        tokenizer,
-        spec,
-        examples,
-        task_options=task.options,
-        batch_size=e.batch_size,
-        latency_examples=e.latency_examples,
-        max_new_tokens=e.max_new_tokens,
-    )
+    metrics, predictions = score(model, tokenizer, spec, splits, cfg)
     metrics.update(
-        train_time_s=summary["train_time_s"], tokens_seen=summary["tokens_seen"], train_steps=cfg.train.steps
+        train_time_s=summary["train_time_s"],
+        tokens_seen=summary["tokens_seen"],
+        train_steps=cfg.train.steps,
+        splits=splits.summary(task),
     )
     write_results(run, metrics, predictions)
     summary["accuracy"] = metrics["accuracy"]
     return summary
 
 
-def write_results(run: Run, metrics: dict, predictions: list[dict], suffix: str = "") -> None:
-    """metrics{suffix}.json and predictions{suffix}.jsonl, each written atomically."""
+def score(
+    model, tokenizer, spec: MemorySpec, splits: Splits, cfg: RunConfig
+) -> tuple[dict, dict[str, list[dict]]]:
+    """Metrics on the validation set and, unless `eval.score_test` is off, on the test set.
+
+    The test set's figures are the run's headline (`accuracy` = `test_accuracy`); `val_*` are what
+    settings are chosen on. Predictions come back per split.
+    """
+    e = cfg.eval
+    scored = {"val": splits.val} | ({"test": splits.test} if e.score_test else {})
+    results = {}
+    for name, examples in scored.items():
+        results[name] = evaluate(
+            model,
+            tokenizer,
+            spec,
+            examples[: e.n] if e.n else examples,
+            task_options=cfg.task.options,
+            batch_size=e.batch_size,
+            latency_examples=e.latency_examples if name == "test" or not e.score_test else 0,
+            max_new_tokens=e.max_new_tokens,
+        )
+    headline = results["test" if e.score_test else "val"][0]
+    metrics = dict(headline, scored_on="test" if e.score_test else "val")
+    for name, (m, _) in results.items():
+        for key in ("accuracy", "any_block_accuracy", "per_block_accuracy"):
+            for suffix in ("", "_ci"):
+                if key + suffix in m:
+                    metrics[f"{name}_{key}{suffix}"] = m[key + suffix]
+        metrics[f"n_{name}"] = m["n_eval"]
+    return metrics, {name: p for name, (_, p) in results.items()}
+
+
+def write_results(run: Run, metrics: dict, predictions: dict[str, list[dict]], suffix: str = "") -> None:
+    """metrics{suffix}.json and predictions{suffix}[_split].jsonl (test unsuffixed), written atomically."""
     run.write_json(f"metrics{suffix}.json", metrics)
-    atomic_write_text(
-        run.path / f"predictions{suffix}.jsonl", "".join(json.dumps(p) + "\n" for p in predictions)
-    )
+    for split, records in predictions.items():
+        name = f"predictions{suffix}{'' if split == 'test' else '_' + split}.jsonl"
+        atomic_write_text(run.path / name, "".join(json.dumps(p) + "\n" for p in records))

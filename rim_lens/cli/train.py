@@ -23,12 +23,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a finished run of the same name")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="evaluate a trained run, optionally at other K / M (memory-budget sweep)")
+    p = sub.add_parser(
+        "eval",
+        help="re-score a trained run, or sweep the memory budget K / M",
+        description="Without --K/--M/--n/--data: re-score the trained setting on the validation and test "
+        "splits (metrics.json). With --K or --M: accuracy at each budget on --split, written to sweep.json.",
+    )
     p.add_argument("run", help="run directory, e.g. runs/demo/rim")
     p.add_argument("--K", help="blocks at inference; a comma list sweeps (e.g. 1,2,4,8,16)")
     p.add_argument("--M", help="memory tokens per block; a comma list sweeps")
-    p.add_argument("--n", type=int, help="evaluate on the first n held-out examples")
-    p.add_argument("--data", help="evaluate on this data file instead of the run's held-out set")
+    p.add_argument("--split", choices=("val", "test"), default="test", help="held-out split (default: test)")
+    p.add_argument("--n", type=int, help="evaluate on the first n examples of the split")
+    p.add_argument("--data", help="evaluate on this data file instead of a split of the run")
     p.set_defaults(func=_eval)
 
 
@@ -40,7 +46,10 @@ def _train(args: argparse.Namespace) -> int:
     name = args.name or cfg.name or (f"{Path(args.recipe).stem}-{cfg.method}" if args.recipe else cfg.method)
     run = train(cfg, Path(args.runs_dir) / name, overwrite=args.overwrite)
     metrics = run.read_json("metrics.json")
-    print(f"{run.path}: accuracy {metrics['accuracy']:.3f} on {metrics['n_eval']} held-out examples")
+    print(
+        f"{run.path}: {metrics['scored_on']} accuracy {_interval(metrics, 'accuracy')} "
+        f"on {metrics['n_eval']} held-out examples"
+    )
     return 0
 
 
@@ -56,23 +65,41 @@ def _ints(text: str | None, flag: str) -> list[int | None]:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from rim_lens.data import read_examples
+    from rim_lens import artefacts
+    from rim_lens.data import Splits, read_examples
     from rim_lens.evaluation import evaluate
     from rim_lens.model.checkpoints import load_checkpoint
     from rim_lens.runs import open_run
     from training.config import load_config
-    from training.trainer import write_results
+    from training.trainer import score, write_results
 
     Ks, Ms = _ints(args.K, "--K"), _ints(args.M, "--M")
     run = open_run(args.run)
-    model, tokenizer, spec = load_checkpoint(run.require("model"))
-    cfg = load_config(run.require("config.yaml"))
-    source = args.data or run.require("data/eval.jsonl")
-    examples, _ = read_examples(source, spec.task, task_options=cfg.task.options)
-    examples = examples[: args.n] if args.n else examples
+    model, tokenizer, spec = load_checkpoint(run.require(artefacts.MODEL))
+    cfg = load_config(run.require(artefacts.CONFIG))
+
+    def read(path) -> list:
+        return read_examples(path, spec.task, task_options=cfg.task.options)[0]
+
     sweeping = args.K is not None or args.M is not None
-    sweep = run.read_json("sweep.json") if run.exists("sweep.json") else []
-    previous = run.read_json("metrics.json") if run.exists("metrics.json") else {}
+    if not (sweeping or args.n or args.data):
+        # The trained setting on both held-out splits, as training scored it.
+        splits = Splits([], *(read(run.require(artefacts.split_file(s))) for s in ("val", "test")))
+        metrics, predictions = score(model, tokenizer, spec, splits, cfg)
+        previous = run.read_json(artefacts.METRICS) if run.exists(artefacts.METRICS) else {}
+        kept = ("train_time_s", "tokens_seen", "train_steps", "splits")
+        metrics.update({k: previous[k] for k in kept if k in previous})
+        write_results(run, metrics, predictions)
+        print(
+            f"{run.path}: test accuracy {_interval(metrics, 'test_accuracy')}, "
+            f"val {_interval(metrics, 'val_accuracy')}"
+        )
+        return 0
+
+    examples = read(args.data or run.require(artefacts.split_file(args.split)))
+    examples = examples[: args.n] if args.n else examples
+    label = Path(args.data).stem if args.data else args.split
+    sweep = run.read_json(artefacts.SWEEP) if run.exists(artefacts.SWEEP) else []
     for K, M in itertools.product(Ks, Ms):
         metrics, predictions = evaluate(
             model,
@@ -83,27 +110,26 @@ def _eval(args: argparse.Namespace) -> int:
             K=K,
             M=M,
             batch_size=cfg.eval.batch_size,
-            latency_examples=cfg.eval.latency_examples,
+            latency_examples=0,
             max_new_tokens=cfg.eval.max_new_tokens,
         )
-        held_out = not args.data and not args.n
-        if held_out and (metrics["K"], metrics["M"]) == (spec.K if spec.uses_blocks else 0, spec.M):
-            # Re-evaluating the trained setting keeps what training recorded about itself.
-            metrics.update(
-                {k: previous[k] for k in ("train_time_s", "tokens_seen", "train_steps") if k in previous}
-            )
-            write_results(run, metrics, predictions)
-        if sweeping or not held_out:
-            stem = f"_{Path(args.data).stem}" if args.data else ""
-            write_results(run, metrics, predictions, suffix=f"_K{metrics['K']}_M{metrics['M']}{stem}")
-        if sweeping and not args.data:
-            sweep = [s for s in sweep if (s["K"], s["M"]) != (metrics["K"], metrics["M"])] + [metrics]
+        metrics["split"] = label
+        write_results(run, metrics, {"test": predictions}, suffix=f"_K{metrics['K']}_M{metrics['M']}_{label}")
+        if sweeping and not args.data and not args.n:
+            same = (metrics["K"], metrics["M"], label)
+            sweep = [s for s in sweep if (s["K"], s["M"], s.get("split")) != same] + [metrics]
         any_block = (
             f", any-block {metrics['any_block_accuracy']:.3f}" if "any_block_accuracy" in metrics else ""
         )
         print(
-            f"K={metrics['K']} M={metrics['M']}: accuracy {metrics['accuracy']:.3f}{any_block} (n={metrics['n_eval']})"
+            f"K={metrics['K']} M={metrics['M']} ({label}): accuracy {_interval(metrics, 'accuracy')}"
+            f"{any_block} (n={metrics['n_eval']})"
         )
-    if sweeping and not args.data:
-        run.write_json("sweep.json", sorted(sweep, key=lambda s: (s["M"], s["K"])))
+    if sweeping and not args.data and not args.n:
+        run.write_json(artefacts.SWEEP, sorted(sweep, key=lambda s: (s.get("split", ""), s["M"], s["K"])))
     return 0
+
+
+def _interval(metrics: dict, key: str) -> str:
+    lo, hi = metrics[f"{key}_ci"]
+    return f"{metrics[key]:.3f} [{lo:.3f}, {hi:.3f}]"

@@ -75,8 +75,11 @@ class Task:
         """The steps part of a line."""
         return self.step_separator.join(steps)
 
-    def generate(self, n: int, seed: int, exclude: Collection[str] = ()) -> list[Example]:
-        """`n` examples with distinct questions not in `exclude`, the same for the same seed."""
+    def generate(
+        self, n: int, seed: int, exclude: Collection[str] = (), one_per_key: bool = False
+    ) -> list[Example]:
+        """`n` examples with distinct questions whose keys are not in `exclude`, the same for the
+        same seed; with `one_per_key`, no two share a key."""
         raise RimLensError(f"task {self.name} has no generator; give a data file")
 
     def parse_question(self, question: str) -> Example:
@@ -89,6 +92,12 @@ class Task:
         DataError if no such change exists (e.g. a chain ending in "*0").
         """
         raise RimLensError(f"task {self.name} cannot corrupt questions (only synthetic tasks can)")
+
+    def key(self, question: str) -> str:
+        """The question's canonical key: questions with one key are one problem (e.g. a x b and
+        b x a), so splits keep them on one side. By default, the question with its whitespace
+        normalised."""
+        return " ".join(question.split())
 
     def answers_match(self, pred: str, gold: str) -> bool:
         """Whether a predicted answer equals the gold one, ignoring whitespace."""
@@ -126,7 +135,18 @@ class SyntheticTask(Task):
             raise ValueError(f"expected answer '{ex.answer}' for question '{question}'")
         return ex
 
-    def generate(self, n: int, seed: int, exclude: Collection[str] = ()) -> list[Example]:
+    def question_space_size(self) -> int:
+        """How many distinct questions the task has."""
+        return sum(size for _, size in self._question_spaces())
+
+    # At most how many questions share one canonical key (mult: a x b and b x a).
+    key_multiplicity: ClassVar[int] = 1
+
+    def generate(
+        self, n: int, seed: int, exclude: Collection[str] = (), one_per_key: bool = False
+    ) -> list[Example]:
+        """`n` examples with distinct questions whose keys are not in `exclude` (see `key`), the
+        same for the same seed; with `one_per_key`, no two of them share a key."""
         rng = random.Random(seed)
         excluded = set(exclude)
         spaces = self._question_spaces()
@@ -134,23 +154,36 @@ class SyntheticTask(Task):
         questions: list[str] = []
         for space, (label, size) in enumerate(spaces):
             if wanted[space]:
-                questions += self._draw(rng, space, label, size, wanted[space], excluded)
+                questions += self._draw(rng, space, label, size, wanted[space], excluded, one_per_key)
         rng.shuffle(questions)
         return [
             replace(self.parse_question(q), id=f"{self.name}-{seed}-{i}") for i, q in enumerate(questions)
         ]
 
     def _draw(
-        self, rng: random.Random, space: int, label: str, size: int, count: int, excluded: set[str]
+        self,
+        rng: random.Random,
+        space: int,
+        label: str,
+        size: int,
+        count: int,
+        excluded: set[str],
+        one_per_key: bool,
     ) -> list[str]:
-        """`count` distinct questions of one space, none in `excluded`."""
-        # Among count + len(excluded) distinct questions at least `count` are not excluded, so one
-        # pass suffices; if that is the whole space, the pass also counts what is available.
+        """`count` distinct questions of one space, none with a key in `excluded` (which, with
+        `one_per_key`, grows by the key of every question picked)."""
+        # An excluded key rejects at most `key_multiplicity` questions, and so does a picked one:
+        # among that many distinct draws at least `count` are accepted, so one pass suffices; if
+        # that is the whole space, the pass also counts what is available.
+        draws = min(size, self.key_multiplicity * (count + len(excluded)))
         picked = []
-        for index in _distinct_indices(rng, size, min(size, count + len(excluded))):
+        for index in _distinct_indices(rng, size, draws):
             question = self._question_at(space, index)
-            if question not in excluded:
+            key = self.key(question)
+            if key not in excluded:
                 picked.append(question)
+                if one_per_key:
+                    excluded.add(key)
                 if len(picked) == count:
                     return picked
         excluded_note = f" ({size - len(picked)} of them excluded)" if len(picked) < size else ""

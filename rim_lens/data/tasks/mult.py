@@ -28,6 +28,7 @@ class Mult(SyntheticTask):
     name = "mult"
     option_names = ("n",)
     step_separator = " + "
+    key_multiplicity = 2
 
     def __init__(self, n: int = 4) -> None:
         self.n = int_option(self.name, "n", n, 1, 9)
@@ -61,6 +62,11 @@ class Mult(SyntheticTask):
                 step += f" ( {digits(total, n + 1 + i)} )"
             steps.append(step)
         return Example(self._question(a, b), tuple(steps), digits(a * b, 2 * n), tuple(sums), self.name)
+
+    def key(self, question: str) -> str:
+        """The unordered operand pair: a x b and b x a are one problem (same steps' products, same answer)."""
+        left, _, right = question.partition(" * ")
+        return " * ".join(sorted((left, right)))
 
     def _question(self, a: int, b: int) -> str:
         return f"{digits(a, self.n)} * {digits(b, self.n)}"

@@ -11,8 +11,10 @@ Value = int | float | str
 class Example:
     """One reasoning problem: question, explicit steps, final answer and per-step values.
 
-    `values[t]` is the intermediate quantity that `steps[t]` computes (a running sum, a
-    running value, an equation result, an entity reached); probes decode it from block states.
+    `values[t]` is the quantity that `steps[t]` itself computes, as the step writes it (a partial
+    product, a running value, an equation result, an entity reached); probes decode it from block
+    states. Quantities derived from several steps (running sums, the answer) are not values: the
+    task names them (`Task.derived_values`).
     """
 
     question: str

@@ -93,6 +93,12 @@ class Task:
         """
         raise RimLensError(f"task {self.name} cannot corrupt questions (only synthetic tasks can)")
 
+    def derived_values(self, ex: Example) -> dict[str, tuple]:
+        """Per-step quantities derived from the steps' own values (`ex.values`), by name, e.g.
+        multiplication's running sums. Probes report them under these names, apart from the
+        values the steps write."""
+        return {}
+
     def key(self, question: str) -> str:
         """The question's canonical key: questions with one key are one problem (e.g. a x b and
         b x a), so splits keep them on one side. By default, the question with its whitespace

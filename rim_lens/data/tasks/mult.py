@@ -9,6 +9,7 @@ Every line of the iCoT multiplication files follows this rule.
 
 from __future__ import annotations
 
+import itertools
 import re
 
 from rim_lens.data.examples import Example
@@ -61,7 +62,12 @@ class Mult(SyntheticTask):
             if 0 < i < n - 1:
                 step += f" ( {digits(total, n + 1 + i)} )"
             steps.append(step)
-        return Example(self._question(a, b), tuple(steps), digits(a * b, 2 * n), tuple(sums), self.name)
+        partials = tuple(a * int(b_i) * 10**i for i, b_i in enumerate(reversed(str(b))))
+        return Example(self._question(a, b), tuple(steps), digits(a * b, 2 * n), partials, self.name)
+
+    def derived_values(self, ex: Example) -> dict[str, tuple]:
+        """The running sums S_t = P_0 + ... + P_t (the last one is the answer)."""
+        return {"running_sum": tuple(itertools.accumulate(ex.values))}
 
     def key(self, question: str) -> str:
         """The unordered operand pair: a x b and b x a are one problem (same steps' products, same answer)."""

@@ -7,6 +7,8 @@ Every module names these files through this one place.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 CONFIG = "config.yaml"
 MODEL = "model"
 DATA = "data"
@@ -40,3 +42,37 @@ PRODUCERS = {
     SWEEP: "rim-lens eval {run} --K 1,2,4,8",
     ANALYSIS: "rim-lens analyze report {run}",
 }
+
+
+def split_path(run_dir: str | Path, split: str = "test") -> Path:
+    """The data file of a run's split, e.g. `runs/demo/rim/data/test.jsonl`.
+
+    Runs trained before the val/test splits hold one held-out file, `data/eval.jsonl`: it stands
+    for `test` while such runs exist (the only place that knows about it).
+    """
+    path = Path(run_dir) / split_file(split)
+    legacy = Path(run_dir) / DATA / "eval.jsonl"
+    return legacy if split == "test" and not path.exists() and legacy.exists() else path
+
+
+# -- analyses: `rim-lens analyze WHAT RUN` writes under `RUN/analysis/` ------------------------------
+CAPTURE = "capture"  # a folder: safetensors shards, examples.jsonl, meta.json (written last)
+REPORT = "report"  # report.json and report.md
+# What each analysis writes: its table stems (`<stem>.parquet`, `<stem>.json` for the summary,
+# `<stem>.<figure>.fig.json` for plotly figures), in the order of `rim-lens analyze WHAT`.
+ANALYSES: dict[str, tuple[str, ...]] = {
+    "capture": (),
+    "pca": ("pca", "pca_examples", "pca_explained", "pca_input_dependence"),
+    "probe": ("probe_correctness", "probe_values"),
+    "lens": ("lens", "lens_quality"),
+    "ablate": ("ablate",),
+    "knockout": ("knockout",),
+    "patch": ("patch",),
+    "interchange": ("interchange",),
+    "report": (),
+}
+
+
+def analysis_of(stem: str) -> str:
+    """The analysis that writes the table (or summary, figure) with this stem, e.g. probe_values -> probe."""
+    return next((what for what, stems in ANALYSES.items() if stem in stems), stem)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from fixtures import clone_runs
 
-from rim_lens.analysis.lab import load_result, load_summary
+from rim_lens.analysis.results import load_summary
+from rim_lens.analysis.results import load_table as load_result
 from rim_lens.cli import main
 from rim_lens.cli.analyze import WHATS
 from rim_lens.errors import RunError
@@ -100,7 +101,12 @@ def test_analyze_writes_its_files(runs, capsys, what):
             fig = strict_json(path)
             assert fig["data"] and "layout" in fig
         elif name.endswith(".json"):
-            strict_json(path)
+            saved = strict_json(path)
+            if name.endswith("meta.json") or what != "capture":
+                # Every artefact records what it came from: model, examples, options.
+                record = saved["record"]
+                assert record["analysis"] == what and record["fingerprint"] and record["model"]
+                assert record["options"]["examples"]["n"] == int(N)
         elif name.endswith(".parquet"):
             assert len(pd.read_parquet(path)) > 0
     if what not in ("capture", "pca", "lens"):
@@ -178,7 +184,7 @@ def test_error_checkpoint_without_memory_spec(broken, capsys):
         (["ablate", "--blocks", "0"], "block [0] out of range: blocks are 1..2"),
         (["knockout", "--blocks", "3"], "block"),
         (["interchange", "--slots", "9"], "slot [9] out of range: slots are 0..2"),
-        (["probe", "--layers", "99"], "layer 99 out of range"),
+        (["probe", "--layers", "99"], "layer [99] out of range: layers are 0..2"),
     ],
 )
 def test_error_index_out_of_range(runs, capsys, args, message):
@@ -187,9 +193,9 @@ def test_error_index_out_of_range(runs, capsys, args, message):
 
 
 def test_error_missing_artefacts(broken, tmp_path, capsys):
-    (broken["rim"] / "data" / "eval.jsonl").unlink()
+    (broken["rim"] / "data" / "test.jsonl").unlink()
     line = error_line(capsys, "ablate", broken["rim"])
-    assert "run has no data/eval.jsonl" in line
+    assert "run has no data/test.jsonl" in line
     line = error_line(capsys, "pca", broken["pause"], "--data", tmp_path / "missing.jsonl")
     assert "missing.jsonl: no such file" in line
     line = error_line(capsys, "ablate", tmp_path / "nowhere")

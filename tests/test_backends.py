@@ -22,7 +22,7 @@ from rim_lens.analysis.capture import CaptureStore, block_states, capture
 from rim_lens.data.tasks import get_task
 from rim_lens.errors import RunError
 from rim_lens.model.checkpoints import load_checkpoint
-from rim_lens.model.layouts import Role, SequenceBuilder, block_positions, collate
+from rim_lens.model.layouts import Role, SequenceBuilder, block_positions
 
 torch.set_num_threads(1)
 
@@ -46,8 +46,9 @@ class Setup:
         self.n_layers = self.model.config.num_hidden_layers
 
     def batch(self, side: str = "left", examples=None):
-        prompts = [self.builder.prompt(ex) for ex in (examples or self.examples)]
-        return collate(prompts, self.tok.pad_token_id, self.spec.readout_sees_question, side=side)
+        return self.builder.collate(
+            [self.builder.prompt(ex) for ex in (examples or self.examples)], side=side
+        )
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -63,7 +64,7 @@ def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 # -- backend agreement ---------------------------------------------------------------------------
 def test_checkpoints_are_not_trivial(setup):
-    out = setup.backends["hf"].run(setup.batch(), capture=[setup.n_layers])
+    out = setup.backends["hf"].forward(setup.batch(), capture=[setup.n_layers])
     assert out.logits.abs().max() > 0.5 and out.resid[setup.n_layers].abs().max() > 1
     assert setup.model.config.model_type == ("gpt2" if setup.dir.name == "gpt2" else "llama")
 
@@ -72,10 +73,10 @@ def test_checkpoints_are_not_trivial(setup):
 def test_backends_agree_on_logits_resid_and_attention(setup, side):
     batch = setup.batch(side)
     layers, attn_layers = list(range(setup.n_layers + 1)), list(range(setup.n_layers))
-    ref = setup.backends["hf"].run(batch, capture=layers, capture_attn=attn_layers)
+    ref = setup.backends["hf"].forward(batch, capture=layers, capture_attn=attn_layers)
     assert sorted(ref.resid) == layers and sorted(ref.attn) == attn_layers
     for name in ("tl", "nnsight"):
-        out = setup.backends[name].run(batch, capture=layers, capture_attn=attn_layers)
+        out = setup.backends[name].forward(batch, capture=layers, capture_attn=attn_layers)
         close(out.logits, ref.logits, f"{name} logits")
         for l in layers:
             close(out.resid[l], ref.resid[l], f"{name} resid[{l}]")
@@ -99,14 +100,14 @@ def test_backends_agree_with_edits(setup):
         Edit(0, torch.tensor([0, 5]), torch.tensor([S - 5, S - 6]), torch.randn(2, d, generator=gen))
     )
     layers = list(range(setup.n_layers + 1))
-    intact = setup.backends["hf"].run(batch, capture=layers)
-    ref = setup.backends["hf"].run(batch, capture=layers, edits=edits, capture_attn=[0])
+    intact = setup.backends["hf"].forward(batch, capture=layers)
+    ref = setup.backends["hf"].forward(batch, capture=layers, edits=edits, capture_attn=[0])
     assert (ref.logits - intact.logits).abs().max() > 1e-2, "the edits must change the output"
     # resid[l] is captured before layer l's own edits are applied: it equals the unedited
     # state at layer 0, and differs from it above (earlier layers' edits propagate).
     close(ref.resid[0], intact.resid[0], "hf resid[0] before edits")
     for name in ("tl", "nnsight"):
-        out = setup.backends[name].run(batch, capture=layers, edits=edits, capture_attn=[0])
+        out = setup.backends[name].forward(batch, capture=layers, edits=edits, capture_attn=[0])
         close(out.logits, ref.logits, f"{name} edited logits")
         for l in layers:
             close(out.resid[l], ref.resid[l], f"{name} edited resid[{l}]")
@@ -119,14 +120,14 @@ def test_editing_a_state_to_its_own_value_changes_nothing(setup):
     pos = block_positions(batch)
     l = setup.n_layers - 1
     for name, be in setup.backends.items():
-        clean = be.run(batch, capture=[l, l + 1])
+        clean = be.forward(batch, capture=[l, l + 1])
         rows = torch.arange(len(setup.examples))
         edits = [
             Edit(l, rows, pos[:, k, j], clean.resid[l][rows, pos[:, k, j]])
             for k in range(2)
             for j in range(3)
         ]
-        same = be.run(batch, capture=[l + 1], edits=edits)
+        same = be.forward(batch, capture=[l + 1], edits=edits)
         close(same.logits, clean.logits, f"{name}: edit with the clean value")
         close(same.resid[l + 1], clean.resid[l + 1], f"{name}: edit with the clean value")
 
@@ -135,16 +136,14 @@ def test_capture_gives_the_same_states_with_every_backend(setup, tmp_path):
     stores = {}
     for name, be in setup.backends.items():
         stores[name] = capture(
-            setup.model,
-            setup.tok,
-            setup.spec,
+            be,
+            setup.builder,
+            setup.task,
             setup.examples,
             tmp_path / name,
-            be,
             attn=True,
             batch_size=3,
             shard_size=5,
-            task_options=TASK_OPTIONS,
         )
     ref = stores["hf"]
     assert ref.meta["shards"] == ["shard_00000.safetensors", "shard_00001.safetensors"]
@@ -195,14 +194,14 @@ def test_block_states_do_not_depend_on_padding(setup, backend):
 
     batch = setup.batch("right")
     assert (batch.roles[:, -1] == Role.PAD).any()
-    out = be.run(batch, capture=layers, capture_attn=attn_layers)
+    out = be.forward(batch, capture=layers, capture_attn=attn_layers)
     pos = block_positions(batch)
     close(_gather(out.resid, layers, pos), single_resid, f"{backend} right-padded resid")
     close(_gather(out.attn, attn_layers, pos), single_attn, f"{backend} right-padded attn")
 
     # The readout's logits too (the last real token of each row).
     for i, ex in enumerate(setup.examples):
-        alone = be.run(setup.batch(examples=[ex])).logits[0, -1]
+        alone = be.forward(setup.batch(examples=[ex])).logits[0, -1]
         last = int((batch.roles[i] != Role.PAD).sum()) - 1
         close(out.logits[i, last], alone, f"{backend} right-padded readout logits")
 
@@ -238,9 +237,58 @@ def test_backend_errors(setup):
     with pytest.raises(RunError, match="needs the checkpoint directory"):
         make_backend("tl", setup.model, setup.tok, None)
     with pytest.raises(RunError, match="layer 9 out of range"):
-        setup.backends["hf"].run(setup.batch(), capture=[9])
+        setup.backends["hf"].forward(setup.batch(), capture=[9])
     with pytest.raises(RunError, match="layer .* out of range: edits take layers"):
-        setup.backends["hf"].run(
+        setup.backends["hf"].forward(
             setup.batch(),
             edits=[Edit(setup.n_layers, torch.tensor([0]), torch.tensor([0]), torch.zeros(1, 64))],
         )
+
+
+# -- decoding under an intervention ------------------------------------------------------------------
+@pytest.mark.parametrize("intervention", ["none", "mean", "add", "patch", "knockout"])
+def test_decoding_under_an_intervention_agrees_across_backends(setup, intervention):
+    """Greedy decoding with an intervention on the prompt's block states runs on every backend and
+    gives the same answers, with the chosen tokens' log-probs equal within 1e-5."""
+    import rim_lens as rl
+    from rim_lens.analysis.engine import Knockout, Variant, decode
+
+    labs = {
+        name: rl.Lab.from_model(
+            setup.model, setup.tok, setup.spec, setup.examples, name, setup.task, setup.dir
+        )
+        for name in BACKENDS
+    }
+    make = {
+        "none": lambda: None,
+        "mean": rl.Mean,
+        "add": lambda: rl.Add(torch.linspace(-3, 3, setup.model.config.hidden_size)),
+        "patch": lambda: rl.Patch(from_=setup.examples[::-1]),
+    }
+    results = {}
+    for name, lab in labs.items():
+        if intervention == "knockout":
+            variant = Variant(knockout=Knockout("answer->block", 1))
+            results[name] = decode(lab.backend, lab.builder, lab.examples, variant, max_new_tokens=6)
+        else:
+            out = lab.decode(make[intervention](), blocks=[1], max_new_tokens=6)
+            results[name] = out
+            assert out.record["options"]["backend"] == name
+    ref = results["hf"]
+    intact = labs["hf"].decode(max_new_tokens=6)
+    for name in ("tl", "nnsight"):
+        got = results[name]
+        if intervention == "knockout":
+            assert got.tokens == ref.tokens
+        else:
+            assert got.answers == ref.answers
+        for a, b in zip(got.logprobs, ref.logprobs):
+            assert len(a) == len(b)
+            np.testing.assert_allclose(a, b, rtol=0, atol=ATOL)
+    if intervention in ("mean", "add", "patch"):
+        # The intervention matters: some chosen token or its log-prob differs from intact decoding.
+        differs = ref.answers != intact.answers or any(
+            len(a) != len(b) or not np.allclose(a, b, atol=1e-3)
+            for a, b in zip(ref.logprobs, intact.logprobs)
+        )
+        assert differs, intervention

@@ -13,7 +13,7 @@ from rim_lens.analysis.pca import block_pca, input_dependence
 from rim_lens.data.tasks import get_task
 from rim_lens.errors import RunError
 from rim_lens.model.checkpoints import build_model
-from rim_lens.model.layouts import SequenceBuilder, block_positions, collate
+from rim_lens.model.layouts import SequenceBuilder, block_positions
 from rim_lens.model.memory import MemorySpec
 from rim_lens.model.tokenizer import build_word_tokenizer
 
@@ -80,9 +80,9 @@ def tiny(tmp_path_factory):
     )
     model = build_model(tok, "gpt2", "tiny").eval()
     backend = make_backend("hf", model, tok)
-    store = capture(model, tok, spec, examples, tmp_path_factory.mktemp("cap"), backend, max_new_tokens=2)
     builder = SequenceBuilder(tok, spec, task.join_steps)
-    batch = collate([builder.prompt(ex) for ex in examples], tok.pad_token_id, side="left")
+    store = capture(backend, builder, task, examples, tmp_path_factory.mktemp("cap"), max_new_tokens=2)
+    batch = builder.collate([builder.prompt(ex) for ex in examples], side="left")
     with torch.no_grad():
         logits = model(**batch.model_inputs()).logits
     own = logits[torch.arange(len(examples))[:, None, None], block_positions(batch)]  # [n, K, slots, vocab]

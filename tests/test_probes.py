@@ -18,8 +18,10 @@ from rim_lens.analysis.probes import (
     probe_values,
     question_groups,
     select_answers,
+    value_probes,
     weighted_ranking,
 )
+from rim_lens.analysis.results import ProbeResult
 from rim_lens.errors import RunError
 
 N, LAYERS, K, SLOTS, D = 240, [0, 1], 3, ["<b>", "</b>"], 6
@@ -115,8 +117,8 @@ def test_correctness_probe_finds_planted_block(planted):
 
 
 def test_correctness_probe_one_slot_and_deterministic(planted):
-    a = probe_correctness(planted, layers=[1], blocks=[3], slot=1, **FAST)
-    b = probe_correctness(planted, layers=[1], blocks=[3], slot=1, **FAST)
+    a = probe_correctness(planted, layers=[1], blocks=[3], slots=1, **FAST)
+    b = probe_correctness(planted, layers=[1], blocks=[3], slots=[1], **FAST)
     assert a.equals(b) and a["slot"].tolist() == [1]
     assert a["auroc"].iloc[0] > 0.9
 
@@ -211,3 +213,25 @@ def test_groups_and_control_labels(planted):
     labels = control_labels(y, types, np.random.default_rng(0))
     assert labels[0] == labels[2] == labels[5] and labels[1] == labels[4]
     assert set(labels) <= set(y) and len(set(labels)) > 1
+
+
+def test_best_value_probe_is_chosen_on_some_examples_and_scored_on_others(planted):
+    table, hits = value_probes(planted, **FAST)
+    result = ProbeResult(table, hits=hits, groups=question_groups(planted))
+    best = result.best()
+    assert (best["layer"], best["block"], best["step"]) == (1, 2, 2)
+    assert best["selectivity"].lo > 0.4 and best["selectivity"].n == N - N // 5
+    first, second = np.arange(N // 2), np.arange(N // 2, N)
+    split = result.best(select_on=first, score_on=second)
+    assert (split["layer"], split["block"], split["step"]) == (1, 2, 2)
+    rows = hits[(1, 2, 2)][0]
+    assert split["selectivity"].n == np.isin(rows, second).sum()
+    # Chosen where it looks best, scored where it was not chosen: a cell that wins on the first
+    # half only is reported with its (poor) second-half selectivity.
+    rows = np.arange(10)
+    lucky = (rows, np.r_[np.ones(5), np.zeros(5)], np.zeros(10))
+    steady = (rows, np.full(10, 0.6), np.full(10, 0.2))
+    result = ProbeResult(table, hits={(0, 1, 1): lucky, (0, 2, 1): steady}, groups=np.arange(10))
+    picked = result.best(select_on=rows[:5], score_on=rows[5:])
+    assert (picked["block"], picked["selectivity"].value) == (1, 0.0)
+    assert result.best(select_on=rows[5:], score_on=rows[5:])["block"] == 2

@@ -1,5 +1,6 @@
-"""The causal report card: `build_report` on a RiM run with its pause control and direct
-baseline writes analysis/report.json and report.md with every number in range."""
+"""The causal report: `build_report` on a RiM run with its pause control and direct baseline
+writes analysis/report.json and report.md: a card of figures with 95% intervals, measured the same
+way on the same examples for every run, and the verdict as four findings."""
 
 from __future__ import annotations
 
@@ -9,19 +10,18 @@ import math
 import pytest
 import torch
 
-from rim_lens.analysis.report import KEYS, build_report
+from rim_lens.analysis.report import CARD, KEYS, build_report
+from rim_lens.analysis.verdict import FINDINGS, NOT_TESTABLE, OUTCOMES
 
 torch.set_num_threads(1)
 
 N = 32
-CARD_KEYS = {
+ESTIMATES = {
     "accuracy_intact",
     "accuracy_all_blocks_ablated",
-    "accuracy_direct_baseline",
+    "ablation_drop",
+    "accuracy_answer_sees_no_block",
     "interchange_transfer_rate",
-    "best_value_probe_selectivity",
-    "correctness_probe_auroc",
-    "patching_peak",
 }
 
 
@@ -34,8 +34,13 @@ def strict_json(path) -> dict:
     return json.loads(path.read_text(), parse_constant=bad)
 
 
-def unit(x) -> bool:
-    return isinstance(x, float | int) and 0 <= x <= 1
+def interval(e) -> bool:
+    """An Estimate saved as a dict: value inside [lo, hi] (proportions within [0, 1])."""
+    return isinstance(e, dict) and e["lo"] - 1e-9 <= e["value"] <= e["hi"] + 1e-9 and e["n"] > 0
+
+
+def predictions(run, n):
+    return [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()][:n]
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +56,18 @@ def test_report_files(report):
     out = runs["rim"] / "analysis"
     saved = strict_json(out / "report.json")
     assert saved == json.loads(json.dumps(rep))
-    assert set(saved) == {"run", "control", "verdict"}
+    assert set(saved) == {"run", "control", "findings", "verdict"}
     md = (out / "report.md").read_text()
     assert md.startswith("# Do the memory blocks carry the reasoning?")
-    assert saved["verdict"] in md
-    for key in KEYS:
-        assert f"| {key} |" in md
+    for line in saved["verdict"].splitlines():
+        assert line in md
+    for row in CARD:  # every figure, with how it was measured
+        assert f"| {row.key} | {row.how} |" in md
+    for name in FINDINGS:
+        assert f"| {name} | **" in md
+    # The report cites what was done: the intervention and selection of each analysis.
+    assert "run, ablate: " in md and "intervention `{'kind': 'mean'}`" in md
+    assert "control, interchange: " in md and "'kind': 'patch'" in md
     # Every analysis behind the card is saved, for the run and for its control.
     for run in ("rim", "pause"):
         for name in ("ablate", "knockout", "interchange", "patch", "probe_correctness", "probe_values"):
@@ -69,43 +80,53 @@ def test_report_files(report):
 def test_report_card_values_are_in_range(report, which):
     runs, rep = report
     card = rep[which]
-    assert CARD_KEYS <= set(card)
+    assert set(KEYS) - {"accuracy_direct_baseline"} <= set(card)
     assert card["method"] == ("rim" if which == "run" else "pause")
     # The run's path, absolute or relative to the reported run.
     assert (runs["rim"] / card["run"]).resolve() == runs["rim" if which == "run" else "pause"].resolve()
     assert card["n"] == N
-    for key in (
-        "accuracy_intact",
-        "accuracy_all_blocks_ablated",
-        "accuracy_direct_baseline",
-        "interchange_transfer_rate",
-    ):
-        assert unit(card[key]), (key, card[key])
-    direct = json.loads((runs["direct"] / "metrics.json").read_text())["accuracy"]
-    assert card["accuracy_direct_baseline"] == direct
+    for key in ESTIMATES:
+        assert interval(card[key]), (key, card[key])
     auroc = card["correctness_probe_auroc"]
-    assert auroc is None or unit(auroc)
+    assert auroc is None or 0 <= auroc <= 1
     sel = card["best_value_probe_selectivity"]
-    assert sel is None or (math.isfinite(sel) and -1 <= sel <= 1)
+    assert sel is None or (interval(sel) and -1 <= sel["value"] <= 1)
     peak = card["patching_peak"]
     assert 0 <= peak["layer"] < 2 and 1 <= peak["block"] <= 2  # tiny preset: 2 layers; K = 2
-    assert math.isfinite(peak["recovery"])
-    # Intact accuracy is teacher-forced; it must match greedy decoding on the same examples.
+    assert math.isfinite(card["patching_peak_recovery"]["value"])
+    # Intact accuracy is teacher-forced; it equals greedy decoding on the same examples.
     run = runs["rim" if which == "run" else "pause"]
-    predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
-    assert card["accuracy_intact"] == pytest.approx(sum(p["correct"] for p in predictions[:N]) / N)
+    expected = sum(p["correct"] for p in predictions(run, N)) / N
+    assert card["accuracy_intact"]["value"] == pytest.approx(expected)
+    assert card["accuracy_intact"]["method"] == "wilson" and card["ablation_drop"]["method"] == "bootstrap"
+
+
+def test_report_compares_like_with_like(report):
+    """The direct baseline and the control are measured the same way on the run's examples."""
+    runs, rep = report
+    direct = rep["run"]["accuracy_direct_baseline"]
+    assert interval(direct) and direct["n"] == N
+    assert direct["value"] == pytest.approx(sum(p["correct"] for p in predictions(runs["direct"], N)) / N)
+    assert rep["control"]["examples"] == f"the same {N} examples as the run"
+    for card in (rep["run"], rep["control"]):
+        assert card["done"]["ablate"]["intervention"] == {"kind": "mean"}
+        assert card["done"]["ablate"]["selection"]["blocks"] == [1, 2]
 
 
 def test_report_verdict(report):
     _, rep = report
-    verdict = rep["verdict"]
-    assert isinstance(verdict, str) and verdict.endswith(".")
-    run = rep["run"]
-    if run["accuracy_intact"] > (run["chance_accuracy"] or 0) + 0.05:
-        assert "Necessity:" in verdict and "Location:" in verdict and "What this does not show" in verdict
-        assert "ungrounded control (pause)" in verdict
-    else:
-        assert "at chance" in verdict
+    assert [f["name"] for f in rep["findings"]] == list(FINDINGS)
+    for f in rep["findings"]:
+        assert f["outcome"] in OUTCOMES and f["detail"]
+        assert all(interval(e) for e in f["run"].values())
+    lines = rep["verdict"].splitlines()
+    assert lines[0].startswith("Necessity:") and lines[3].startswith("Location:")
+    assert "What this does not show" in lines[-1]
+    # This RiM's readout cannot see the question: necessity and sufficiency hold by construction.
+    found = {f["name"]: f for f in rep["findings"]}
+    assert found["necessity"]["outcome"] == NOT_TESTABLE and "by construction" in found["necessity"]["detail"]
+    assert found["sufficiency"]["outcome"] == NOT_TESTABLE
+    assert any(line.startswith("Caveat: this model's readout cannot see the question") for line in lines)
 
 
 def test_report_on_a_task_that_cannot_be_corrupted(tiny_runs_copy):
@@ -116,10 +137,16 @@ def test_report_on_a_task_that_cannot_be_corrupted(tiny_runs_copy):
     assert rep["control"]["method"] == "pause"
     for card in (rep["run"], rep["control"]):
         assert card["patching_peak"] is None and "cannot corrupt" in card["patching_note"]
-        assert unit(card["accuracy_intact"]) and unit(card["accuracy_direct_baseline"])
+        assert interval(card["accuracy_intact"]) and interval(
+            card["accuracy_direct_baseline"] or card["accuracy_intact"]
+        )
     # The copy-task RiM routes its answer through its blocks; its pause control ignores them.
-    assert rep["run"]["accuracy_intact"] - rep["run"]["accuracy_all_blocks_ablated"] >= 0.4
-    assert rep["control"]["accuracy_intact"] - rep["control"]["accuracy_all_blocks_ablated"] <= 0.05
+    run, control = rep["run"], rep["control"]
+    assert run["accuracy_intact"]["value"] - run["accuracy_all_blocks_ablated"]["value"] >= 0.4
+    assert control["accuracy_intact"]["value"] - control["accuracy_all_blocks_ablated"]["value"] <= 0.05
+    assert run["ablation_drop"]["lo"] > control["ablation_drop"]["hi"]
+    found = {f["name"]: f for f in rep["findings"]}
+    assert found["location"]["outcome"] == NOT_TESTABLE
     assert "activation patching was not run" in rep["verdict"]
     assert "so the answers depend on the block states" in rep["verdict"]
     saved = strict_json(runs["rim"] / "analysis" / "report.json")

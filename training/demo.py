@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from rim_lens.artefacts import SPLITS, split_file
+from rim_lens.compare import comparison, render
 from rim_lens.data import write_examples
 from rim_lens.data.tasks import get_task
 from rim_lens.fileio import atomic_write_json, atomic_write_text
@@ -18,48 +19,6 @@ RECIPES = Path(str(resources.files("training") / "recipes"))
 
 def recipe_path(full: bool) -> Path:
     return RECIPES / ("demo_full.yaml" if full else "demo.yaml")
-
-
-def comparison(metrics: dict[str, dict]) -> list[dict]:
-    """One row per method: accuracy, any-block accuracy, answer tokens, latency ratios vs direct."""
-    base = metrics.get("direct", {})
-    rows = []
-    for name, m in metrics.items():
-
-        def ratio(key: str, m: dict = m) -> float | None:
-            return m[key] / base[key] if base.get(key) and m.get(key) else None
-
-        rows.append(
-            {
-                "method": name,
-                "accuracy": m["accuracy"],
-                "any_block_accuracy": m.get("any_block_accuracy"),
-                "answer_tokens": m["answer_tokens_mean"],
-                "forward_passes": m["forward_passes_mean"],
-                "ttft_ms": m.get("ttft_ms"),
-                "latency_ms": m.get("latency_ms"),
-                "ttft_vs_direct": ratio("ttft_ms"),
-                "latency_vs_direct": ratio("latency_ms"),
-                "train_time_s": m.get("train_time_s"),
-            }
-        )
-    return rows
-
-
-def render(rows: list[dict]) -> str:
-    """The comparison as a Markdown table."""
-    f = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
-    lines = [
-        "| method | accuracy (final block) | any-block | answer tokens | forward passes | TTFT ms | latency ms | TTFT / direct | latency / direct | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} | {f(r['accuracy'], '.3f')} | {f(r['any_block_accuracy'], '.3f')} | {f(r['answer_tokens'], '.1f')} | "
-            f"{f(r['forward_passes'], '.1f')} | {f(r['ttft_ms'], '.2f')} | {f(r['latency_ms'], '.2f')} | "
-            f"{f(r['ttft_vs_direct'], '.2f')} | {f(r['latency_vs_direct'], '.2f')} | {f(r['train_time_s'], '.0f')} |"
-        )
-    return "\n".join(lines)
 
 
 def run_demo(

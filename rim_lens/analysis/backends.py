@@ -6,14 +6,15 @@ final norm (TransformerLens `blocks.{l}.hook_resid_pre`, and `blocks.{L-1}.hook_
 `attn[l]` is the attention output of layer l. An `Edit` overwrites `resid[l]` (l < n_layers)
 at chosen (row, position) pairs before layer l reads it, so one forward pass can carry many
 different interventions, one per batch row.
+
+Every backend runs every analysis: `forward` (capture and edits) is all an analysis asks of it.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,12 +31,18 @@ LAYOUTS = {"gpt2": ("transformer.h", "attn"), "llama": ("model.layers", "self_at
 
 @dataclass
 class Edit:
-    """Set resid[layer][rows[i], positions[i]] = values[i] (values: [N, d_model])."""
+    """Set resid[layer][rows[i], positions[i]] = values[i] (values: [N, d_model]); `values` may
+    instead be a function of the states there ([N, d_model] -> [N, d_model]), e.g. adding a vector."""
 
     layer: int
     rows: torch.Tensor
     positions: torch.Tensor
-    values: torch.Tensor
+    values: torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+
+    def new(self, current: torch.Tensor) -> torch.Tensor:
+        """The states that replace `current` (the states at rows, positions)."""
+        new = self.values(current) if callable(self.values) else self.values
+        return new.to(current.dtype)
 
 
 @dataclass
@@ -55,7 +62,7 @@ def _apply(hidden: torch.Tensor, edits: list[Edit]) -> torch.Tensor:
         return hidden
     hidden = hidden.clone()
     for e in edits:
-        hidden[e.rows, e.positions] = e.values.to(hidden.dtype)
+        hidden[e.rows, e.positions] = e.new(hidden[e.rows, e.positions])
     return hidden
 
 
@@ -97,16 +104,23 @@ class Backend:
             if not 0 <= l <= self.n_layers:
                 raise RunError(f"layer {l} out of range: this model has resid sites 0..{self.n_layers}")
 
+    @property
+    def lens_model(self) -> PreTrainedModel | object:
+        """What the logit lens reads states through (its final norm and unembedding)."""
+        return self.model
+
     @torch.no_grad()
-    def run(
+    def forward(
         self, batch: Batch, capture: Seq[int] = (), edits: Seq[Edit] = (), capture_attn: Seq[int] = ()
     ) -> Output:
+        """One forward pass: logits, resid[l] for l in `capture` (before layer l's own edits),
+        attention outputs of the layers in `capture_attn`, with `edits` applied."""
         self.check_layers(list(capture) + list(capture_attn))
-        return self._run(
+        return self._forward(
             batch, sorted(set(capture)), _by_layer(edits, self.n_layers), sorted(set(capture_attn))
         )
 
-    def _run(
+    def _forward(
         self, batch: Batch, capture: list[int], edits: dict[int, list[Edit]], capture_attn: list[int]
     ) -> Output:
         raise NotImplementedError
@@ -117,7 +131,7 @@ class HFBackend(Backend):
 
     name = "hf"
 
-    def _run(self, batch, capture, edits, capture_attn):
+    def _forward(self, batch, capture, edits, capture_attn):
         out = Output(logits=torch.empty(0))
         layers, handles = self.layers(), []
 
@@ -156,28 +170,6 @@ class HFBackend(Backend):
                 h.remove()
         return out
 
-    @contextmanager
-    def editing(self, edits: Seq[Edit]) -> Iterator[None]:
-        """Apply `edits` on every forward pass inside the block (e.g. a decoding prefill)."""
-        by_layer = _by_layer(edits, self.n_layers)
-
-        def pre_hook(l):
-            def hook(module, args, kwargs):
-                if args:
-                    return (_apply(args[0], by_layer[l]), *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": _apply(kwargs["hidden_states"], by_layer[l])}
-
-            return hook
-
-        handles = [
-            self.layers()[l].register_forward_pre_hook(pre_hook(l), with_kwargs=True) for l in by_layer
-        ]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
 
 class TLBackend(Backend):
     """TransformerLens 4.x TransformerBridge hook points (`blocks.{l}.hook_resid_pre`, ...)."""
@@ -199,11 +191,15 @@ class TLBackend(Backend):
                 f"backend tl: cannot wrap {model.config.model_type!r} in a TransformerBridge ({err})"
             ) from None
 
+    @property
+    def lens_model(self) -> object:
+        return self.bridge
+
     @staticmethod
     def site(l: int, n_layers: int) -> str:
         return f"blocks.{l}.hook_resid_pre" if l < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
 
-    def _run(self, batch, capture, edits, capture_attn):
+    def _forward(self, batch, capture, edits, capture_attn):
         out = Output(logits=torch.empty(0))
         hooks = []
 
@@ -245,7 +241,7 @@ class NNsightBackend(Backend):
 
         self.wrapped = TransformersModel(model, tokenizer=tokenizer)
 
-    def _run(self, batch, capture, edits, capture_attn):
+    def _forward(self, batch, capture, edits, capture_attn):
         envoy = self.wrapped
         for part in self.layers_path.split("."):
             envoy = getattr(envoy, part)
@@ -257,7 +253,7 @@ class NNsightBackend(Backend):
                 if l in capture:
                     saved_resid[l] = layer.input.clone().save()
                 for e in edits.get(l, []):
-                    layer.input[e.rows, e.positions] = e.values
+                    layer.input[e.rows, e.positions] = e.new(layer.input[e.rows, e.positions])
                 if l in capture_attn:
                     saved_attn[l] = _first(getattr(layer, self.attn_name).output).clone().save()
             if self.n_layers in capture:

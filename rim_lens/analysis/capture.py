@@ -4,7 +4,8 @@ States stream to safetensors shards (`shard_00000.safetensors`, ...) holding
 `resid` [n, layers, K, M + 2, d_model] (and `attn` when asked), so 10,000 examples never sit
 in memory at once. `examples.jsonl` stores, per example, its id, question, answer, step
 values, the readout after every block and whether it was correct. `meta.json` is written last:
-a capture without it is incomplete.
+a capture without it is incomplete. It holds the capture's `record` (see `fingerprint`): the
+model and the options it came from, so a stale capture is never reused.
 """
 
 from __future__ import annotations
@@ -19,16 +20,16 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rim_lens import artefacts
 from rim_lens.analysis.backends import Backend
+from rim_lens.analysis.sites import block_index, block_labels, state_index
 from rim_lens.data.examples import Example
-from rim_lens.data.tasks import get_task
+from rim_lens.data.tasks import Task
 from rim_lens.errors import RunError
 from rim_lens.evaluation import decode_answers
 from rim_lens.fileio import atomic_write_json, atomic_write_text
-from rim_lens.model.layouts import SequenceBuilder, block_positions, collate, slot_names
-from rim_lens.model.memory import MemorySpec
+from rim_lens.model.layouts import SequenceBuilder, block_positions, slot_names
 
 
 def block_states(
@@ -37,15 +38,9 @@ def block_states(
     """States at the block positions of the inference prompts of `examples`:
     resid [n, len(layers), K, M + 2, d] and, if `attn`, attention outputs of the same layers
     below the last ([n, layers < n_layers, K, M + 2, d])."""
-    tok = builder.tokenizer
-    batch = collate(
-        [builder.prompt(ex) for ex in examples],
-        tok.pad_token_id,
-        builder.spec.readout_sees_question,
-        side="left",
-    )
+    batch = builder.collate([builder.prompt(ex) for ex in examples], side="left")
     attn_layers = [l for l in layers if l < backend.n_layers] if attn else []
-    out = backend.run(batch, capture=layers, capture_attn=attn_layers)
+    out = backend.forward(batch, capture=layers, capture_attn=attn_layers)
     pos = block_positions(batch)  # [B, K, S]
     rows = torch.arange(len(examples))[:, None, None]
 
@@ -56,37 +51,44 @@ def block_states(
 
 
 def capture(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    spec: MemorySpec,
+    backend: Backend,
+    builder: SequenceBuilder,
+    task: Task,
     examples: Seq[Example],
     out_dir: str | Path,
-    backend: Backend,
     *,
     layers: Seq[int] | None = None,
     attn: bool = False,
+    readouts: bool = True,
     batch_size: int = 64,
     shard_size: int = 1024,
     dtype: torch.dtype = torch.float32,
-    task_options: dict | None = None,
     max_new_tokens: int = 32,
+    record: dict | None = None,
 ) -> CaptureStore:
-    """Capture block states of `examples` (and their per-block readouts) into `out_dir`."""
+    """Capture block states of `examples` (and, with `readouts`, the greedy readout after every
+    block, decoded by the model itself) into `out_dir`; `record` says what the capture is of."""
+    spec = builder.spec
     if not spec.uses_blocks:
         raise RunError(f"a {spec.method} model has no memory blocks to capture")
     layers = list(range(backend.n_layers + 1)) if layers is None else sorted(set(layers))
     backend.check_layers(layers)
-    task = get_task(spec.task or examples[0].task, **(task_options or {}))
-    builder = SequenceBuilder(tokenizer, spec, task.join_steps)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)
     shards, records = [], []
     for start in range(0, len(examples), shard_size):
         chunk = list(examples[start : start + shard_size])
-        readouts = [
-            decode_answers(model, tokenizer, builder, chunk, k, batch_size=256, max_new_tokens=max_new_tokens)
-            for k in range(1, spec.K + 1)
+        texts_per_block = [
+            [
+                r.text
+                for r in decode_answers(
+                    backend.model, builder.tokenizer, builder, chunk, k, 256, max_new_tokens
+                )
+            ]
+            if readouts
+            else [""] * len(chunk)
+            for k in block_labels(spec.K)
         ]
         resid, attn_states = [], []
         for b in range(0, len(chunk), batch_size):
@@ -102,7 +104,7 @@ def capture(
         os.replace(out / f".{name}.tmp", out / name)
         shards.append(name)
         for i, ex in enumerate(chunk):
-            texts = [rs[i].text for rs in readouts]
+            texts = [block[i] for block in texts_per_block]
             records.append(
                 {
                     "index": start + i,
@@ -112,7 +114,7 @@ def capture(
                     "steps": list(ex.steps),
                     "values": list(ex.values),
                     "readouts": texts,
-                    "correct": [task.answers_match(t, ex.answer) for t in texts],
+                    "correct": [readouts and task.answers_match(t, ex.answer) for t in texts],
                 }
             )
     atomic_write_text(out / "examples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
@@ -129,7 +131,9 @@ def capture(
         "task": task.name,
         "method": spec.method,
         "dtype": str(dtype).replace("torch.", ""),
+        "readouts": readouts,
         "shards": shards,
+        "record": record or {},
     }
     atomic_write_json(out / "meta.json", meta)
     return CaptureStore(out)
@@ -143,7 +147,8 @@ class CaptureStore:
         meta_path = self.path / "meta.json"
         if not meta_path.exists():
             raise RunError(
-                f"{self.path}: no complete capture here; produce one with `rim-lens analyze capture RUN`"
+                f"{self.path}: no complete capture here; produce one with "
+                f"`rim-lens analyze {artefacts.CAPTURE} RUN`"
             )
         self.meta = json.loads(meta_path.read_text())
         lines = (self.path / "examples.jsonl").read_text().splitlines()
@@ -165,21 +170,18 @@ class CaptureStore:
     def slots(self) -> list[str]:
         return self.meta["slots"]
 
-    def correct(self) -> np.ndarray:
-        """[n, K] whether the readout after block k was correct."""
-        return np.array([r["correct"] for r in self.examples], dtype=bool)
+    @property
+    def record(self) -> dict:
+        """What the capture is of: model, examples and options (see `fingerprint`)."""
+        return self.meta.get("record") or {}
+
+    def correct(self, block: int | None = None) -> np.ndarray:
+        """[n, K] whether the readout after each block was correct ([n] for one block)."""
+        correct = np.array([r["correct"] for r in self.examples], dtype=bool).reshape(self.n, self.K)
+        return correct if block is None else correct[:, block_index(block)]
 
     def _index(self, layer: int | None, block: int | None, slot: int | None, layers: list[int]) -> tuple:
-        if layer is not None and layer not in layers:
-            raise RunError(f"layer {layer} out of range: captured layers are {layers}")
-        if block is not None and not 1 <= block <= self.K:
-            raise RunError(f"block {block} out of range: blocks are 1..{self.K}")
-        if slot is not None and not 0 <= slot < len(self.slots):
-            raise RunError(
-                f"slot {slot} out of range: slots are 0..{len(self.slots) - 1} ({', '.join(self.slots)})"
-            )
-        pick = lambda v, f: slice(None) if v is None else f(v)  # noqa: E731
-        return (slice(None), pick(layer, layers.index), pick(block, lambda k: k - 1), pick(slot, int))
+        return state_index(layers, self.K, len(self.slots), layer, block, slot)
 
     def _read(self, key: str, index: tuple) -> Iterator[np.ndarray]:
         for name in self.meta["shards"]:

@@ -10,6 +10,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 
 from rim_lens.methods import Method
+from rim_lens.stats import Estimate
 
 METHOD_COLORS = {m.value: m.color for m in Method}
 
@@ -38,6 +39,40 @@ def layer_block_heatmap(df: pd.DataFrame, value: str, title: str, zmid: float | 
     )
     fig.update_yaxes(dtick=1)
     fig.update_xaxes(dtick=1)
+    return fig
+
+
+def estimates(
+    values: Mapping[str, Estimate | None],
+    title: str,
+    references: Mapping[str, float] | None = None,
+    colors: Mapping[str, str] | None = None,
+) -> go.Figure:
+    """Point values with their 95% intervals side by side (a missing one is left out), with
+    horizontal reference lines (e.g. chance)."""
+    shown = {label: e for label, e in values.items() if e is not None}
+    labels = list(shown)
+    fig = go.Figure(
+        go.Scatter(
+            x=labels,
+            y=[shown[k].value for k in labels],
+            mode="markers",
+            marker=dict(size=12, color=[(colors or {}).get(k, "#1f77b4") for k in labels]),
+            error_y=dict(
+                type="data",
+                symmetric=False,
+                array=[shown[k].hi - shown[k].value for k in labels],
+                arrayminus=[shown[k].value - shown[k].lo for k in labels],
+            ),
+            customdata=[[shown[k].lo, shown[k].hi, shown[k].n] for k in labels],
+            hovertemplate="%{x}: %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}], n=%{customdata[2]}"
+            "<extra></extra>",
+            showlegend=False,
+        )
+    )
+    for name, y in (references or {}).items():
+        fig.add_hline(y=y, line_dash="dot", annotation_text=name)
+    fig.update_layout(title=title, yaxis_title="value (95% interval)", xaxis_type="category")
     return fig
 
 
@@ -271,7 +306,7 @@ def pca_trajectories(
     return fig
 
 
-def _probe_layer(values: pd.DataFrame, layer: int | None) -> tuple[pd.DataFrame, int | None]:
+def probe_layer(values: pd.DataFrame, layer: int | None) -> tuple[pd.DataFrame, int | None]:
     """The fitted value probes of one layer (default: the layer with the best mean selectivity)."""
     v = values.dropna(subset=["score"])
     if v.empty:
@@ -285,7 +320,7 @@ def _probe_layer(values: pd.DataFrame, layer: int | None) -> tuple[pd.DataFrame,
 def value_probe_heatmap(values: pd.DataFrame, layer: int | None = None) -> go.Figure:
     """Value-probe score over block x step at one layer (default: the most selective); a
     diagonal says block k holds step k's value."""
-    v, layer = _probe_layer(values, layer)
+    v, layer = probe_layer(values, layer)
     if v.empty:
         return go.Figure().update_layout(title="No value probes could be fitted")
     grid = v.pivot_table(index="step", columns="block", values="score", aggfunc="mean")
@@ -308,7 +343,7 @@ def value_probe_heatmap(values: pd.DataFrame, layer: int | None = None) -> go.Fi
 
 def probe_curves(values: pd.DataFrame, layer: int | None = None) -> go.Figure:
     """Probe score (with 95% CI) and control score across blocks, one line per step."""
-    v, layer = _probe_layer(values, layer)
+    v, layer = probe_layer(values, layer)
     if v.empty:
         return go.Figure().update_layout(title="No value probes could be fitted")
     v = v.sort_values("block")

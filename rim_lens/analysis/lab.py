@@ -1,134 +1,447 @@
-"""An analysis session over one trained run: its checkpoint, held-out examples and a backend.
+"""The analysis session: one model, its examples, a hook backend, and every analysis as a method.
 
-`Lab.open(run_dir)` is what every `rim-lens analyze` command and notebook starts from; results
-are written under `runs/<name>/analysis/`.
+    import rim_lens as rl
+
+    lab = rl.Lab.open("runs/demo/rim")                      # checkpoint + first 200 test examples
+    lab.ablate(blocks=[1], mode="mean").table                # accuracy with block 1 mean-ablated
+    lab.patch(layers=[1]).figure()                           # where the answer's information sits
+    lab.decode(rl.Patch(from_=lab.examples[1]), blocks=[1])  # greedy answers under an intervention
+
+Every analysis takes the same selection, `layers`, `blocks` (1-based) and `slots` (None: all),
+and returns a typed result (`results`) with `.table`, `.figure()`, `.save(dir)` and a `record`
+of exactly what was done. The session owns the backend, the sequence builder (which lays out
+and collates prompts) and the examples; interventions are fitted on its examples. A capture is
+written under the run's `analysis/capture` and reused only while its record matches exactly
+(same weights, memory spec, examples, backend and options; see `fingerprint`).
 """
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
+import torch
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rim_lens import artefacts
+from rim_lens.analysis import causal, fingerprint
 from rim_lens.analysis.backends import Backend, make_backend
-from rim_lens.analysis.capture import CaptureStore, capture
-from rim_lens.analysis.interventions import Selection, select
+from rim_lens.analysis.capture import CaptureStore, block_states, capture
+from rim_lens.analysis.interventions import Context, Intervention
+from rim_lens.analysis.results import (
+    AblationResult,
+    CaptureResult,
+    DecodeResult,
+    EffectResult,
+    InterchangeResult,
+    KnockoutResult,
+    LensResult,
+    PatchResult,
+    PCAResult,
+    ProbeResult,
+    plain,
+)
+from rim_lens.analysis.sites import BlockStates, Selection, block_labels
 from rim_lens.data import Example, read_examples
 from rim_lens.data.tasks import Task, get_task
 from rim_lens.errors import RunError
-from rim_lens.fileio import atomic_write_json, atomic_write_text
 from rim_lens.model.checkpoints import load_checkpoint
-from rim_lens.model.layouts import SequenceBuilder
+from rim_lens.model.layouts import SequenceBuilder, slot_names
 from rim_lens.model.memory import MemorySpec
 from rim_lens.runs import Run, open_run
+from rim_lens.stats import Estimate, proportion
+
+Layers = Sequence[int] | None
 
 
-@dataclass
 class Lab:
-    run: Run
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    spec: MemorySpec
-    task: Task
-    builder: SequenceBuilder
-    backend: Backend
-    examples: list[Example]
+    """An analysis session over one model: `model`, `tokenizer`, `spec`, `task`, `examples`,
+    `backend` ("hf", "tl" or "nnsight"), `builder`, and `run` (the run directory, if any)."""
 
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        spec: MemorySpec,
+        task: Task,
+        examples: Sequence[Example],
+        backend: Backend,
+        run: Run | None = None,
+        out: str | Path | None = None,
+        source: str = "",
+    ) -> None:
+        self.model, self.tokenizer, self.spec, self.task = model, tokenizer, spec, task
+        self.examples = list(examples)
+        self.backend = backend
+        self.builder = SequenceBuilder(tokenizer, spec, task.join_steps)
+        self.run = run
+        self.source = source  # where the examples come from, e.g. runs/demo/rim/data/test.jsonl[:200]
+        self._out = Path(out) if out is not None else None
+        self._states: dict[tuple, BlockStates] = {}
+
+    # -- construction ------------------------------------------------------------------------------
     @classmethod
     def open(
-        cls, run_dir: str | Path, backend: str = "hf", n: int | None = 200, data: str | Path | None = None
+        cls,
+        run: str | Path,
+        n: int | None = 200,
+        backend: str = "hf",
+        split: str = "test",
+        data: str | Path | None = None,
+        examples: Sequence[Example] | None = None,
     ) -> Lab:
-        """Load a run's checkpoint and its first `n` held-out examples (or those in `data`)."""
-        run = open_run(run_dir)
-        model, tokenizer, spec = load_checkpoint(run.require("model"))
-        if not spec.uses_blocks:
-            raise RunError(f"{run.path}: a {spec.method} model has no memory blocks to analyse")
-        task = get_task(spec.task, **_task_options(run))
-        examples, _ = read_examples(
-            data or run.require("data/eval.jsonl"), task.name, task_options=task.options
-        )
-        examples = examples[:n] if n else examples
-        be = make_backend(backend, model, tokenizer, run.model_dir)
+        """A run's checkpoint with the first `n` examples (None: all) of its `split`, of the data
+        file `data`, or exactly `examples`."""
+        directory = open_run(run)
+        model, tokenizer, spec = load_checkpoint(directory.require(artefacts.MODEL))
+        task = get_task(spec.task, **_task_options(directory))
+        if examples is None:
+            path = Path(data) if data is not None else held_out(directory, split)
+            examples, _ = read_examples(path, task.name, task_options=task.options)
+            examples = examples[:n] if n else examples
+            source = f"{path}" + (f"[:{n}]" if n else "")
+        else:
+            source = f"{len(examples)} given examples"
+        be = make_backend(backend, model, tokenizer, directory.model_dir)
+        return cls(model, tokenizer, spec, task, examples, be, run=directory, source=source)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        spec: MemorySpec,
+        examples: Sequence[Example],
+        backend: str = "hf",
+        task: Task | None = None,
+        model_dir: str | Path | None = None,
+        out: str | Path | None = None,
+    ) -> Lab:
+        """A session over a model in memory (the tl backend also needs its `model_dir`); captures go
+        to `out` (default: a new temporary directory)."""
+        task = task or get_task(spec.task or examples[0].task)
+        be = make_backend(backend, model, tokenizer, model_dir)
         return cls(
-            run, model, tokenizer, spec, task, SequenceBuilder(tokenizer, spec, task.join_steps), be, examples
+            model, tokenizer, spec, task, examples, be, out=out, source=f"{len(examples)} given examples"
         )
 
+    def with_examples(self, examples: Sequence[Example], source: str = "") -> Lab:
+        """The same model and backend over other examples (a new session: nothing is shared but
+        the model)."""
+        source = source or f"{len(examples)} given examples"
+        out = self._out if self.run is None else None
+        return Lab(
+            self.model, self.tokenizer, self.spec, self.task, examples, self.backend, self.run, out, source
+        )
+
+    def with_backend(self, backend: str) -> Lab:
+        """The same model and examples through another hook backend ("hf", "tl" or "nnsight")."""
+        be = make_backend(backend, self.model, self.tokenizer, self.backend.model_dir)
+        out = self._out if self.run is None else None
+        return Lab(
+            self.model, self.tokenizer, self.spec, self.task, self.examples, be, self.run, out, self.source
+        )
+
+    def __repr__(self) -> str:
+        where = self.run.path if self.run else "a model in memory"
+        spec = self.spec
+        return f"Lab({where}: {spec.method}, K={spec.K}, {len(self.examples)} examples, {self.backend.name})"
+
+    # -- plumbing ----------------------------------------------------------------------------------
     @property
     def out(self) -> Path:
-        self.run.analysis_dir.mkdir(parents=True, exist_ok=True)
-        return self.run.analysis_dir
+        """Where analyses are written: the run's analysis/ (or the session's own folder)."""
+        if self._out is None:
+            self._out = self.run.analysis_dir if self.run else Path(tempfile.mkdtemp(prefix="rim-lens-lab-"))
+        self._out.mkdir(parents=True, exist_ok=True)
+        return self._out
 
-    def select(self, layers=None, blocks=None, slots=None) -> Selection:
-        return select(self.backend, self.spec.K, self.spec.M, layers, blocks, slots)
+    @cached_property
+    def model_fingerprint(self) -> str:
+        return fingerprint.model_fingerprint(self.model, self.spec)
 
-    def capture(self, attn: bool = False, refresh: bool = False) -> CaptureStore:
-        """The capture of this lab's examples, reused from `analysis/capture` when it matches."""
-        path = self.out / "capture"
+    def record(
+        self, analysis: str, selection: Selection | None, intervention: Intervention | None = None, **options
+    ) -> dict:
+        """What a result records: model and example fingerprints, backend, selection, intervention."""
+        ids = [ex.id or ex.question for ex in self.examples]
+        options = {
+            "examples": {**fingerprint.examples_fingerprint(ids), "source": self.source},
+            "backend": self.backend.name,
+            "selection": selection.to_dict() if selection else None,
+            "intervention": intervention.to_dict() if intervention else None,
+            **options,
+        }
+        return fingerprint.record(analysis, self.model_fingerprint, plain(options))
+
+    def require_blocks(self) -> None:
+        """RunError if the model has no memory blocks (direct, CoT): block analyses refuse."""
+        if not self.spec.uses_blocks:
+            raise RunError(
+                f"{self.run.path if self.run else 'model'}: a {self.spec.method} model has no memory "
+                "blocks to analyse"
+            )
+
+    def select(
+        self, layers: Layers = None, blocks: Layers = None, slots: Layers = None, readable: bool = False
+    ) -> Selection:
+        """A validated selection (None: all). Layers go to n_layers - 1 (what an edit of resid[l]
+        can change) or, `readable`, to n_layers (the last layer's output, read by captures)."""
+        self.require_blocks()
+        top = self.backend.n_layers if readable else self.backend.n_layers - 1
+        return Selection.of(self.backend.n_layers, self.spec.K, self.spec.M, layers, blocks, slots, top)
+
+    def states(self, examples: Sequence[Example] | None = None, layers: Layers = None) -> BlockStates:
+        """Clean block states of `examples` (default: the session's) at `layers` (default
+        0..n_layers): [examples, layers, K, M + 2, d_model], cached."""
+        self.require_blocks()
+        examples = self.examples if examples is None else list(examples)
+        layers = list(range(self.backend.n_layers + 1)) if layers is None else sorted(set(layers))
+        key = (tuple((ex.id, ex.question) for ex in examples), tuple(layers))
+        if key not in self._states:
+            parts = [
+                block_states(self.backend, self.builder, examples[i : i + 64], layers)[0]
+                for i in range(0, len(examples), 64)
+            ]
+            if len(self._states) >= 16:
+                self._states.pop(next(iter(self._states)))
+            ids = [ex.id for ex in examples]
+            self._states[key] = BlockStates(
+                torch.cat(parts), layers, slot_names(self.spec), ids, self.backend.n_layers
+            )
+        return self._states[key]
+
+    def fit(
+        self, intervention: Intervention, targets: Sequence[Example], selection: Selection
+    ) -> Intervention:
+        """`intervention` fitted to intervene on `targets` (it may use the session's examples)."""
+        context = Context(
+            list(targets), self.examples, selection, lambda exs: self.states(exs, selection.layers)
+        )
+        return intervention.fit(context)
+
+    # -- representations ---------------------------------------------------------------------------
+    def capture(
+        self,
+        layers: Layers = None,
+        attn: bool = False,
+        readouts: bool = True,
+        refresh: bool = False,
+        batch_size: int = 64,
+    ) -> CaptureResult:
+        """Block states of every example at `layers` (default all, 0..n_layers) on disk under
+        analysis/capture, with the readout after every block; reused while its record matches
+        (`refresh`: made again regardless)."""
+        self.require_blocks()
+        layers = list(self.select(layers, readable=True).layers)
+        record = self.record(artefacts.CAPTURE, None, layers=layers, attn=attn, readouts=readouts)
+        path = self.out / artefacts.CAPTURE
+        store = None
         if not refresh and (path / "meta.json").exists():
-            store = CaptureStore(path)
-            ids = [r["id"] for r in store.examples]
-            if ids == [ex.id for ex in self.examples] and (not attn or store.meta["attn_layers"]):
-                return store
-        return capture(
-            self.model,
-            self.tokenizer,
-            self.spec,
-            self.examples,
-            path,
-            self.backend,
-            attn=attn,
-            task_options=self.task.options,
+            try:
+                store = CaptureStore(path)
+            except (RunError, OSError, ValueError):  # a damaged capture is made again
+                store = None
+            if store is not None and not fingerprint.matches(store.record, record):
+                store = None
+        if store is None:
+            store = capture(
+                self.backend, self.builder, self.task, self.examples, path,
+                layers=layers, attn=attn, readouts=readouts, record=record, batch_size=batch_size,
+            )  # fmt: skip
+        table = pd.DataFrame(store.examples)[["index", "id", "question", "answer", "readouts", "correct"]]
+        summary = {
+            "n": store.n,
+            "layers": store.layers,
+            "K": store.K,
+            "slots": store.slots,
+            "path": str(store.path),
+        }
+        return CaptureResult(table, summary, store.record, store=store)
+
+    def pca(
+        self, layers: Layers = None, blocks: Layers = None, slots: Layers = None, per_slot: bool = False
+    ) -> PCAResult:
+        """Per layer, a PCA of the block states (all examples x selected blocks x slots): the mean
+        trajectory through the blocks, a few examples', and the input dependence of each block."""
+        from rim_lens.analysis import pca
+
+        sel = self.select(layers, blocks, slots, readable=True)
+        result = pca.analyse(self.capture().store, sel.layers, sel.blocks, sel.slots, per_slot)
+        result.record = self.record("pca", sel, per_slot=per_slot)
+        return result
+
+    def probe(
+        self,
+        layers: Layers = None,
+        blocks: Layers = None,
+        slots: Layers = None,
+        seed: int = 0,
+        n_boot: int = 1000,
+    ) -> ProbeResult:
+        """Linear probes per (layer, block) for whether the readout after the block is right and for
+        every step's value, each beside a control task (selectivity = score - control)."""
+        from rim_lens.analysis import probes
+
+        sel = self.select(layers, blocks, slots, readable=True)
+        store = self.capture().store
+        chosen = None if len(sel.slots) == self.spec.M + 2 else list(sel.slots)
+        options = dict(layers=sel.layers, blocks=sel.blocks, slots=chosen, seed=seed, n_boot=n_boot)
+        correctness = probes.probe_correctness(store, **options)
+        values, hits = probes.value_probes(store, **options)
+        result = ProbeResult(values, correctness=correctness, hits=hits, groups=probes.question_groups(store))
+        fitted = correctness["auroc"].notna().any()
+        auroc = correctness.groupby("layer")["auroc"].mean()
+        best = result.best()
+        result.summary = {
+            "selection": probes.select_answers(store, correctness, slots=chosen, seed=seed)
+            if fitted
+            else None,
+            "correctness_auroc": float(auroc.max()) if fitted else None,
+            "correctness_auroc_layer": int(auroc.idxmax()) if fitted else None,
+            "best_value_probe": best,
+        }
+        result.record = self.record("probe", sel, seed=seed, n_boot=n_boot)
+        return result
+
+    def lens(
+        self,
+        layers: Layers = None,
+        blocks: Layers = None,
+        slots: Layers = None,
+        top_k: int = 5,
+        tuned: bool = True,
+    ) -> LensResult:
+        """The tokens each block state reads as through the final norm and unembedding (logit lens)
+        and, with `tuned`, through a ridge map to the last layer fitted on the first half of the
+        examples (tuned lens); both judged on the second half."""
+        from rim_lens.analysis import lens
+
+        sel = self.select(layers, blocks, slots, readable=True)
+        store = self.capture().store
+        half = store.n // 2
+        held_out = range(half, store.n) if tuned else range(store.n)
+        lens_fit = lens.TunedLens().fit(store, examples=range(half)) if tuned else None
+        reader = self.backend.lens_model
+        table = lens.logit_lens(
+            reader, self.tokenizer, store, layers=sel.layers, blocks=sel.blocks, slots=sel.slots,
+            examples=held_out, top_k=top_k, tuned=lens_fit,
+        )  # fmt: skip
+        quality = lens.lens_quality(reader, store, tuned=lens_fit, layers=sel.layers, examples=held_out)
+        by_layer = quality.groupby(["lens", "layer"])["top1_agreement"].mean()
+        summary = {
+            "top1_agreement_with_final": {
+                f"{name}/{layer}": float(v) for (name, layer), v in by_layer.items()
+            },
+            "tuned_lens_fit_on": half if tuned else 0,
+            "evaluated_on": len(held_out),
+        }
+        return LensResult(table, summary, self.record("lens", sel, top_k=top_k, tuned=tuned), quality)
+
+    # -- causal ------------------------------------------------------------------------------------
+    def ablate(
+        self,
+        layers: Layers = None,
+        blocks: Layers = None,
+        slots: Layers = None,
+        mode: str | Intervention = "mean",
+        grid: bool = False,
+        seed: int = 0,
+    ) -> AblationResult:
+        """Accuracy with block states ablated (`mode`: zero, mean, resample, or an Intervention):
+        intact, each block alone, blocks 1..k, all; with `grid` every (layer, block)."""
+        return causal.ablate(self, self.select(layers, blocks, slots), mode=mode, grid=grid, seed=seed)
+
+    def knockout(self, layers: Layers = None, blocks: Layers = None, slots: Layers = None) -> KnockoutResult:
+        """Accuracy with attention edges removed: the answer cannot see block k, block k cannot see
+        earlier blocks (in every layer)."""
+        return causal.knockout(self, self.select(layers, blocks, slots))
+
+    def patch(
+        self,
+        layers: Layers = None,
+        blocks: Layers = None,
+        slots: Layers = None,
+        per_slot: bool = False,
+        seed: int = 0,
+    ) -> PatchResult:
+        """Clean block states patched into minimally corrupted runs, per (layer, block[, slot]):
+        how much of the clean answer's logit difference comes back."""
+        return causal.patch(self, self.select(layers, blocks, slots), per_slot=per_slot, seed=seed)
+
+    def interchange(
+        self,
+        layers: Layers = None,
+        blocks: Layers = None,
+        slots: Layers = None,
+        seed: int = 0,
+        grid: bool = True,
+    ) -> InterchangeResult:
+        """Example B given example A's block states: how often B's output becomes A's answer."""
+        return causal.interchange(self, self.select(layers, blocks, slots), seed=seed, grid=grid)
+
+    def decode(
+        self,
+        intervention: Intervention | None = None,
+        layers: Layers = None,
+        blocks: Layers = None,
+        slots: Layers = None,
+        examples: Sequence[Example] | None = None,
+        n_blocks: int | None = None,
+        max_new_tokens: int = 32,
+    ) -> DecodeResult:
+        """Greedy answers of `examples` (default: the session's) with `intervention` at the selected
+        sites (none: intact), read out after `n_blocks` blocks (default K)."""
+        sel = self.select(layers, blocks, slots) if intervention is not None else None
+        return causal.decode_under(self, sel, intervention, examples, n_blocks, max_new_tokens)
+
+    def effect(
+        self,
+        example: Example,
+        intervention: Intervention,
+        layers: Layers = None,
+        blocks: Layers = None,
+        slots: Layers = None,
+    ) -> EffectResult:
+        """One example read out after every block, intact and under `intervention`."""
+        return causal.effect(self, self.select(layers, blocks, slots), example, intervention)
+
+    def readouts(self, example: Example) -> pd.DataFrame:
+        """One example's greedy answer read out after each block 1..K: block, readout, correct."""
+        self.require_blocks()
+        texts = [causal.decode_texts(self, [example], n_blocks=k)[0] for k in block_labels(self.spec.K)]
+        return pd.DataFrame(
+            {
+                "block": list(block_labels(self.spec.K)),
+                "readout": texts,
+                "correct": [bool(self.task.answers_match(t, example.answer)) for t in texts],
+            }
         )
 
-    def save(
-        self,
-        name: str,
-        table: pd.DataFrame | None = None,
-        summary: dict | None = None,
-        figures: dict | None = None,
-    ) -> Path:
-        """Write `analysis/<name>.parquet`, `<name>.json` and `<name>.<figure>.fig.json` (plotly)."""
-        if table is not None:
-            table.to_parquet(self.out / f"{name}.parquet", index=False)
-        if summary is not None:
-            atomic_write_json(self.out / f"{name}.json", _plain(summary))
-        for key, fig in (figures or {}).items():
-            atomic_write_text(self.out / f"{name}.{key}.fig.json", fig.to_json())
-        return self.out / name
+    def accuracy(self, examples: Sequence[Example] | None = None) -> Estimate:
+        """Teacher-forced exact-match accuracy of the intact model (equal to greedy decoding's),
+        with its Wilson interval; works for models without blocks too."""
+        from rim_lens.analysis.engine import Variant, score
+
+        correct, _ = score(
+            self.backend, self.builder, self.examples if examples is None else examples, [Variant()]
+        )
+        return proportion(correct[0].numpy())
 
 
-def _plain(obj):
-    """JSON-safe copy: NaN becomes null (strict JSON has no NaN), numpy scalars become Python."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if hasattr(obj, "item"):
-        obj = obj.item()
-    return None if isinstance(obj, float) and math.isnan(obj) else obj
+def held_out(run: Run, split: str = "test") -> Path:
+    """The data file of a run's split; RunError naming the command that makes it if missing."""
+    if split not in artefacts.SPLITS:
+        raise RunError(f"unknown split {split!r}; choose one of {', '.join(artefacts.SPLITS)}")
+    path = artefacts.split_path(run.path, split)
+    return path if path.exists() else run.require(artefacts.split_file(split))
 
 
 def _task_options(run: Run) -> dict:
     """The task options the run was trained with (e.g. mult's n), from its resolved config."""
-    config = yaml.safe_load(run.require("config.yaml").read_text()) or {}
+    config = yaml.safe_load(run.require(artefacts.CONFIG).read_text()) or {}
     return (config.get("task") or {}).get("options") or {}
-
-
-def load_result(run_dir: str | Path, name: str) -> pd.DataFrame:
-    """A saved analysis table; RunError naming the command that produces it if missing."""
-    path = Path(run_dir) / "analysis" / f"{name}.parquet"
-    if not path.exists():
-        raise RunError(f"{run_dir}: no {name} analysis; produce it with `rim-lens analyze {name} {run_dir}`")
-    return pd.read_parquet(path)
-
-
-def load_summary(run_dir: str | Path, name: str) -> dict:
-    path = Path(run_dir) / "analysis" / f"{name}.json"
-    if not path.exists():
-        raise RunError(f"{run_dir}: no {name} analysis; produce it with `rim-lens analyze {name} {run_dir}`")
-    return json.loads(path.read_text())

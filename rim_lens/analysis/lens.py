@@ -19,6 +19,7 @@ from sklearn.linear_model import Ridge
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rim_lens.analysis.capture import CaptureStore
+from rim_lens.analysis.sites import block_index, block_labels, checked
 from rim_lens.errors import RunError
 
 # Logits held at once (rows x vocabulary) when reading states through the unembedding.
@@ -101,14 +102,6 @@ def _final_states(store: CaptureStore) -> np.ndarray:
     return store.resid(layer=final)
 
 
-def _checked(values: Seq[int] | None, low: int, high: int, what: str) -> list[int]:
-    values = list(range(low, high + 1)) if values is None else list(values)
-    bad = [v for v in values if not low <= v <= high]
-    if bad or not values:
-        raise RunError(f"{what} {bad or values} out of range: {what}s are {low}..{high}")
-    return values
-
-
 def _log_probs(
     read: Callable[[torch.Tensor], torch.Tensor], states: np.ndarray, vocab: int
 ) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -146,12 +139,13 @@ def logit_lens(
     """
     read = unembedding(model)
     idx = _examples(store, examples)
-    blocks = _checked(blocks, 1, store.K, "block")
-    slots = _checked(slots, 0, len(store.slots) - 1, "slot")
+    blocks = checked(blocks, 1, store.K, "block")
+    slots = checked(slots, 0, len(store.slots) - 1, "slot")
     vocab = read(torch.zeros(1, store.meta["d_model"])).shape[-1]
     rows = []
     for layer in store.layers if layers is None else layers:
-        states = store.resid(layer=layer)[idx][:, np.array(blocks) - 1][:, :, slots]  # [n, blocks, slots, d]
+        columns = [block_index(k) for k in blocks]
+        states = store.resid(layer=layer)[idx][:, columns][:, :, slots]  # [n, blocks, slots, d]
         for name, lens in _lenses(tuned).items():
             translated = lens(states, layer)
             mean = sum(lp.exp().sum(0) for _, lp in _log_probs(read, translated, vocab)) / len(idx)
@@ -207,12 +201,12 @@ def lens_quality(
             rows += [
                 {
                     "layer": layer,
-                    "block": k + 1,
+                    "block": k,
                     "lens": name,
-                    "kl": float(kl[k] / count),
-                    "top1_agreement": float(agree[k] / count),
+                    "kl": float(kl[block_index(k)] / count),
+                    "top1_agreement": float(agree[block_index(k)] / count),
                     "n": count,
                 }
-                for k in range(store.K)
+                for k in block_labels(store.K)
             ]
     return pd.DataFrame(rows)

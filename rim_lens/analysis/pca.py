@@ -15,6 +15,8 @@ import pandas as pd
 from sklearn.decomposition import PCA
 
 from rim_lens.analysis.capture import CaptureStore
+from rim_lens.analysis.results import PCAResult
+from rim_lens.analysis.sites import block_index, block_labels
 from rim_lens.errors import RunError
 
 
@@ -26,11 +28,23 @@ class BlockPCA:
         all examples; in block order it is the path the memory takes through blocks 1..K.
     examples: layer, block, slot, example, pc1..pcN: the same for each chosen example.
     explained: layer, (slot when fitted per slot), component, explained_variance_ratio.
+    fits: the fitted PCA of each layer (per slot: of each (layer, slot)), to project other states.
     """
 
     trajectory: pd.DataFrame
     examples: pd.DataFrame
     explained: pd.DataFrame
+    fits: dict
+
+
+def _selected(
+    store: CaptureStore, layer: int, blocks: Seq[int] | None, slots: Seq[int] | None
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """The states of one layer [n, blocks, slots, d] and the block and slot labels kept."""
+    states = store.resid(layer=layer)  # [n, K, slots, d]
+    blocks = list(block_labels(states.shape[1])) if blocks is None else list(blocks)
+    slots = list(range(states.shape[2])) if slots is None else list(slots)
+    return states[:, [block_index(k) for k in blocks]][:, :, slots], blocks, slots
 
 
 def block_pca(
@@ -40,34 +54,38 @@ def block_pca(
     per_slot: bool = False,
     examples: Seq[int] = (),
     seed: int = 0,
+    blocks: Seq[int] | None = None,
+    slots: Seq[int] | None = None,
 ) -> BlockPCA:
     """Per layer, a PCA fitted on the states of all examples x blocks x slots (or one PCA per
-    slot with `per_slot`), and every block's projection onto it."""
+    slot with `per_slot`), and every block's projection onto it; `blocks` and `slots` (default
+    all) restrict the states used."""
     pcs = [f"pc{i}" for i in range(1, n_components + 1)]
     examples = list(examples)
     if any(not 0 <= e < store.n for e in examples):
         raise RunError(f"examples must be indices in 0..{store.n - 1}")
-    trajectory, chosen, explained = [], [], []
+    trajectory, chosen, explained, fitted = [], [], [], {}
     for layer in store.layers if layers is None else layers:
-        states = store.resid(layer=layer)  # [n, K, slots, d]
-        n, K, S, d = states.shape
-        fits = [(None, list(range(S)))] if not per_slot else [(j, [j]) for j in range(S)]
-        for fit_slot, slots in fits:
-            part = states[:, :, slots]
+        states, kept_blocks, kept_slots = _selected(store, layer, blocks, slots)
+        n, B, S, d = states.shape
+        fits = [(None, list(range(S)))] if not per_slot else [(s, [s]) for s in range(S)]
+        for fit_slot, columns in fits:
+            part = states[:, :, columns]
             pca = PCA(n_components, random_state=seed).fit(part.reshape(-1, d))
-            z = pca.transform(part.reshape(-1, d)).reshape(n, K, len(slots), n_components)
-            scope = {"layer": layer, **({} if fit_slot is None else {"slot": fit_slot})}
+            label = None if fit_slot is None else kept_slots[fit_slot]
+            fitted[layer if label is None else (layer, label)] = pca
+            z = pca.transform(part.reshape(-1, d)).reshape(n, B, len(columns), n_components)
+            scope = {"layer": layer, **({} if label is None else {"slot": label})}
             explained += [
                 {**scope, "component": i + 1, "explained_variance_ratio": float(r)}
                 for i, r in enumerate(pca.explained_variance_ratio_)
             ]
-            for k in range(K):
-                for jj, j in enumerate(slots):
-                    cell = {"layer": layer, "block": k + 1, "slot": j}
-                    trajectory.append({**cell, **dict(zip(pcs, z[:, k, jj].mean(0).tolist()))})
-                    chosen += [
-                        {**cell, "example": e, **dict(zip(pcs, z[e, k, jj].tolist()))} for e in examples
-                    ]
+            for b, k in enumerate(kept_blocks):
+                for c, column in enumerate(columns):
+                    cell = {"layer": layer, "block": k, "slot": kept_slots[column]}
+                    zk = z[:, b, c]
+                    trajectory.append({**cell, **dict(zip(pcs, zk.mean(0).tolist()))})
+                    chosen += [{**cell, "example": e, **dict(zip(pcs, zk[e].tolist()))} for e in examples]
     sort = ["layer", "slot", "block"]
     return BlockPCA(
         trajectory=pd.DataFrame(trajectory).sort_values(sort, ignore_index=True),
@@ -75,36 +93,62 @@ def block_pca(
             ["example", *sort], ignore_index=True
         ),
         explained=pd.DataFrame(explained),
+        fits=fitted,
     )
 
 
-def input_dependence(store: CaptureStore, layers: Seq[int] | None = None) -> pd.DataFrame:
+def input_dependence(
+    store: CaptureStore,
+    layers: Seq[int] | None = None,
+    blocks: Seq[int] | None = None,
+    slots: Seq[int] | None = None,
+) -> pd.DataFrame:
     """Variance across inputs within each block relative to variance across blocks.
 
     Columns: layer, block, slot, input_var (total variance over examples of that block's slot),
     block_var (total variance over blocks of the per-block mean states of that slot), ratio
     (input_var / block_var). A ratio near 0 means the blocks hold the same state whatever the
     input; a large one, that the input dominates. block_var is 0, and the ratio inf or NaN,
-    only when every block's mean state is the same (e.g. K = 1).
+    only when every block's mean state is the same (e.g. K = 1). `blocks` and `slots` (default
+    all) restrict the states used.
     """
     rows = []
     for layer in store.layers if layers is None else layers:
-        states = store.resid(layer=layer).astype(np.float64)  # [n, K, slots, d]
-        input_var = states.var(axis=0).sum(-1)  # [K, slots]
+        states, kept_blocks, kept_slots = _selected(store, layer, blocks, slots)
+        states = states.astype(np.float64)
+        input_var = states.var(axis=0).sum(-1)  # [blocks, slots]
         block_var = states.mean(0).var(axis=0).sum(-1)  # [slots]
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = input_var / block_var
-        K, S = input_var.shape
         rows += [
             {
                 "layer": layer,
-                "block": k + 1,
+                "block": k,
                 "slot": j,
-                "input_var": float(input_var[k, j]),
-                "block_var": float(block_var[j]),
-                "ratio": float(ratio[k, j]),
+                "input_var": float(input_var[b, c]),
+                "block_var": float(block_var[c]),
+                "ratio": float(ratio[b, c]),
             }
-            for k in range(K)
-            for j in range(S)
+            for b, k in enumerate(kept_blocks)
+            for c, j in enumerate(kept_slots)
         ]
     return pd.DataFrame(rows)
+
+
+def analyse(
+    store: CaptureStore,
+    layers: Seq[int] | None = None,
+    blocks: Seq[int] | None = None,
+    slots: Seq[int] | None = None,
+    per_slot: bool = False,
+    n_examples: int = 5,
+) -> PCAResult:
+    """The PCA result of a capture (or in-memory states): trajectories of the first `n_examples`,
+    explained variance, input dependence and the fitted PCAs."""
+    fit = block_pca(
+        store, layers, per_slot=per_slot, examples=range(min(n_examples, store.n)), blocks=blocks, slots=slots
+    )
+    dependence = input_dependence(store, layers, blocks=blocks, slots=slots)
+    per_layer = dependence.groupby("layer")["ratio"].mean()
+    summary = {"input_dependence_by_layer": {int(l): float(r) for l, r in per_layer.items()}, "n": store.n}
+    return PCAResult(fit.trajectory, summary, {}, fit.examples, fit.explained, dependence, fit.fits)

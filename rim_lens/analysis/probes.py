@@ -30,6 +30,8 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from rim_lens.analysis.capture import CaptureStore
+from rim_lens.analysis.sites import block_labels
+from rim_lens.errors import RunError
 
 ControlType = Callable[[dict], str]
 
@@ -173,14 +175,35 @@ def weighted_ranking(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.stack([auroc, auprc], 1)
 
 
-def _features(store: CaptureStore, layer: int, block: int, slot: int | None) -> np.ndarray:
-    """Block states of every example as [n, features]: the slots concatenated, or one slot."""
-    states = store.resid(layer=layer, block=block, slot=slot)
+Slots = int | Seq[int] | None  # one slot, several (their states concatenated), or all
+
+
+def _slot_list(slots: Slots) -> list[int] | None:
+    return [slots] if isinstance(slots, int | np.integer) else None if slots is None else list(slots)
+
+
+def _features(store: CaptureStore, layer: int, block: int, slots: Slots) -> np.ndarray:
+    """Block states of every example as [n, features]: the chosen slots (default all) concatenated."""
+    states = store.resid(layer=layer, block=block)  # [n, slots, d]; checks layer and block
+    chosen = _slot_list(slots)
+    if chosen is not None:
+        bad = [j for j in chosen if not 0 <= j < states.shape[1]]
+        if bad or not chosen:
+            raise RunError(f"slot {bad or chosen} out of range: slots are 0..{states.shape[1] - 1}")
+        states = states[:, chosen]
     return states.reshape(len(states), -1)
 
 
-def _cell(layer: int, block: int, slot: int | None) -> dict:
-    return {"layer": layer, "block": block, **({} if slot is None else {"slot": slot})}
+def _cell(layer: int, block: int, slots: Slots) -> dict:
+    chosen = _slot_list(slots)
+    where = (
+        {}
+        if chosen is None
+        else {"slot": chosen[0]}
+        if len(chosen) == 1
+        else {"slots": ",".join(map(str, chosen))}
+    )
+    return {"layer": layer, "block": block, **where}
 
 
 @dataclass
@@ -222,27 +245,26 @@ def _problem(
 
 # -- (a) correctness -----------------------------------------------------------------------------
 def correctness_probs(
-    store: CaptureStore, layer: int, slot: int | None = None, folds: int = 5, seed: int = 0, C: float = 0.1
+    store: CaptureStore, layer: int, slots: Slots = None, folds: int = 5, seed: int = 0, C: float = 0.1
 ) -> np.ndarray:
     """Out-of-fold probability that the readout after each block is correct, at one layer: [n, K]."""
-    correct, groups = store.correct(), question_groups(store)
-    probs = np.empty(correct.shape)
-    for k in range(1, store.K + 1):
-        y = correct[:, k - 1]
+    groups = question_groups(store)
+    columns = []
+    for k in block_labels(store.K):
+        y = store.correct(block=k)
         if y.all() or not y.any():
-            probs[:, k - 1] = float(y[0])
+            columns.append(np.full(len(y), float(y[0])))
         else:
-            probs[:, k - 1] = oof_proba(
-                _features(store, layer, k, slot), y, grouped_folds(y, groups, folds, seed), C
-            )[:, 1]
-    return probs
+            X = _features(store, layer, k, slots)
+            columns.append(oof_proba(X, y, grouped_folds(y, groups, folds, seed), C)[:, 1])
+    return np.stack(columns, 1)
 
 
 def probe_correctness(
     store: CaptureStore,
     layers: Seq[int] | None = None,
     blocks: Seq[int] | None = None,
-    slot: int | None = None,
+    slots: Slots = None,
     folds: int = 5,
     seed: int = 0,
     n_boot: int = 1000,
@@ -253,20 +275,21 @@ def probe_correctness(
     """Probe each (layer, block)'s states for whether the readout after that block was correct.
 
     A block whose readouts are right (or wrong) fewer than `min_class` times gets NaN: an
-    AUROC over a handful of positives is noise. Columns: layer, block, (slot if given), auroc, auroc_lo, auroc_hi, auprc, auprc_lo,
+    AUROC over a handful of positives is noise. Columns: layer, block, (slot if given), auroc,
+    auroc_lo, auroc_hi, auprc, auprc_lo,
     auprc_hi, control_auroc, selectivity (auroc - control_auroc), base_rate (the fraction
     correct, AUPRC's chance level; AUROC's is 0.5), n, note (why a cell is NaN, else "").
     """
-    correct, groups = store.correct(), question_groups(store)
+    groups = question_groups(store)
     types = np.array([control_type(ex) for ex in store.examples])
     problems: dict[int, _Problem | None] = {}  # per block, made when first needed
     rows = []
     for layer in store.layers if layers is None else layers:
-        for k in range(1, store.K + 1) if blocks is None else blocks:
-            X = _features(store, layer, k, slot)  # first: it checks layer, block and slot
-            y = correct[:, k - 1]
+        for k in block_labels(store.K) if blocks is None else blocks:
+            X = _features(store, layer, k, slots)  # first: it checks layer, block and slot
+            y = store.correct(block=k)
             row = {
-                **_cell(layer, k, slot),
+                **_cell(layer, k, slots),
                 "auroc": np.nan,
                 "auroc_lo": np.nan,
                 "auroc_hi": np.nan,
@@ -316,7 +339,7 @@ def select_answers(
     store: CaptureStore,
     source: pd.DataFrame | np.ndarray,
     layer: int | None = None,
-    slot: int | None = None,
+    slots: Slots = None,
     folds: int = 5,
     seed: int = 0,
     C: float = 0.1,
@@ -333,9 +356,11 @@ def select_answers(
     if isinstance(source, pd.DataFrame):
         if layer is None:
             layer = int(source.groupby("layer")["auroc"].mean().idxmax())
-        if slot is None and "slot" in source:
-            slot = int(source["slot"].iloc[0])
-        probs = correctness_probs(store, layer, slot, folds, seed, C)
+        if slots is None and "slot" in source:
+            slots = int(source["slot"].iloc[0])
+        elif slots is None and "slots" in source:
+            slots = [int(j) for j in str(source["slots"].iloc[0]).split(",")]
+        probs = correctness_probs(store, layer, slots, folds, seed, C)
     else:
         probs = np.asarray(source, dtype=float)
     correct = store.correct()
@@ -401,12 +426,20 @@ def _majority(labels: list[np.ndarray]) -> float:
     return float(np.mean([np.unique(y, return_counts=True)[1].max() / len(y) for y in labels]))
 
 
-def probe_values(
+Hits = dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def probe_values(store: CaptureStore, **options) -> pd.DataFrame:
+    """The table of `value_probes` (see there)."""
+    return value_probes(store, **options)[0]
+
+
+def value_probes(
     store: CaptureStore,
     layers: Seq[int] | None = None,
     blocks: Seq[int] | None = None,
     steps: Seq[int] | None = None,
-    slot: int | None = None,
+    slots: Slots = None,
     folds: int = 5,
     seed: int = 0,
     n_boot: int = 1000,
@@ -414,7 +447,7 @@ def probe_values(
     n_digits: int = 3,
     max_classes: int = 50,
     control_type: ControlType = leading_words,
-) -> pd.DataFrame:
+) -> tuple[pd.DataFrame, Hits]:
     """Probe each (layer, block)'s states for the value of each step t (examples' `values[t-1]`).
 
     Values with at most `max_classes` distinct values (or strings) are classes; larger integers
@@ -427,6 +460,10 @@ def probe_values(
     (score - control), chance and control_chance (majority-class accuracy of the real and the
     control labels: with few input types the control's class balance can differ), n, note
     (why a cell is NaN, else "").
+
+    Also returns the per-example outcomes of every fitted cell, (layer, block, step) -> (rows
+    probed, out-of-fold hits, control hits), from which a best cell can be chosen on some
+    examples and scored on others (`results.ProbeResult.best`).
     """
     n_steps = max(len(ex["values"]) for ex in store.examples)
     groups = question_groups(store)
@@ -437,13 +474,13 @@ def probe_values(
         _, rows, labels, note = targets[t]
         if not note:
             problems[t] = _problem(rows, labels, types, groups, folds, seed, (t,))
-    out = []
+    out, per_example = [], {}
     for layer in store.layers if layers is None else layers:
-        for k in range(1, store.K + 1) if blocks is None else blocks:
-            X = _features(store, layer, k, slot)
+        for k in block_labels(store.K) if blocks is None else blocks:
+            X = _features(store, layer, k, slots)
             for t, (name, rows, labels, note) in targets.items():
                 row = {
-                    **_cell(layer, k, slot),
+                    **_cell(layer, k, slots),
                     "step": t,
                     "target": name,
                     "score": np.nan,
@@ -464,10 +501,12 @@ def probe_values(
                         lambda w, hits=hits: w @ hits / w.sum(1), groups[rows], n_boot, seed
                     )
                     if pb.control_ok:
-                        row["control"] = float(_oof_hits(X[rows], pb.control, pb.control_folds, C).mean())
+                        control = _oof_hits(X[rows], pb.control, pb.control_folds, C)
+                        row["control"] = float(control.mean())
                         row["selectivity"] = row["score"] - row["control"]
                         row["control_chance"] = _majority(pb.control)
+                        per_example[(layer, k, t)] = (rows, hits, control)
                     else:
                         row["note"] = "control labels have one class (one input type)"
                 out.append(row)
-    return pd.DataFrame(out)
+    return pd.DataFrame(out), per_example

@@ -1,82 +1,217 @@
-"""The causal report card: do the memory blocks carry the reasoning?
+"""The causal report: do the memory blocks carry the reasoning?
 
-It runs ablation, knockout, patching, interchange and probes with default settings on a
-held-out set, for a RiM run and a control run (the ungrounded `pause` baseline by default),
-and writes `analysis/report.json` and `analysis/report.md` with a plain-language verdict.
+`build_report` measures a RiM run and its control (the `pause` run beside it by default) the same
+way on the same examples: ablation, knockout, interchange, patching and probes, plus the direct
+run's accuracy on those examples. It saves every analysis under each run's `analysis/` and
+writes `analysis/report.json` and `report.md`: a card of figures with 95% intervals (`CARD` says
+how each is measured) and the verdict as four findings (`verdict`).
 """
 
 from __future__ import annotations
 
-import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from rim_lens.analysis import analyses
+import numpy as np
+
+from rim_lens import artefacts
+from rim_lens.analysis import verdict
 from rim_lens.analysis.lab import Lab
+from rim_lens.analysis.results import plain
 from rim_lens.errors import RimLensError
 from rim_lens.fileio import atomic_write_json, atomic_write_text
-from rim_lens.runs import Run, open_run
+from rim_lens.methods import Method
+from rim_lens.runs import open_run
+from rim_lens.stats import Estimate
 
-KEYS = (
-    "accuracy_intact",
-    "accuracy_all_blocks_ablated",
-    "accuracy_direct_baseline",
-    "accuracy_answer_sees_no_block",
-    "interchange_transfer_rate",
-    "best_value_probe_selectivity",
-    "correctness_probe_auroc",
-    "patching_peak",
+REPORT_JSON, REPORT_MD = f"{artefacts.REPORT}.json", f"{artefacts.REPORT}.md"
+
+
+@dataclass(frozen=True)
+class Row:
+    """A figure of the card: its key, its label, and how it is measured."""
+
+    key: str
+    label: str
+    how: str
+
+
+# The card, in order: the one definition of its keys, labels and measurements.
+CARD = (
+    Row(
+        "accuracy_intact", "accuracy, blocks intact", "teacher-forced exact match (= greedy decoding); Wilson"
+    ),
+    Row(
+        "accuracy_all_blocks_ablated",
+        "accuracy, every block mean-ablated",
+        "the same, every block state (all layers and slots) set to its mean over the examples",
+    ),
+    Row("ablation_drop", "drop under ablation", "intact - ablated, paired bootstrap over examples"),
+    Row(
+        "accuracy_answer_sees_no_block",
+        "accuracy, answer sees no block",
+        "the same, every readout->block attention edge removed in every layer",
+    ),
+    Row(
+        "accuracy_direct_baseline",
+        "direct-answer baseline",
+        "the direct run beside it, teacher-forced on the same examples",
+    ),
+    Row(
+        "interchange_transfer_rate",
+        "interchange: output becomes the donor's answer",
+        "B given all of A's block states, scored on A's answer; Wilson over pairs",
+    ),
+    Row(
+        "best_value_probe_selectivity",
+        "best value-probe selectivity",
+        "score - control task; cell chosen on half the examples, scored on the other; bootstrap over "
+        "questions",
+    ),
+    Row(
+        "correctness_probe_auroc", "correctness-probe AUROC", "out of fold, the best layer's mean over blocks"
+    ),
+    Row(
+        "patching_peak_recovery",
+        "patching: peak recovery",
+        "peak (layer, block) chosen on half the pairs, recovery on the other; bootstrap over pairs",
+    ),
+    Row(
+        "test_accuracy",
+        "test accuracy (metrics.json)",
+        "greedy decoding on the whole test split, `rim-lens eval`",
+    ),
+    Row("chance_accuracy", "chance accuracy", "the task's (uniform over its answers)"),
+    Row("n", "examples", "the first n of the run's test split; the control and direct runs use the same"),
 )
+KEYS = tuple(row.key for row in CARD)
 
 
-def _sibling(run: Run, method: str) -> Path | None:
-    path = run.path.parent / method
-    return path if (path / "model").exists() else None
+def format_value(value) -> str:
+    """A card figure as shown everywhere: an interval as `0.950 [0.900, 0.980]`, a rate to three
+    decimals, a missing one as `–`."""
+    if value is None:
+        return "–"
+    if isinstance(value, dict) and "lo" in value:
+        if value.get("value") is None:
+            return "–"
+        return format_value(value["value"]) if value.get("lo") is None else str(Estimate.from_dict(value))
+    if isinstance(value, float):
+        return "–" if np.isnan(value) else f"{value:.3f}"
+    return str(value)
 
 
-def _finite(x) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+def percent(x) -> str:
+    """A rate as a percentage with one decimal (`–` if missing)."""
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}%"
 
 
-def measure(
-    run_dir: str | Path, backend: str = "hf", n: int = 200, seed: int = 0, direct: str | Path | None = None
-) -> dict:
-    """The report-card numbers of one run (its analyses are saved under its analysis/)."""
-    lab = Lab.open(run_dir, backend=backend, n=n)
-    _, ablation = analyses.run_ablate(lab, mode="mean", seed=seed)
-    _, knock = analyses.run_knockout(lab)
-    _, inter = analyses.run_interchange(lab, seed=seed)
-    try:
-        _, patch = analyses.run_patch(lab, seed=seed)
-    except RimLensError as err:  # e.g. GSM8K: only synthetic tasks can corrupt their questions
-        patch = {"peak": None, "note": str(err)}
-    _, probe = analyses.run_probe(lab, seed=seed)
+def card_value(card: dict | None, key: str) -> str:
+    """One figure of a card as shown in report.md and on the dashboard (patching names its cell)."""
+    if not card:
+        return "–"
+    shown = format_value(card.get(key))
+    peak = card.get("patching_peak")
+    if key == "patching_peak_recovery" and peak:
+        shown += f" @ layer {peak['layer']}, block {peak['block']}"
+    if key == "best_value_probe_selectivity" and card.get("best_value_probe"):
+        best = card["best_value_probe"]
+        shown += f" (step {best['step']}, block {best['block']}, layer {best['layer']})"
+    return shown
+
+
+def sibling(run_dir: str | Path, method: str | Method) -> Path | None:
+    """The run called `method` beside `run_dir` (how `rim-lens demo` lays runs out), if it has a model."""
+    path = Path(run_dir).parent / str(method)
+    return path if path != Path(run_dir) and (path / artefacts.MODEL).is_dir() else None
+
+
+def control_of(run_dir: str | Path, report: dict | None = None) -> Path | None:
+    """The control run of a report: the one it names (relative to the run), else the pause run beside it."""
+    named = ((report or {}).get("control") or {}).get("run")
+    if named:
+        path = Path(named) if Path(named).is_absolute() else Path(run_dir) / named
+        if (path / artefacts.MODEL).is_dir():
+            return path.resolve()
+    return sibling(run_dir, Method.PAUSE)
+
+
+def halves(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices split into the part a best cell is chosen on and the part it is scored on, by
+    group (question), a `verdict.SELECT_FRACTION` share of the groups for choosing."""
+    ids = np.unique(groups, return_inverse=True)[1]
+    order = np.random.default_rng(0).permutation(ids.max() + 1)
+    chosen = order[: int(round(len(order) * verdict.SELECT_FRACTION))]
+    select = np.isin(ids, chosen)
+    return np.flatnonzero(select), np.flatnonzero(~select)
+
+
+def measure(lab: Lab, seed: int = 0) -> dict:
+    """The card of one session: every analysis run, saved under its run's analysis/, and its figures."""
+    done = {}
+    ablation = lab.ablate(mode="mean", seed=seed)
+    knock = lab.knockout()
+    inter = lab.interchange(seed=seed)
+    probe = lab.probe(seed=seed)
+    for result in (ablation, knock, inter, probe):
+        result.save(lab.out)
+        done[result.record["analysis"]] = _cited(result.record)
     card = {
-        "run": str(lab.run.path),
+        "run": str(lab.run.path) if lab.run else "",
         "method": lab.spec.method,
         "n": len(lab.examples),
-        "backend": backend,
-        "accuracy_intact": ablation["accuracy_intact"],
-        "accuracy_all_blocks_ablated": ablation["accuracy_all_ablated"],
-        "ablation_mode": "mean",
-        "accuracy_answer_sees_no_block": knock["accuracy_answer_sees_no_block"],
-        "accuracy_direct_baseline": None,
-        "interchange_transfer_rate": inter["transfer_rate"],
-        "interchange_neither_rate": inter["neither"],
-        "patching_peak": patch["peak"],
-        "patching_note": patch.get("note", ""),
-        "chance_accuracy": lab.task.chance_accuracy(),
+        "examples": lab.source,
+        "backend": lab.backend.name,
         "readout_sees_question": lab.spec.readout_sees_question,
+        "chance_accuracy": lab.task.chance_accuracy(),
+        "accuracy_intact": ablation.accuracy("intact"),
+        "accuracy_all_blocks_ablated": ablation.accuracy("all"),
+        "ablation_drop": ablation.drop(),
+        "accuracy_answer_sees_no_block": knock.accuracy("answer->block", None),
+        "accuracy_direct_baseline": None,
+        "interchange_transfer_rate": inter.transfer("all"),
+        "interchange_neither_rate": inter.summary["neither"],
+        "correctness_probe_auroc": probe.summary["correctness_auroc"],
+        "patching_peak": None,
+        "patching_peak_recovery": None,
+        "patching_note": "",
     }
-    best = probe["best_value_probe"]
-    card["best_value_probe_selectivity"] = _finite(best["selectivity"]) if best else None
-    card["best_value_probe"] = best
-    card["correctness_probe_auroc"] = _finite(probe["correctness_auroc"])
-    card["probe_answer_selection"] = probe["selection"]
-    direct_dir = direct or _sibling(lab.run, "direct")
-    if direct_dir is not None and (Path(direct_dir) / "metrics.json").exists():
-        card["accuracy_direct_baseline"] = open_run(direct_dir).read_json("metrics.json")["accuracy"]
-    return card
+    select, score = halves(probe.groups)
+    best = probe.best(select_on=select, score_on=score)
+    card["best_value_probe"] = {k: v for k, v in best.items() if k != "selectivity"} if best else None
+    card["best_value_probe_selectivity"] = best["selectivity"] if best else None
+    try:
+        patched = lab.patch(seed=seed)
+    except RimLensError as err:  # e.g. GSM8K: only synthetic tasks can corrupt their questions
+        card["patching_note"] = str(err)
+    else:
+        patched.save(lab.out)
+        done["patch"] = _cited(patched.record)
+        pairs = np.arange(len(patched.clean))
+        peak = patched.peak(select_on=pairs[::2], score_on=pairs[1::2]) if len(pairs) > 1 else patched.peak()
+        if peak:
+            card["patching_peak"] = {k: v for k, v in peak.items() if k != "recovery"}
+            card["patching_peak_recovery"] = peak["recovery"]
+        card["patching_logit_gap"] = (
+            patched.summary["logit_diff_clean"] - patched.summary["logit_diff_corrupt"]
+        )
+    if lab.run and lab.run.exists(artefacts.METRICS):
+        metrics = lab.run.read_json(artefacts.METRICS)
+        ci = metrics.get("accuracy_ci")
+        n_test = metrics.get("n_eval", 0)
+        card["test_accuracy"] = (
+            Estimate(metrics["accuracy"], *ci, n_test, "wilson") if ci else metrics.get("accuracy")
+        )
+    card["done"] = done
+    card["record"] = {"model": lab.model_fingerprint}
+    return plain(card)
+
+
+def _cited(record: dict) -> dict:
+    """What a report cites of an analysis: its selection, intervention and options."""
+    options = {k: v for k, v in record.get("options", {}).items() if k not in ("examples",)}
+    return {**options, "fingerprint": record.get("fingerprint")}
 
 
 def build_report(
@@ -86,143 +221,69 @@ def build_report(
     backend: str = "hf",
     n: int = 200,
     seed: int = 0,
+    split: str = "test",
 ) -> dict:
-    """Measure the run and its control, write report.json / report.md, return the report."""
+    """Measure the run and its control on the same examples, write report.json / report.md,
+    return the report ({"run", "control", "findings", "verdict"})."""
     run = open_run(run_dir)
-    control_dir = control or _sibling(run, "pause")
-    if control is not None:
-        open_run(control)
-    report = {"run": measure(run.path, backend, n, seed, direct), "control": None}
-    if control_dir is not None:
-        report["control"] = measure(control_dir, backend, n, seed, direct)
+    lab = Lab.open(run.path, backend=backend, n=n, split=split)
+    lab.require_blocks()
+    control_dir = Path(control) if control is not None else sibling(run.path, Method.PAUSE)
+    direct_dir = Path(direct) if direct is not None else sibling(run.path, Method.DIRECT)
+    control_lab = Lab.open(control_dir, backend=backend, examples=lab.examples) if control_dir else None
+    report = {"run": measure(lab, seed), "control": None}
+    if control_lab is not None:
+        report["control"] = measure(control_lab, seed)
+        report["control"]["examples"] = f"the same {len(lab.examples)} examples as the run"
+    if direct_dir is not None:
+        direct_lab = Lab.open(direct_dir, backend=backend, examples=lab.examples)
+        report["run"]["accuracy_direct_baseline"] = direct_lab.accuracy().to_dict()
     # Paths relative to the run itself, so the report survives moving the runs folder.
     for card in filter(None, (report["run"], report["control"])):
         card["run"] = os.path.relpath(Path(card["run"]).resolve(), run.path.resolve())
-    report["verdict"] = verdict(report["run"], report["control"])
-    out = run.analysis_dir
-    atomic_write_json(out / "report.json", report)
-    atomic_write_text(out / "report.md", markdown(report))
+    found = verdict.findings(report["run"], report["control"])
+    report["findings"] = [f.to_dict() for f in found]
+    report["verdict"] = verdict.text(report["run"], found)
+    report = plain(report)
+    atomic_write_json(lab.out / REPORT_JSON, report)
+    atomic_write_text(lab.out / REPORT_MD, markdown(report))
     return report
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def verdict(r: dict, c: dict | None) -> str:
-    """What the numbers show and what they do not, in plain language."""
-    lines = []
-    intact, ablated = r["accuracy_intact"], r["accuracy_all_blocks_ablated"]
-    chance = r.get("chance_accuracy") or 0.0
-    drop = intact - ablated
-    if intact <= chance + 0.05:
-        lines.append(
-            f"The model is at chance ({_pct(intact)}), so nothing can be concluded about its blocks."
-        )
-        return " ".join(lines)
-    needed = drop >= 0.5 * (intact - chance)
-    lines.append(
-        f"Necessity: mean-ablating every memory block drops accuracy from {_pct(intact)} to {_pct(ablated)}"
-        + (
-            ", so the answers depend on the block states."
-            if needed
-            else ", so the model largely does not need its blocks."
-        )
-    )
-    if c is not None:
-        if c["accuracy_intact"] <= chance + 0.05:
-            lines.append(
-                f"The ungrounded control ({c['method']}) trained on the same data and budget stays at {_pct(c['accuracy_intact'])}: "
-                "without grounding the blocks did not become useful, so its ablations have nothing to remove."
-            )
-        else:
-            lines.append(
-                f"The ungrounded control ({c['method']}), trained on the same data and budget, reaches "
-                f"{_pct(c['accuracy_intact'])} and falls to {_pct(c['accuracy_all_blocks_ablated'])} under the same ablation."
-            )
-    if r.get("accuracy_direct_baseline") is not None:
-        d = r["accuracy_direct_baseline"]
-        lines.append(
-            f"A direct-answer model trained on the same data reaches {_pct(d)}; RiM with intact blocks reaches {_pct(intact)}"
-            + (" — the blocks add accuracy over answering directly." if intact > d + 0.05 else ".")
-        )
-    t, neither = r["interchange_transfer_rate"], r.get("interchange_neither_rate")
-    content = f"Content: giving a question another example's block states makes the model output that example's answer in {_pct(t)} of pairs"
-    if t >= 0.3:
-        content += ", so the blocks carry answer-specific information."
-    elif needed and neither is not None and neither >= 0.5:
-        content += (
-            f"; {_pct(neither)} of outputs are neither answer, so the blocks do not hold a self-contained answer: "
-            "the readout combines what they hold with the question."
-        )
-    else:
-        content += ", so little of the answer travels in the blocks alone."
-    lines.append(content)
-    p = r["patching_peak"]
-    if p is not None:
-        lines.append(
-            f"Location: patching clean block states into a corrupted run recovers at most {p['recovery']:.2f} of the clean logit difference, at layer {p['layer']}, block {p['block']}."
-        )
-    else:
-        lines.append(
-            f"Location: activation patching was not run ({r.get('patching_note') or 'no clean/corrupt pairs'})."
-        )
-    best = r.get("best_value_probe")
-    if best and best["selectivity"] > 0.05:
-        lines.append(
-            f"Intermediate values: the best linear probe reads step {best['step']}'s value from block {best['block']} at layer {best['layer']} "
-            f"with score {best['score']:.2f} against {best['control']:.2f} on a control task (selectivity {best['selectivity']:.2f})."
-        )
-    elif best:
-        lines.append(
-            f"Intermediate values: no linear probe reads a step's value from the blocks better than its control task "
-            f"(best selectivity {best['selectivity']:.2f})."
-        )
-    if r.get("correctness_probe_auroc") is not None:
-        lines.append(
-            f"A linear probe predicts whether a block's readout is right with AUROC {r['correctness_probe_auroc']:.2f}."
-        )
-    if not r.get("readout_sees_question", True):
-        lines.append(
-            "Caveat: this model's readout cannot see the question (readout_sees_question: false), so every answer "
-            "must pass through the blocks by construction; necessity and transfer are expected here, and the "
-            "informative numbers are where the information sits (patching) and what the blocks encode (probes)."
-        )
-    lines.append(
-        "What this does not show: probes are correlational; ablation, patching and interchange show that block states carry "
-        "information the answer uses, not that the computation inside them follows the chain-of-thought steps; "
-        f"these numbers come from {r['n']} held-out examples of one small task and model."
-    )
-    return " ".join(lines)
-
-
 def markdown(report: dict) -> str:
+    """report.md: the four findings, the card with how each figure was measured, what was done."""
     r, c = report["run"], report["control"]
-    head = f"| metric | {r['method']} ({r['run']}) |" + (
+    lines = ["# Do the memory blocks carry the reasoning?", ""]
+    lines += ["## Verdict", "", "| finding | outcome | run | control |", "|---|---|---|---|"]
+    for f in map(verdict.Finding.from_dict, report.get("findings", [])):
+
+        def shown(values: dict[str, Estimate]) -> str:
+            return "; ".join(f"{k} {v}" for k, v in values.items()) or "–"
+
+        lines.append(f"| {f.name} | **{f.outcome}** | {shown(f.run)} | {shown(f.control)} |")
+    lines += ["", *[f"- {line}" for line in report["verdict"].splitlines()], ""]
+    lines += ["## The card", ""]
+    head = f"| figure | how it is measured | {r['method']} ({r['run']}) |" + (
         f" control: {c['method']} ({c['run']}) |" if c else ""
     )
-    sep = "|---|---|" + ("---|" if c else "")
+    lines += [head, "|---|---|---|" + ("---|" if c else "")]
+    for row in CARD:
+        lines.append(
+            f"| {row.key} | {row.how} | {card_value(r, row.key)} |"
+            + (f" {card_value(c, row.key)} |" if c else "")
+        )
+    lines += ["", f"Examples: {r.get('examples')}; backend {r.get('backend')}.", "", "## What was done", ""]
+    for who, card in (("run", r), ("control", c)):
+        for analysis, options in ((card or {}).get("done") or {}).items():
+            cited = ", ".join(f"{k} `{_short(v)}`" for k, v in options.items() if v is not None)
+            lines.append(f"- {who}, {analysis}: {cited}")
+    return "\n".join(lines) + "\n"
 
-    def fmt(card: dict, key: str) -> str:
-        v = card.get(key)
-        if isinstance(v, dict):
-            return ", ".join(
-                f"{k} {val:.3f}" if isinstance(val, float) else f"{k} {val}" for k, val in v.items()
-            )
-        return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
-    rows = [f"| {k} | {fmt(r, k)} |" + (f" {fmt(c, k)} |" if c else "") for k in KEYS]
-    return "\n".join(
-        [
-            "# Do the memory blocks carry the reasoning?",
-            "",
-            head,
-            sep,
-            *rows,
-            "",
-            "## Verdict",
-            "",
-            report["verdict"],
-            "",
-        ]
-    )
+def _short(value):
+    """A cited option as shown in report.md: long lists (e.g. patch sources) by their length."""
+    if isinstance(value, dict):
+        return {k: _short(v) for k, v in value.items()}
+    if isinstance(value, list) and len(value) > 6:
+        return f"[{len(value)} items]"
+    return value

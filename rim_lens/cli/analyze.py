@@ -1,10 +1,12 @@
-"""`rim-lens analyze WHAT RUN`: capture, pca, probe, lens, ablate, knockout, patch, interchange, report."""
+"""`rim-lens analyze WHAT RUN`: the analyses of `rim_lens.artefacts.ANALYSES`, each a `Lab` method."""
 
 from __future__ import annotations
 
 import argparse
 
-WHATS = ("capture", "pca", "probe", "lens", "ablate", "knockout", "patch", "interchange", "report")
+from rim_lens.artefacts import ANALYSES, SPLITS
+
+WHATS = tuple(ANALYSES)
 
 
 def _int_list(text: str) -> list[int] | None:
@@ -25,15 +27,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "analyze",
         help="causal and representational analyses of a run's memory blocks",
-        description="Results go to RUN/analysis/ as parquet tables, JSON summaries and plotly figure specs.",
+        description="Results go to RUN/analysis/ as parquet tables, JSON summaries (with a record of "
+        "what was done) and plotly figure specs.",
     )
     p.add_argument("what", choices=WHATS)
     p.add_argument("run", help="run directory, e.g. runs/demo/rim")
     p.add_argument(
         "--backend", choices=("hf", "tl", "nnsight"), default="hf", help="hook backend (default: hf)"
     )
-    p.add_argument("--n", type=int, default=200, help="held-out examples to analyse (default: 200)")
-    p.add_argument("--data", help="analyse the examples of this data file instead of the run's held-out set")
+    p.add_argument("--n", type=int, default=200, help="examples to analyse (default: 200)")
+    p.add_argument("--split", choices=SPLITS, default="test", help="the run's data split (default: test)")
+    p.add_argument("--data", help="analyse the examples of this data file instead of the run's split")
     p.add_argument("--layers", type=_int_list, default=None, help="layers, e.g. 0,2-3 (default: all)")
     p.add_argument("--blocks", type=_int_list, default=None, help="blocks (1-based), e.g. 1-4 (default: all)")
     p.add_argument("--slots", type=_int_list, default=None, help="slots in a block, 0..M+1 (default: all)")
@@ -49,12 +53,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_analyze)
 
 
+def _options(args: argparse.Namespace) -> dict:
+    """The Lab method's arguments for `args.what`."""
+    where = dict(layers=args.layers, blocks=args.blocks, slots=args.slots)
+    return {
+        "capture": dict(layers=args.layers, attn=args.attn, refresh=True),
+        "pca": where,
+        "probe": {**where, "seed": args.seed},
+        "lens": where,
+        "ablate": {**where, "mode": args.mode, "grid": args.grid, "seed": args.seed},
+        "knockout": where,
+        "patch": {**where, "per_slot": args.per_slot, "seed": args.seed},
+        "interchange": {**where, "seed": args.seed},
+    }[args.what]
+
+
 def _analyze(args: argparse.Namespace) -> int:
     if args.what == "report":
         from rim_lens.analysis.report import build_report
 
         report = build_report(
-            args.run, control=args.control, direct=args.direct, backend=args.backend, n=args.n, seed=args.seed
+            args.run,
+            control=args.control,
+            direct=args.direct,
+            backend=args.backend,
+            n=args.n,
+            seed=args.seed,
+            split=args.split,
         )
         print(report["verdict"])
         return 0
@@ -63,13 +88,18 @@ def _analyze(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
-    from rim_lens.analysis import analyses
     from rim_lens.analysis.lab import Lab
+    from rim_lens.analysis.results import plain
 
-    lab = Lab.open(args.run, backend=args.backend, n=args.n, data=args.data)
-    table, summary = getattr(analyses, f"run_{args.what}")(lab, **vars(args))
+    lab = Lab.open(args.run, backend=args.backend, n=args.n, split=args.split, data=args.data)
+    result = getattr(lab, args.what)(**_options(args))
+    out = result.save(lab.out)
     with pd.option_context("display.max_rows", 60, "display.width", 160):
-        print(table.round(3).to_string(index=False))
-    print(json.dumps(summary, indent=1))
-    print(f"results in {lab.out}/")
+        print(
+            result.table.drop(columns=["readouts", "correct"], errors="ignore")
+            .round(3)
+            .to_string(index=False)
+        )
+    print(json.dumps(plain(result.summary), indent=1))
+    print(f"results in {out}/")
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence as Seq
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -32,19 +31,14 @@ def greedy_decode(
     pad_id: int,
     max_new_tokens: int,
     sees_question: bool = True,
-    prefill_context: AbstractContextManager | None = None,
 ) -> Decoded:
-    """Decode greedily from left-padded prompts until every row emits `eos_id`.
-
-    `prefill_context` wraps only the prompt's forward pass: interventions on block states
-    (e.g. `HFBackend.editing`) live there, and the cache carries them into decoding.
-    """
+    """Decode greedily from left-padded prompts until every row emits `eos_id` (with a KV cache;
+    decoding under an intervention, on any hook backend, is `rim_lens.analysis.engine.decode`)."""
     start = time.perf_counter()
     batch = collate(prompts, pad_id, sees_question, side="left")
     roles, blocks, positions = batch.roles, batch.blocks, batch.position_ids
     cache = DynamicCache()
-    with prefill_context or nullcontext():
-        logits = model(**batch.model_inputs(), past_key_values=cache, use_cache=True).logits
+    logits = model(**batch.model_inputs(), past_key_values=cache, use_cache=True).logits
     passes, step_times = 1, []
     tokens: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool)

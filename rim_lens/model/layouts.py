@@ -179,9 +179,17 @@ class SequenceBuilder:
             return seq
         n = (self.spec.K if n_blocks is None else n_blocks) if self.spec.uses_blocks else 0
         self._add_blocks(seq, n)
-        for tok in self.prefix:
-            seq.add(tok, seq.positions[-1] + 1, Role.READOUT, block=n)
+        return self.extend(seq, self.prefix)
+
+    def extend(self, seq: Layout, tokens: Seq[int]) -> Layout:
+        """`seq` followed by `tokens` as readout tokens of its last block (e.g. generated ones)."""
+        for tok in tokens:
+            seq.add(tok, seq.positions[-1] + 1, Role.READOUT, block=seq.blocks[-1])
         return seq
+
+    def collate(self, seqs: Seq[Layout], side: str = "right") -> Batch:
+        """`collate` with this tokenizer's padding and this spec's readout visibility."""
+        return collate(seqs, self.tokenizer.pad_token_id, self.spec.readout_sees_question, side)
 
 
 # -- batching ------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """rim-lens dashboard: `rim-lens dashboard [RUNS_DIR]`, or
 `streamlit run dashboards/app.py -- --runs RUNS_DIR` (the RIM_LENS_RUNS variable also sets it).
 
-Pages: Runs, Memory explorer, Probes, Causal, Playground. It reads run directories under the
-runs root only, and writes (under a run's analysis/) only when an analysis is started here.
+Pages (one module each in `dashboards/views/`): Runs, Memory explorer, Probes, Causal, Playground.
+It reads run directories under the runs root only, and writes (under a run's analysis/) only
+when an analysis is started here.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboards import core
-from dashboards.views import PAGES, Context
+from dashboards.ui import Context
+from dashboards.views import PAGES
 
 
 def main() -> None:
@@ -23,14 +25,16 @@ def main() -> None:
 
     if not root.path.exists():
         st.error(
-            f"The runs directory {root.shown} does not exist ({root.path}). Train RiM and its baselines into it with:"
+            f"The runs directory {root.shown} does not exist ({root.path}). "
+            "Train RiM and its baselines into it with:"
         )
         core.command(f"rim-lens demo --runs-dir {root.shown}/demo")
         st.caption("or start the dashboard on another folder: `rim-lens dashboard RUNS_DIR`.")
         return
     if not root.path.is_dir():
         st.error(
-            f"{root.shown} is not a directory; give the folder that holds the runs: `rim-lens dashboard RUNS_DIR`."
+            f"{root.shown} is not a directory; give the folder that holds the runs: `rim-lens dashboard "
+            "RUNS_DIR`."
         )
         return
     runs, refused = core.discover(root)
@@ -52,7 +56,8 @@ def main() -> None:
 
     if not runs and picked is None:
         st.warning(
-            f"No runs under {root.shown} ({root.path}): no folder with config.yaml or model/. Create some with:"
+            f"No runs under {root.shown} ({root.path}): no folder with config.yaml or model/. Create some "
+            "with:"
         )
         core.command(f"rim-lens demo --runs-dir {root.shown}/demo")
         return

@@ -22,10 +22,12 @@ from typing import Any
 import streamlit as st
 import yaml
 
+from rim_lens import artefacts
+from rim_lens.artefacts import PRODUCERS
 from rim_lens.errors import RimLensError, RunError
 from rim_lens.fileio import read_jsonl
 from rim_lens.methods import Method
-from rim_lens.runs import PRODUCERS
+from rim_lens.model.memory import SPEC_FILENAME
 
 ENV_RUNS = "RIM_LENS_RUNS"
 DEFAULT_RUNS = "runs"
@@ -85,7 +87,7 @@ class Root:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() or (path / "model").is_dir()
+    return (path / artefacts.CONFIG).is_file() or (path / artefacts.MODEL).is_dir()
 
 
 @dataclass(frozen=True)
@@ -250,22 +252,15 @@ def read(root: Root, run: RunInfo, name: str) -> Any:
     try:
         return reader(str(path), stamp(path))
     except RunError as err:
-        fix = producer(run, name) or (
-            f"rim-lens analyze {analysis_name(name)} {run.shown}" if name.startswith("analysis/") else ""
-        )
+        analysis = name.startswith(f"{artefacts.ANALYSIS}/")
+        fix = f"rim-lens analyze {analysis_name(name)} {run.shown}" if analysis else producer(run, name)
         raise RunError(f"{err}" + (f"; produce it again with `{fix}`" if fix else "")) from None
 
 
 def analysis_name(name: str) -> str:
-    stem = Path(name).name.split(".")[0]
-    return {
-        "probe_correctness": "probe",
-        "probe_values": "probe",
-        "pca_examples": "pca",
-        "pca_explained": "pca",
-        "pca_input_dependence": "pca",
-        "lens_quality": "lens",
-    }.get(stem, stem)
+    """The analysis that writes `analysis/<name>` (e.g. probe_values.parquet -> probe,
+    capture/meta.json -> capture)."""
+    return artefacts.analysis_of(name.removeprefix(f"{artefacts.ANALYSIS}/").split("/")[0].split(".")[0])
 
 
 # -- run facts -----------------------------------------------------------------------------------
@@ -284,7 +279,7 @@ def run_summary(root: Root, run: RunInfo) -> dict:
     }
     problems = []
     try:
-        cfg = read(root, run, "config.yaml") or {}
+        cfg = read(root, run, artefacts.CONFIG) or {}
     except RunError as err:
         cfg, problems = {}, [str(err)]
     model = cfg.get("model") or {}
@@ -302,7 +297,7 @@ def run_summary(root: Root, run: RunInfo) -> dict:
     if row["method"] in BLOCK_METHODS:
         row["K"], row["M"] = mem.get("K"), mem.get("M")
     try:
-        status = read(root, run, "status.json")
+        status = read(root, run, artefacts.STATUS)
         if status:
             row["status"] = status.get("status", "unknown")
             row["error"] = status.get("error", "")
@@ -310,7 +305,7 @@ def run_summary(root: Root, run: RunInfo) -> dict:
     except RunError as err:
         row["status"], problems = "corrupt status.json", problems + [str(err)]
     try:
-        metrics = read(root, run, "metrics.json")
+        metrics = read(root, run, artefacts.METRICS)
         if metrics:
             row["accuracy"] = metrics.get("accuracy")
     except RunError as err:
@@ -322,13 +317,13 @@ def run_summary(root: Root, run: RunInfo) -> dict:
 
 def uses_blocks(root: Root, run: RunInfo) -> bool:
     try:
-        spec = read(root, run, "model/rim_memory.json")
+        spec = read(root, run, f"{artefacts.MODEL}/{SPEC_FILENAME}")
     except RunError:
         spec = None
     if spec:
         return spec.get("method") in BLOCK_METHODS
     try:
-        cfg = read(root, run, "config.yaml") or {}
+        cfg = read(root, run, artefacts.CONFIG) or {}
     except RunError:
         return False
     return cfg.get("method") in BLOCK_METHODS
@@ -360,13 +355,15 @@ def model_lock(lab) -> threading.Lock:
 
 
 def lab(root: Root, run: RunInfo):
-    """A `rim_lens.analysis.lab.Lab` of the run (model, tokenizer, spec, task, builder, hf backend and
-    all held-out examples), loaded once per checkpoint."""
+    """A `rim_lens.Lab` of the run (model, tokenizer, spec, task, builder, hf backend and all its
+    test examples), loaded once per checkpoint and data file."""
     check_tree(root, run.path)
-    if artefact(root, run, "model") is None:
+    if artefact(root, run, artefacts.MODEL) is None:
         raise RunError(f"{run.shown}: run has no model; produce it with `rim-lens train RECIPE`")
-    if artefact(root, run, "data/eval.jsonl") is None:
+    held_out = artefacts.split_path(run.path, "test")
+    name = held_out.relative_to(run.path).as_posix()
+    if artefact(root, run, name) is None:
         raise RunError(
-            f"{run.shown}: run has no data/eval.jsonl (the held-out set); produce it with `rim-lens train RECIPE`"
+            f"{run.shown}: run has no {name} (the test set); produce it with `rim-lens train RECIPE`"
         )
-    return _lab(str(run.path), tree_stamp(run.path / "model"), stamp(run.path / "data" / "eval.jsonl"))
+    return _lab(str(run.path), tree_stamp(run.path / artefacts.MODEL), stamp(held_out))

@@ -10,6 +10,7 @@ Chromium comes from apt (`apt-get install -y chromium`; `make test` does it); ne
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -132,8 +133,10 @@ def shot(page, name: str) -> Path:
     SHOTS.mkdir(parents=True, exist_ok=True)
     path = SHOTS / f"{name}.png"
     size = page.viewport_size
-    height = page.evaluate("""() => Math.max(800, ...Array.from(
-        document.querySelectorAll('[data-testid="stMain"], [data-testid="stAppViewContainer"]'), e => e.scrollHeight))""")
+    panes = '[data-testid="stMain"], [data-testid="stAppViewContainer"]'
+    height = page.evaluate(
+        f"() => Math.max(800, ...Array.from(document.querySelectorAll('{panes}'), e => e.scrollHeight))"
+    )
     page.set_viewport_size({"width": size["width"], "height": min(int(height), 5000)})
     time.sleep(0.5)
     page.screenshot(path=str(path))
@@ -151,8 +154,8 @@ def go_to(page, name: str, expect: str) -> None:
 def wait_idle(page) -> None:
     """Until Streamlit has finished the script run (no stale elements, no running indicator)."""
     page.wait_for_function(
-        """() => !document.querySelector('[data-stale="true"]')
-        && !document.querySelector('[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"]')""",
+        """() => !document.querySelector('[data-stale="true"]') && !document.querySelector(
+        '[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"]')""",
         timeout=TIMEOUT_MS,
     )
 
@@ -212,12 +215,13 @@ def update_docs_screenshot(page) -> None:
     page.get_by_label("Held-out examples per analysis").press("Enter")
     wait_idle(page)
     page.get_by_role("button", name="Run causal report").click()
-    page.get_by_text("Necessity:").wait_for(timeout=TIMEOUT_MS)
+    page.get_by_role("heading", name=re.compile("^Necessity: ")).wait_for(timeout=TIMEOUT_MS)
     page.wait_for_selector(CHART, timeout=TIMEOUT_MS)
     wait_idle(page)
     shot(page, "6-causal-report")
-    # The README picture: RiM's ablation and patching beside the ungrounded control's.
-    page.get_by_role("heading", name="Ablation").evaluate("h => h.scrollIntoView({block: 'start'})")
+    # The README picture: the first finding, its intervals, and RiM's ablation beside the control's.
+    heading = page.get_by_role("heading", name=re.compile("^Necessity: "))
+    heading.evaluate("h => h.scrollIntoView({block: 'start'})")
     page.mouse.move(5, 790)  # no hover toolbar on the charts
     time.sleep(0.5)
     DOCS_SHOT.parent.mkdir(parents=True, exist_ok=True)

@@ -176,7 +176,7 @@ def test_runs_page_lists_runs_training_and_evaluation(monkeypatch, fresh_root):
 # -- Memory explorer -----------------------------------------------------------------------------
 def test_memory_explorer_example_tokens_readouts_states(monkeypatch, fresh_root):
     root = fresh_root
-    examples = jsonl(root / "demo/rim/data/eval.jsonl")
+    examples = jsonl(root / "demo/rim/data/test.jsonl")
     predictions = jsonl(root / "demo/rim/predictions.jsonl")
     at = open_app(monkeypatch, root, "Memory explorer")
     assert at.selectbox(key="explorer.run").value == "demo/rim"
@@ -260,7 +260,7 @@ def run_intervention(at: AppTest, example: int) -> tuple[dict, pd.DataFrame]:
 
 
 def test_playground_ablation_changes_the_prediction(monkeypatch, sample_root):
-    examples = jsonl(sample_root / "demo/rim/data/eval.jsonl")
+    examples = jsonl(sample_root / "demo/rim/data/test.jsonl")
     predicted = [p["prediction"] for p in jsonl(sample_root / "demo/rim/predictions.jsonl")]
     at = open_app(monkeypatch, sample_root, "Playground")
     assert at.selectbox(key="play.run").value == "demo/rim"
@@ -341,15 +341,28 @@ def test_causal_report_from_the_page_then_probes(monkeypatch, fresh_root):
     report = json.loads((root / "demo/rim/analysis/report.json").read_text())
     assert (root / "demo/pause/analysis/ablate.parquet").exists()
     card = at.dataframe[0].value.set_index("metric")
-    assert list(card.columns) == ["rim", "control: pause"]
+    assert list(card.columns) == ["rim", "control: pause", "how it is measured"]
     assert card.loc["examples", "rim"] == "48"
     for label, key in (
         ("accuracy, blocks intact", "accuracy_intact"),
-        ("accuracy, all blocks mean-ablated", "accuracy_all_blocks_ablated"),
+        ("accuracy, every block mean-ablated", "accuracy_all_blocks_ablated"),
     ):
-        assert card.loc[label, "rim"] == f"{report['run'][key]:.3f}"
-        assert card.loc[label, "control: pause"] == f"{report['control'][key]:.3f}"
-    assert report["verdict"] in messages(at, "markdown")
+        for column, which in (("rim", "run"), ("control: pause", "control")):
+            e = report[which][key]
+            assert card.loc[label, column] == f"{e['value']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]"
+        assert card.loc[label, "how it is measured"]
+    for line in report["verdict"].splitlines():
+        assert line in messages(at, "markdown")
+    # The verdict as four findings: outcome, detail, and the run's and control's intervals.
+    subheaders = messages(at, "subheader")
+    for finding in report["findings"]:
+        assert f"{finding['name'].capitalize()}: {finding['outcome']}" in subheaders
+        assert finding["detail"] in messages(at, "info") + messages(at, "success")
+        intervals = chart(at, f"{finding['name'].capitalize()}: ")
+        if finding["run"]:
+            labels = set(intervals["data"][0]["x"])
+            assert {f"run: {k}" for k in finding["run"]} <= labels
+            assert {f"control: {k}" for k in finding["control"]} <= labels
     titles = list(charts(at))
     for name in ("Mean ablation of block states", "Patching: recovery", "Attention knockout", "Interchange"):
         # the run and its control side by side
@@ -459,9 +472,9 @@ def test_paths_outside_the_root_are_refused(monkeypatch, sample_root, tmp_path):
     shutil.copytree(sample_root / "demo" / "rim", root / "ok" / "rim")
     shutil.copytree(sample_root / "demo" / "rim", root / "leaky" / "rim")
     secret = tmp_path / "secret.jsonl"
-    shutil.copy(root / "leaky" / "rim" / "data" / "eval.jsonl", secret)
-    (root / "leaky" / "rim" / "data" / "eval.jsonl").unlink()
-    (root / "leaky" / "rim" / "data" / "eval.jsonl").symlink_to(secret)  # a file linking outside the root
+    shutil.copy(root / "leaky" / "rim" / "data" / "test.jsonl", secret)
+    (root / "leaky" / "rim" / "data" / "test.jsonl").unlink()
+    (root / "leaky" / "rim" / "data" / "test.jsonl").symlink_to(secret)  # a file linking outside the root
     (root / "escape").symlink_to(
         sample_root / "demo" / "rim", target_is_directory=True
     )  # a run linking outside
@@ -499,7 +512,7 @@ def test_paths_outside_the_root_are_refused(monkeypatch, sample_root, tmp_path):
     # Picked from the list, the run whose file links outside is refused when its files are read.
     at = open_app(monkeypatch, root, "Memory explorer")
     assert at.selectbox(key="explorer.run").value == "leaky/rim"
-    assert "refused, a link to" in messages(at, "warning") and "eval.jsonl" in messages(at, "warning")
+    assert "refused, a link to" in messages(at, "warning") and "test.jsonl" in messages(at, "warning")
     at.selectbox(key="explorer.run").set_value("ok/rim").run()
     assert_no_exception(at)
     assert not at.main.warning, messages(at.main, "warning")

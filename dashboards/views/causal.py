@@ -1,0 +1,171 @@
+"""Causal: the report's verdict as four findings (necessity, sufficiency, decodability, location),
+each with its intervals, the control's, its figures for both runs, and the card behind them."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from dashboards import core
+from dashboards.core import RunInfo, command, missing, section
+from dashboards.ui import Context, chart, choose
+from rim_lens import artefacts
+from rim_lens.analysis import figures
+from rim_lens.analysis.report import CARD, REPORT_JSON, card_value, control_of, sibling
+from rim_lens.analysis.verdict import SUPPORTED, Finding
+from rim_lens.methods import Method
+
+# The saved analysis each finding is drawn from, and how to draw it.
+FIGURES = {
+    "necessity": ("Ablation", "ablate", figures.ablation_bars),
+    "sufficiency": ("Interchange", "interchange", figures.interchange_matrix),
+    "decodability": ("Value probes", "probe_values", figures.value_probe_heatmap),
+    "location": (
+        "Activation patching",
+        "patch",
+        lambda t: figures.layer_block_heatmap(
+            t, "recovery", "Patching: recovery of the clean answer", zmid=0
+        ),
+    ),
+}
+KNOCKOUT = ("Attention knockout", "knockout", figures.knockout_bars)
+
+
+def page(ctx: Context) -> None:
+    st.header("Causal tests: do the memory blocks carry the reasoning?")
+    run = choose(ctx, ctx.block_runs(), "causal.run")
+    if run is None:
+        return
+    report = None
+    with section("report card"):
+        report = core.read(ctx.root, run, f"{artefacts.ANALYSIS}/{REPORT_JSON}")
+        if report is None:
+            missing(
+                run,
+                f"causal report ({artefacts.ANALYSIS}/{REPORT_JSON})",
+                f"rim-lens analyze report {run.shown}",
+                "ablation, knockout, patching, interchange and probes on the run and its control",
+            )
+        else:
+            _card(report)
+    with st.expander(
+        "Run the causal report from here" if report is None else "Run the causal report again",
+        expanded=report is None,
+    ):
+        _report_button(ctx, run)
+
+    control = _control(ctx, run, report)
+    pairs = [(run.path.name if run.path.name in (Method.RIM, Method.PAUSE) else "run", run)]
+    pairs += [("control", control)] if control else []
+    found = {f["name"]: Finding.from_dict(f) for f in (report or {}).get("findings", [])}
+    for name, spec in [*FIGURES.items(), ("knockout", KNOCKOUT)]:
+        finding = found.get(name)
+        st.subheader(f"{name.capitalize()}: {finding.outcome}" if finding else spec[0])
+        if finding:
+            (st.success if finding.outcome == SUPPORTED else st.info)(finding.detail)
+            _intervals(finding)
+        _figures(ctx, pairs, *spec)
+    if control is None:
+        st.caption(
+            "No control run found (a `pause` run beside this one); train one with "
+            "`rim-lens train RECIPE --set method=pause`."
+        )
+
+
+def _card(report: dict) -> None:
+    r, c = report.get("run") or {}, report.get("control")
+    if "findings" not in report:
+        st.warning("This report predates the four findings with intervals; run the report again.")
+    columns = {
+        "metric": [row.label for row in CARD],
+        r.get("method", "run"): [card_value(r, row.key) for row in CARD],
+    }
+    if c:
+        columns[f"control: {c.get('method', 'control')}"] = [card_value(c, row.key) for row in CARD]
+    columns["how it is measured"] = [row.how for row in CARD]
+    st.dataframe(pd.DataFrame(columns), hide_index=True, width="stretch")
+    st.caption(f"Examples: {r.get('examples')}; backend {r.get('backend')}. Intervals are 95%.")
+    with st.expander("The verdict in words"):
+        st.markdown(report.get("verdict", "(no verdict recorded)").replace("\n", "\n\n"))
+
+
+def _intervals(finding: Finding) -> None:
+    """The finding's figures for the run and the control, with their intervals."""
+    values = {f"run: {k}": v for k, v in finding.run.items()} | {
+        f"control: {k}": v for k, v in finding.control.items()
+    }
+    colors = {k: Method.RIM.color if k.startswith("run") else Method.PAUSE.color for k in values}
+    title = f"{finding.name.capitalize()}: {finding.figure}"
+    fig = figures.estimates(values, title, finding.reference, colors).update_layout(height=340)
+    chart(fig, key=f"causal.{finding.name}.intervals")
+
+
+def _figures(ctx: Context, pairs: list[tuple[str, RunInfo]], title: str, stem: str, build) -> None:
+    """The saved analysis `stem` of the run and the control side by side."""
+    cols = st.columns(len(pairs))
+    for col, (who, r) in zip(cols, pairs):
+        with col, section(f"{stem} of {r.shown}"):
+            table = core.read(ctx.root, r, f"{artefacts.ANALYSIS}/{stem}.parquet")
+            what = artefacts.analysis_of(stem)
+            if table is None:
+                st.caption(f"{who}: {r.name}")
+                missing(
+                    r,
+                    f"{what} results ({artefacts.ANALYSIS}/{stem}.parquet)",
+                    f"rim-lens analyze {what} {r.shown}",
+                )
+                continue
+            fig = build(table)
+            fig.update_layout(title=f"{fig.layout.title.text}<br><sup>{who}: {r.name}</sup>")
+            if stem in ("patch", "interchange"):  # "0", "1", "all": categories, not numbers
+                fig.update_xaxes(type="category").update_yaxes(type="category")
+            chart(fig, key=f"causal.{stem}.{who}")
+
+
+def _report_button(ctx: Context, run: RunInfo) -> None:
+    control, direct = sibling(run.path, Method.PAUSE), sibling(run.path, Method.DIRECT)
+    note = (
+        f"control: {core.Root.display(ctx.root, control)}"
+        if control
+        else "no pause run beside it: no control"
+    )
+    n = st.number_input(
+        "Held-out examples per analysis",
+        min_value=8,
+        max_value=5000,
+        value=200,
+        step=8,
+        key=f"report.n.{run.name}",
+    )
+    st.caption(f"Writes {run.shown}/{artefacts.ANALYSIS}/{REPORT_JSON} and report.md ({note}). Same as:")
+    command(f"rim-lens analyze report {run.shown} --n {int(n)}")
+    if st.button("Run causal report", key=f"report.go.{run.name}"):
+        from rim_lens.analysis.report import build_report
+
+        with (
+            section("rim-lens analyze report"),
+            st.spinner("Running ablation, knockout, patching, interchange and probes…"),
+        ):
+            core.check_tree(ctx.root, run.path)
+            for other in filter(None, (control, direct)):
+                core.check_tree(ctx.root, ctx.root.inside(other))
+            control_dir = ctx.root.inside(control) if control else None
+            direct_dir = ctx.root.inside(direct) if direct else None
+            build_report(run.path, control=control_dir, direct=direct_dir, n=int(n))
+            st.rerun()
+
+
+def _control(ctx: Context, run: RunInfo, report: dict | None) -> RunInfo | None:
+    """The control run the report names, if it lies under the root, else the pause run beside it."""
+    for path in dict.fromkeys(filter(None, (control_of(run.path, report), sibling(run.path, Method.PAUSE)))):
+        try:
+            path = ctx.root.inside(path)
+        except core.OutsideRoot:
+            st.caption(
+                f"The report's control run {path} is not under the runs root; showing the one beside this "
+                "run."
+            )
+            continue
+        if path != run.path and core.is_run_dir(path):
+            return RunInfo(path.relative_to(ctx.root.path).as_posix(), path, ctx.root.display(path))
+    return None

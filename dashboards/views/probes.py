@@ -1,0 +1,104 @@
+"""Probes: whether a block knows its readout is right, which block holds which step's value, and
+answering with the block a probe trusts most (from the run's saved probe analysis)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from dashboards import core
+from dashboards.core import missing, section
+from dashboards.ui import Context, analysis_button, chart, choose
+from rim_lens import artefacts
+from rim_lens.analysis import figures
+from rim_lens.analysis.report import percent
+
+CORRECTNESS, VALUES = (f"{artefacts.ANALYSIS}/{stem}" for stem in artefacts.ANALYSES["probe"])
+
+
+def page(ctx: Context) -> None:
+    st.header("Probes")
+    run = choose(ctx, ctx.block_runs(), "probes.run")
+    if run is None:
+        return
+    with section("probe tables"):
+        corr = core.read(ctx.root, run, f"{CORRECTNESS}.parquet")
+        values = core.read(ctx.root, run, f"{VALUES}.parquet")
+        summary = core.read(ctx.root, run, f"{VALUES}.json") or {}
+        if corr is None and values is None:
+            missing(
+                run,
+                f"probe results ({artefacts.ANALYSIS}/probe_*.parquet)",
+                f"rim-lens analyze probe {run.shown}",
+            )
+            analysis_button(ctx, run, "probe", "Run probes now")
+            return
+        if corr is not None:
+            _correctness(corr)
+        else:
+            missing(run, f"correctness probes ({CORRECTNESS}.parquet)", f"rim-lens analyze probe {run.shown}")
+        if values is not None and len(values):
+            _value_probes(values)
+        _selection(summary.get("selection"))
+
+
+def _correctness(corr: pd.DataFrame) -> None:
+    st.subheader("Does a block know whether its readout is right?")
+    notes = list(corr["note"].dropna().loc[lambda s: s != ""].unique()) if "note" in corr else []
+    if corr["auroc"].notna().any():
+        title = "Correctness probe AUROC (0.5 = chance)"
+        chart(figures.layer_block_heatmap(corr, "auroc", title, zmid=0.5), key="probes.auroc")
+        for note in notes[:5]:
+            st.caption(note)
+    else:
+        reasons = "; ".join(notes[:5] or ["no block has both right and wrong readouts"])
+        st.info(f"No correctness probe could be fitted: {reasons}")
+
+
+def _value_probes(values: pd.DataFrame) -> None:
+    st.subheader("Which block holds which step's value?")
+    steps = sorted(int(s) for s in values["step"].dropna().unique())
+    left, right = st.columns(2)
+    with left:
+        step = st.selectbox("Value target (step t)", steps, key="probes.step")
+    with right:
+        metric = st.radio("Show", ["score", "selectivity", "control"], horizontal=True, key="probes.metric")
+    part = values[values["step"] == step]
+    target = part["target"].dropna().iloc[0] if "target" in part and part["target"].notna().any() else "value"
+    if part["score"].notna().any():
+        title = f"Step {step} ({target}) probe {metric}, layer × block"
+        zmid = 0.0 if metric == "selectivity" else None
+        chart(figures.layer_block_heatmap(part, metric, title, zmid=zmid), key="probes.values")
+    else:
+        st.info(f"No probe could be fitted for step {step}: {'; '.join(part['note'].dropna().unique())}")
+    fitted = values.dropna(subset=["score"])
+    if fitted.empty:
+        return
+    layers = sorted(int(l) for l in fitted["layer"].unique())
+    _, best = figures.probe_layer(values, None)
+    layer = st.selectbox(
+        "Layer for the step × block views", layers, index=layers.index(best), key="probes.layer"
+    )
+    left, right = st.columns(2)
+    with left:
+        chart(figures.value_probe_heatmap(values, layer=layer), key="probes.diag")
+    with right:
+        chart(figures.probe_curves(values, layer=layer).update_xaxes(dtick=1), key="probes.curves")
+
+
+def _selection(selection: dict | None) -> None:
+    st.subheader("Choosing the answer by probe confidence")
+    if not selection:
+        st.caption(f'No probe-based answer selection recorded ({VALUES}.json has no "selection").')
+        return
+    cols = st.columns(4)
+    cols[0].metric("probe-selected block", percent(selection.get("selected")))
+    cols[1].metric("final block", percent(selection.get("final_block")))
+    cols[2].metric("random block", percent(selection.get("random_block")))
+    cols[3].metric("any block (oracle)", percent(selection.get("any_block")))
+    st.caption(
+        f"On the {selection.get('n_any')} examples where some block is right: probe-selected "
+        f"{percent(selection.get('selected_when_any'))}, final block "
+        f"{percent(selection.get('final_block_when_any'))} "
+        f"(probe at layer {selection.get('layer')}, {selection.get('n')} examples)."
+    )

@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install demo demo-full test bench dashboard screenshot chromium clean
+.PHONY: install demo demo-full lint test bench dashboard screenshot chromium clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,12 @@ chromium:
 	  else echo "note: $(CHROMIUM) missing; 'sudo apt-get install -y chromium' enables tests/test_browser.py"; fi; \
 	fi
 
-test: install chromium
+# ruff's config is in pyproject.toml (line length 110); `make test` lints before it tests.
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+test: install chromium lint
 	$(PY) -m pytest -n 2 --dist load
 
 dashboard: install

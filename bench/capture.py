@@ -2,14 +2,14 @@
 
     python bench/capture.py [--run runs/demo/rim] [--n 10000]
 
-- streamed: `rim_lens.analysis.capture.capture` (hf backend): block states at every layer, written to
+- streamed: `Lab.capture` (hf backend): block states at every layer, written to
   safetensors shards of 1,024 examples; it also decodes the readout after every block (K greedy
   decodes per example), which the naive approach does not do.
 - naive: `TransformerBridge.run_with_cache` on every batch, keeping every cache (every hook's
   activation at every position) for every example in memory.
 
-Each approach runs in its own subprocess, after one warm-up batch, so its peak memory is its own: the peak resident set
-size is sampled every 5 ms during the measured phase, minus
+Each approach runs in its own subprocess, after one warm-up batch, so its peak memory is its own: the
+peak resident set size is sampled every 5 ms during the measured phase, minus
 the RSS just before it (model loaded, examples built; getrusage's lifetime peak is recorded as a
 cross-check). If the naive approach would exceed
 `--naive-limit-gb`, it stops early and its memory is extrapolated linearly to n examples
@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 MB = 1024 * 1024
 
 
@@ -86,33 +85,27 @@ class PeakRSS:
 
 
 # -- workers ---------------------------------------------------------------------------------------
-def load(run: Path, n: int):
-    """Model, tokenizer, spec, task options and n examples (held-out ones, then generated ones,
-    repeated if the task has fewer distinct questions than n)."""
+def load(run: Path, n: int, out: Path):
+    """A session over the run's model with n examples (its test examples, then generated ones,
+    repeated if the task has fewer distinct questions than n), capturing into `out`."""
     from dataclasses import replace
 
-    import yaml
+    from rim_lens.analysis.lab import Lab
 
-    from rim_lens.data import read_examples
-    from rim_lens.data.tasks import get_task
-    from rim_lens.model.checkpoints import load_checkpoint
-
-    model, tok, spec = load_checkpoint(run / "model")
-    options = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("task") or {}).get(
-        "options"
-    ) or {}
-    task = get_task(spec.task, **options)
-    examples, _ = read_examples(run / "data" / "eval.jsonl", task.name, task_options=task.options)
+    lab = Lab.open(run, n=None)
+    examples = list(lab.examples)
     if len(examples) < n:
         try:
-            examples += task.generate(n - len(examples), seed=99, exclude={ex.question for ex in examples})
+            examples += lab.task.generate(
+                n - len(examples), seed=99, exclude={ex.question for ex in examples}
+            )
         except Exception:  # noqa: BLE001 - a small question space: repeat what there is
             pass
     base = list(examples)
     examples = [
         replace(base[i % len(base)], id=f"{base[i % len(base)].id}#{i // len(base)}") for i in range(n)
     ]
-    return model, tok, spec, task, examples
+    return Lab.from_model(lab.model, lab.tokenizer, lab.spec, examples, task=lab.task, out=out)
 
 
 def worker(args) -> dict:
@@ -123,87 +116,48 @@ def worker(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.run)
-    model, tok, spec, task, examples = load(run, args.n)
+    out = Path(tempfile.mkdtemp(prefix="rim-capture-bench-"))
+    lab = load(run, args.n, out)
     result = {"approach": args.worker, "threads": torch.get_num_threads()}
     if args.worker == "streamed":
-        from rim_lens.analysis.backends import make_backend
-        from rim_lens.analysis.capture import capture
-
-        backend = make_backend("hf", model, tok, run / "model")
-        out = Path(tempfile.mkdtemp(prefix="rim-capture-bench-"))
         try:
-            capture(
-                model, tok, spec, examples[: args.batch_size], out, backend, task_options=task.options
-            )  # warm-up
+            lab.with_examples(lab.examples[: args.batch_size]).capture(refresh=True)  # warm-up
             with PeakRSS() as mem:
                 t = time.perf_counter()
-                store = capture(
-                    model,
-                    tok,
-                    spec,
-                    examples,
-                    out,
-                    backend,
-                    batch_size=args.batch_size,
-                    task_options=task.options,
-                )
+                store = lab.capture(batch_size=args.batch_size, refresh=True).store
                 seconds = time.perf_counter() - t
+            capture_dir = out / "capture"
             result.update(
                 n=store.n,
                 seconds=seconds,
-                stored_bytes=sum(p.stat().st_size for p in out.iterdir()),
+                stored_bytes=sum(p.stat().st_size for p in capture_dir.iterdir()),
                 shards=len(store.meta["shards"]),
                 layers=len(store.layers),
             )
-            # The same capture with the readout decoding stubbed out: what collecting and
-            # writing the block states alone costs.
-            import rim_lens.analysis.capture as capture_module
-            from rim_lens.evaluation import Readout
-
-            real = capture_module.decode_answers
-            capture_module.decode_answers = lambda model, tok, builder, chunk, *a, **k: (
-                [Readout("", 0)] * len(chunk)
-            )
-            try:
-                with PeakRSS() as mem_states:
-                    t = time.perf_counter()
-                    capture(
-                        model,
-                        tok,
-                        spec,
-                        examples,
-                        out,
-                        backend,
-                        batch_size=args.batch_size,
-                        task_options=task.options,
-                    )
-                    result["states_only_seconds"] = time.perf_counter() - t
-                # Same process, after the full capture: the allocator reuses its memory, so this
-                # peak is not comparable with the others (kept for the record only).
-                result["states_only_peak_delta_mb"] = (mem_states.peak - mem_states.start) / MB
-            finally:
-                capture_module.decode_answers = real
+            # The same capture without decoding the readouts: what collecting and writing the
+            # block states alone costs.
+            with PeakRSS() as mem_states:
+                t = time.perf_counter()
+                lab.capture(batch_size=args.batch_size, readouts=False, refresh=True)
+                result["states_only_seconds"] = time.perf_counter() - t
+            # Same process, after the full capture: the allocator reuses its memory, so this
+            # peak is not comparable with the others (kept for the record only).
+            result["states_only_peak_delta_mb"] = (mem_states.peak - mem_states.start) / MB
         finally:
             shutil.rmtree(out, ignore_errors=True)
     else:
         from transformer_lens.model_bridge import TransformerBridge
 
-        from rim_lens.model.layouts import SequenceBuilder, collate
-
+        shutil.rmtree(out, ignore_errors=True)
         bridge = TransformerBridge.boot_transformers(
-            str(run / "model"), hf_model=model, tokenizer=tok, device="cpu"
+            str(run / "model"), hf_model=lab.model, tokenizer=lab.tokenizer, device="cpu"
         )
         bridge.eval()
-        builder = SequenceBuilder(tok, spec, task.join_steps)
+        builder, examples = lab.builder, lab.examples
         limit = args.naive_limit_gb * 1024**3
         caches, held, done = [], 0, 0
         with torch.no_grad():  # warm-up, not kept
-            warm = collate(
-                [builder.prompt(ex) for ex in examples[: args.batch_size]],
-                tok.pad_token_id,
-                spec.readout_sees_question,
-                side="left",
-            )
+            warm = builder.collate([builder.prompt(ex) for ex in examples[: args.batch_size]], side="left")
             bridge.run_with_cache(
                 warm.input_ids, attention_mask=warm.attention_mask, position_ids=warm.position_ids
             )
@@ -212,12 +166,7 @@ def worker(args) -> dict:
             t = time.perf_counter()
             for start in range(0, len(examples), args.batch_size):
                 chunk = examples[start : start + args.batch_size]
-                batch = collate(
-                    [builder.prompt(ex) for ex in chunk],
-                    tok.pad_token_id,
-                    spec.readout_sees_question,
-                    side="left",
-                )
+                batch = builder.collate([builder.prompt(ex) for ex in chunk], side="left")
                 logits, cache = bridge.run_with_cache(
                     batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
                 )
@@ -340,7 +289,8 @@ def main(argv=None) -> int:
         ),
     ]
     print(
-        f"Capture of {args.n:,} examples, model {run} (batch {args.batch_size}, {streamed['threads']} threads, "
+        f"Capture of {args.n:,} examples, model {run} (batch {args.batch_size}, {streamed['threads']} "
+        "threads, "
         f"load average {load_start:.1f} -> {load_end:.1f})"
     )
     widths = [
@@ -350,14 +300,16 @@ def main(argv=None) -> int:
     for r in [("", "streamed capture", "naive run_with_cache", "naive / streamed")] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
     print(
-        "- streamed: block states at every layer to safetensors shards, plus the readout after every block (K greedy decodes);"
+        "- streamed: block states at every layer to safetensors shards, plus the readout after every block "
+        "(K greedy decodes);"
     )
     print(
-        f"  'readouts not decoded': the same capture() with decoding stubbed out, run after it in the same "
+        f"  'readouts not decoded': the same capture with readouts=False, run after it in the same "
         f"process ({streamed['states_only_seconds']:.1f} s)."
     )
     print(
-        f"- naive: every hook of the TransformerBridge ({naive['hooks']} per batch) at every position, all kept in memory."
+        f"- naive: every hook of the TransformerBridge ({naive['hooks']} per batch) at every position, all "
+        "kept in memory."
     )
     if scale > 1:
         print(

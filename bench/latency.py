@@ -4,7 +4,7 @@ answer tokens and forward passes at batch 1 with a KV cache.
     python bench/latency.py [--runs runs/demo] [--n 50] [--threads 1]
 
 Loads the runs `direct`, `cot`, `rim` (and `pause` if present) under --runs and measures them on
-the same held-out examples (the questions common to every run's data/eval.jsonl). Methods are
+the same test examples (the questions common to every run's data/test.jsonl). Methods are
 interleaved per example, in an order that rotates from one example to the next, so that machine
 noise hits all of them alike. Timings come from `rim_lens.evaluation.measure_latency` (the same
 definition as metrics.json: TTFT is the time at which the decoding step that produced the first
@@ -36,45 +36,27 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latency.json"
 class Method:
     name: str
     path: Path
-    model: object
-    tokenizer: object
-    spec: object
-    builder: object
-    task: object
+    lab: object  # rim_lens.Lab: model, tokenizer, spec, builder, task
     max_new_tokens: int
     examples: dict  # question -> Example
 
 
 def is_run(path: Path) -> bool:
-    return (
-        (path / "model" / "config.json").exists()
-        and (path / "data" / "eval.jsonl").exists()
-        and (path / "config.yaml").exists()
+    from rim_lens import artefacts
+
+    return all(
+        p.exists()
+        for p in (path / artefacts.MODEL / "config.json", artefacts.split_path(path), path / artefacts.CONFIG)
     )
 
 
 def load_method(name: str, path: Path, max_new_tokens: int | None) -> Method:
-    from rim_lens.data import read_examples
-    from rim_lens.data.tasks import get_task
-    from rim_lens.model.checkpoints import load_checkpoint
-    from rim_lens.model.layouts import SequenceBuilder
+    from rim_lens.analysis.lab import Lab
     from training.config import load_config
 
-    model, tokenizer, spec = load_checkpoint(path / "model")
-    cfg = load_config(path / "config.yaml")
-    task = get_task(spec.task or cfg.task.name, **cfg.task.options)
-    examples, _ = read_examples(path / "data" / "eval.jsonl", task.name, task_options=cfg.task.options)
-    return Method(
-        name=name,
-        path=path,
-        model=model,
-        tokenizer=tokenizer,
-        spec=spec,
-        builder=SequenceBuilder(tokenizer, spec, task.join_steps),
-        task=task,
-        max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens,
-        examples={ex.question: ex for ex in examples},
-    )
+    lab = Lab.open(path, n=None)
+    limit = max_new_tokens or load_config(path / "config.yaml").eval.max_new_tokens
+    return Method(name, path, lab, limit, {ex.question: ex for ex in lab.examples})
 
 
 def common_examples(methods: list[Method], n: int) -> list:
@@ -89,24 +71,26 @@ def count(method: Method, ex) -> tuple[int, int, bool]:
     from rim_lens.evaluation import answer_text
     from rim_lens.model.decoding import greedy_decode
 
+    lab = method.lab
     d = greedy_decode(
-        method.model,
-        [method.builder.prompt(ex)],
-        eos_id=method.tokenizer.eos_token_id,
-        pad_id=method.tokenizer.pad_token_id,
+        lab.model,
+        [lab.builder.prompt(ex)],
+        eos_id=lab.tokenizer.eos_token_id,
+        pad_id=lab.tokenizer.pad_token_id,
         max_new_tokens=method.max_new_tokens,
-        sees_question=method.spec.readout_sees_question,
+        sees_question=lab.spec.readout_sees_question,
     )
     ids = d.tokens[0]
-    correct = method.task.answers_match(answer_text(method.tokenizer, ids, method.spec), ex.answer)
+    correct = lab.task.answers_match(answer_text(lab.tokenizer, ids, lab.spec), ex.answer)
     return len(ids), d.forward_passes, correct
 
 
 def time_one(method: Method, ex) -> dict[str, float]:
     from rim_lens.evaluation import measure_latency
 
+    lab = method.lab
     return measure_latency(
-        method.model, method.tokenizer, method.builder, [ex], max_new_tokens=method.max_new_tokens, warmup=0
+        lab.model, lab.tokenizer, lab.builder, [ex], max_new_tokens=method.max_new_tokens, warmup=0
     )
 
 
@@ -179,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     for m in methods:
         r = raw[m.name]
         summary[m.name] = {
-            "K": m.spec.K if m.spec.uses_blocks else 0,
-            "M": m.spec.M if m.spec.uses_blocks else 0,
+            "K": m.lab.spec.K if m.lab.spec.uses_blocks else 0,
+            "M": m.lab.spec.M if m.lab.spec.uses_blocks else 0,
             "ttft_ms": statistics.median(r["ttft_ms"]),
             "latency_ms": statistics.median(r["latency_ms"]),
             "answer_tokens": statistics.median(r["answer_tokens"]),
@@ -194,18 +178,22 @@ def main(argv: list[str] | None = None) -> int:
         s["ttft_vs_direct"] = s["ttft_ms"] / base["ttft_ms"]
         s["latency_vs_direct"] = s["latency_ms"] / base["latency_ms"]
 
-    task = methods[0].task
+    task = methods[0].lab.task
     print(
         f"Latency at batch 1, KV cache, {len(examples)} held-out {task!r} examples, "
         f"{args.threads} thread(s), medians ({wall:.1f}s)"
     )
-    header = f"{'method':<8} {'K':>3} {'acc':>6} {'TTFT ms':>9} {'latency ms':>11} {'ans tok':>8} {'fwd':>5} {'TTFT/direct':>12} {'lat/direct':>11}"
+    header = (
+        f"{'method':<8} {'K':>3} {'acc':>6} {'TTFT ms':>9} {'latency ms':>11} {'ans tok':>8} {'fwd':>5} "
+        f"{'TTFT/direct':>12} {'lat/direct':>11}"
+    )
     print(header)
     print("-" * len(header))
     for name, s in summary.items():
         print(
             f"{name:<8} {s['K']:>3} {s['accuracy']:>6.3f} {s['ttft_ms']:>9.2f} {s['latency_ms']:>11.2f} "
-            f"{s['answer_tokens']:>8g} {s['forward_passes']:>5g} {s['ttft_vs_direct']:>11.2f}x {s['latency_vs_direct']:>10.2f}x"
+            f"{s['answer_tokens']:>8g} {s['forward_passes']:>5g} {s['ttft_vs_direct']:>11.2f}x "
+            f"{s['latency_vs_direct']:>10.2f}x"
         )
     print("paper (Llama-3.2-1B, GSM8K): RiM TTFT = direct; CoT TTFT about 26x, full answer about 9x direct")
 

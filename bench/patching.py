@@ -6,7 +6,7 @@ Both sides patch the clean residual stream (`resid_pre`, layers 0..L-1) into the
 at every memory-block position, one cell per (layer, block, slot), on the same clean/corrupt
 pairs, and score the logit difference clean token - corrupt token at the last position.
 
-- ours: `interventions.patch(per_slot=True)`: many (cell, pair) rows per forward pass (the
+- ours: `Lab.patch(per_slot=True)` (`causal.patch`): many (cell, pair) rows per forward pass (the
   time includes computing the clean states and the clean/corrupt baselines); timed with the
   hf backend and, to separate batching from backend overhead, with the tl backend (the same
   TransformerBridge TransformerLens runs on).
@@ -33,7 +33,6 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,23 +65,23 @@ class MaskedBridge:
         return self._bridge.run_with_cache(tokens, **self._kw, **kwargs)
 
 
-def tl_sweep(bridge, builder, pairs, rows, cells, pad_id, sq):
-    """get_act_patch_resid_pre on the block positions for the pair indices `rows` (one batch
-    of equal-length prompts): per-example metric [cells, len(rows)]."""
+def tl_sweep(bridge, builder, pairs, cells):
+    """get_act_patch_resid_pre on the block positions for `pairs` (one batch of equal-length
+    prompts): per-example metric [cells, pairs]."""
     import pandas as pd
     import torch
     from transformer_lens.patching import get_act_patch_resid_pre
 
-    from rim_lens.analysis import interventions as iv
-    from rim_lens.model.layouts import block_positions, collate
+    from rim_lens.analysis.sites import block_index
+    from rim_lens.model.layouts import block_positions
 
-    clean = collate([iv._with_prefix(builder, pairs.clean[i], pairs.prefix[i]) for i in rows], pad_id, sq)
-    corrupt = collate([iv._with_prefix(builder, pairs.corrupt[i], pairs.prefix[i]) for i in rows], pad_id, sq)
+    clean = builder.collate(pairs.prompts(builder, "clean"))
+    corrupt = builder.collate(pairs.prompts(builder, "corrupt"))
     assert (corrupt.roles > 0).all(), "a TransformerLens batch must be unpadded"
     pos = block_positions(corrupt)[0]
-    index_df = pd.DataFrame([(l, int(pos[k - 1, j])) for l, k, j in cells], columns=["layer", "pos"])
-    ct, xt = pairs.clean_token[rows], pairs.corrupt_token[rows]
-    r = torch.arange(len(rows))
+    index_df = pd.DataFrame([(l, int(pos[block_index(k), j])) for l, k, j in cells], columns=["layer", "pos"])
+    ct, xt = pairs.clean_token, pairs.corrupt_token
+    r = torch.arange(len(pairs.clean))
 
     def metric(logits):
         return logits[r, -1, ct] - logits[r, -1, xt]
@@ -116,31 +115,22 @@ def main(argv=None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from rim_lens.analysis import interventions as iv
-    from rim_lens.analysis.backends import make_backend
+    from rim_lens.analysis import causal
     from rim_lens.analysis.lab import Lab
 
     hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
     lab = Lab.open(run, n=None)
-    pairs = iv.make_pairs(lab.task, lab.builder, lab.examples, seed=0)
-    keep = list(range(min(args.pairs, len(pairs.clean))))
-    pairs = iv.Pairs(
-        [pairs.clean[i] for i in keep],
-        [pairs.corrupt[i] for i in keep],
-        [pairs.prefix[i] for i in keep],
-        pairs.clean_token[keep],
-        pairs.corrupt_token[keep],
-    )
+    pairs = causal.make_pairs(lab, seed=0)
+    pairs = pairs.subset(range(min(args.pairs, len(pairs.clean))))
     n = len(pairs.clean)
     sel = lab.select()
-    cells = [(l, k, j) for l in sel.layers for k in sel.blocks for j in sel.slots]
-    pad, sq = lab.tokenizer.pad_token_id, lab.spec.readout_sees_question
+    cells = sel.sites()
     t = time.perf_counter()
-    tl_backend = make_backend("tl", lab.model, lab.tokenizer, lab.run.model_dir)
+    tl_lab = lab.with_backend("tl")
     boot_s = time.perf_counter() - t
-    bridge = tl_backend.bridge
+    bridge = tl_lab.backend.bridge
     bridge.eval()
 
     groups = defaultdict(list)  # TransformerLens batches must be unpadded: group pairs by length
@@ -148,32 +138,30 @@ def main(argv=None) -> int:
         groups[len(lab.builder.prompt(pairs.corrupt[i])) + len(pairs.prefix[i])].append(i)
 
     # Warm-up (first calls allocate and import), then the timed runs.
-    one = iv.Pairs(
-        pairs.clean[:1], pairs.corrupt[:1], pairs.prefix[:1], pairs.clean_token[:1], pairs.corrupt_token[:1]
-    )
-    iv.patch(lab.backend, lab.builder, one, sel, per_slot=True)
-    tl_sweep(bridge, lab.builder, one, [0], cells[:2], pad, sq)
+    one = pairs.subset([0])
+    causal.patch(lab, sel, per_slot=True, pairs=one)
+    tl_sweep(bridge, lab.builder, one, cells[:2])
 
-    def ours(backend):
-        table, _ = iv.patch(backend, lab.builder, pairs, sel, per_slot=True, max_rows=args.max_rows)
+    def ours(session):
+        table = causal.patch(session, sel, per_slot=True, pairs=pairs, max_rows=args.max_rows).table
         assert [tuple(c) for c in table[["layer", "block", "slot"]].values.tolist()] == cells
         return torch.tensor(table["logit_diff"].values, dtype=torch.float64)
 
     def tl_batched():
         values = torch.zeros(len(cells), n, dtype=torch.float64)
         for rows in groups.values():
-            values[:, rows] = tl_sweep(bridge, lab.builder, pairs, rows, cells, pad, sq).double()
+            values[:, rows] = tl_sweep(bridge, lab.builder, pairs.subset(rows), cells).double()
         return values.mean(1)
 
     def tl_per_pair():
         values = torch.zeros(len(cells), n, dtype=torch.float64)
         for i in range(n):
-            values[:, i] = tl_sweep(bridge, lab.builder, pairs, [i], cells, pad, sq)[:, 0].double()
+            values[:, i] = tl_sweep(bridge, lab.builder, pairs.subset([i]), cells)[:, 0].double()
         return values.mean(1)
 
     methods = {
-        "ours (hf backend)": lambda: ours(lab.backend),
-        "ours (tl backend)": lambda: ours(tl_backend),
+        "ours (hf backend)": lambda: ours(lab),
+        "ours (tl backend)": lambda: ours(tl_lab),
         "TransformerLens, batched over pairs": tl_batched,
     }
     if not args.skip_per_pair:
@@ -215,7 +203,7 @@ def main(argv=None) -> int:
         "task": lab.task.name,
         "K": lab.spec.K,
         "M": lab.spec.M,
-        "readout_sees_question": sq,
+        "readout_sees_question": lab.spec.readout_sees_question,
         "pairs": n,
         "cells": len(cells),
         "length_groups": len(groups),
@@ -229,22 +217,29 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "results": results,
         "notes": [
-            "TransformerLens restricted to the block positions with index_df (no scaling): one forward pass per cell.",
-            "TransformerLens runs get the model's RiM attention mask and position ids via a wrapper around the bridge.",
-            "Per-cell metric: mean over pairs of logit(clean token) - logit(corrupt token) at the last position.",
-            "ours: interventions.patch(per_slot=True); its time includes clean states and both baselines.",
-            f"Best of {args.repeat} interleaved repeats; 'vs ours (hf)' is each method's time over ours (hf backend).",
+            "TransformerLens restricted to the block positions with index_df (no scaling): one forward "
+            "pass per cell.",
+            "TransformerLens runs get the model's RiM attention mask and position ids via a wrapper around "
+            "the bridge.",
+            "Per-cell metric: mean over pairs of logit(clean token) - logit(corrupt token) at the last "
+            "position.",
+            "ours: Lab.patch(per_slot=True); its time includes clean states and both baselines.",
+            f"Best of {args.repeat} interleaved repeats; 'vs ours (hf)' is each method's time over ours "
+            "(hf backend).",
         ],
     }
     print(
         f"Patching sweep on {summary['model']} ({run}): {n} pairs x {len(cells)} cells "
-        f"(layers 0..{sel.layers[-1]} x {len(sel.blocks)} blocks x {len(sel.slots)} slots), {torch.get_num_threads()} threads, "
-        f"load average {load_start:.1f} -> {os.getloadavg()[0]:.1f} (a shared machine: other jobs slow every method)"
+        f"(layers 0..{sel.layers[-1]} x {len(sel.blocks)} blocks x {len(sel.slots)} slots), "
+        f"{torch.get_num_threads()} threads, "
+        f"load average {load_start:.1f} -> {os.getloadavg()[0]:.1f} (a shared machine: other jobs slow "
+        "every method)"
     )
     print(f"{'method':38s} {'seconds':>9s} {'passes':>7s} {'vs ours (hf)':>13s} {'max |diff|':>11s}")
     for r in results:
         print(
-            f"{r['method']:38s} {r['seconds']:9.3f} {r['forward_passes']:7d} {r['speedup_of_ours_hf']:12.1f}x {r['max_abs_diff_vs_ours_hf']:11.2e}"
+            f"{r['method']:38s} {r['seconds']:9.3f} {r['forward_passes']:7d} "
+            f"{r['speedup_of_ours_hf']:12.1f}x {r['max_abs_diff_vs_ours_hf']:11.2e}"
         )
     print(f"per-cell metric (ours, hf) ranges over [{ref.min():.3f}, {ref.max():.3f}]")
     for note in summary["notes"]:

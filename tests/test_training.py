@@ -443,7 +443,8 @@ def test_trainer_runs_unchanged_under_accelerate_launch(tmp_path):
     recipe.write_text(
         "method: rim\ntask: {name: modchain, options: {length: 2}}\ndata: {train: 400, val: 20, test: 40}\n"
         "model: {preset: tiny}\nmemory: {K: 2}\n"
-        "train: {steps: 6, batch_size: 16, eval_every: 3, log_every: 3, threads: 1}\neval: {latency_examples: 1}\n"
+        "train: {steps: 6, batch_size: 16, eval_every: 3, log_every: 3, threads: 1}\n"
+        "eval: {latency_examples: 1}\n"
     )
     bin_dir = Path(sys.executable).parent
     cmd = [

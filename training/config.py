@@ -174,7 +174,8 @@ def _build(cls: type, raw: Any, path: str, source: str, lines: dict[str, int]) -
         dotted = f"{path}.{key}" if path else str(key)
         if key not in known:
             raise ConfigError(
-                f"{_where(source, lines, dotted)}: unknown key '{dotted}' (expected one of: {', '.join(sorted(known))})"
+                f"{_where(source, lines, dotted)}: unknown key '{dotted}' "
+                f"(expected one of: {', '.join(sorted(known))})"
             )
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
@@ -264,7 +265,8 @@ def _check_lora(lora: dict, where: str, pretrained: str | None) -> None:
     unknown = sorted(set(lora) - known)
     if unknown:
         raise ConfigError(
-            f"{where}: model.lora: unknown LoraConfig field(s) {', '.join(unknown)} (e.g. r, lora_alpha, lora_dropout, target_modules)"
+            f"{where}: model.lora: unknown LoraConfig field(s) {', '.join(unknown)} "
+            "(e.g. r, lora_alpha, lora_dropout, target_modules)"
         )
 
 

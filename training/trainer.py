@@ -239,7 +239,8 @@ def run_stage(
     if accelerator.is_main_process:
         shown = "  ".join(f"{k} {v:.3f}" for k, v in acc.items())
         print(
-            f"[{cfg.method}] {stage.name}: {step} steps in {time.perf_counter() - start:.0f}s; held-out readout accuracy: {shown}"
+            f"[{cfg.method}] {stage.name}: {step} steps in {time.perf_counter() - start:.0f}s; "
+            f"held-out readout accuracy: {shown}"
         )
     return {"time_s": time.perf_counter() - start, "tokens_seen": tokens, "readout_accuracy": acc}
 

@@ -13,6 +13,7 @@ __all__ = [
     "Task",
     "get_task",
     "infer_task",
+    "make_splits",
     "read_examples",
     "write_examples",
 ]

@@ -107,7 +107,8 @@ def _carve(
             if len(picked) == n:
                 return picked
     raise ConfigError(
-        f"data.{name}: cannot hold out {n} examples with distinct questions; the training file has {len(picked)} left"
+        f"data.{name}: cannot hold out {n} examples with distinct questions; "
+        f"the training file has {len(picked)} left"
     )
 
 

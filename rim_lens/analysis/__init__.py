@@ -1,0 +1,3 @@
+"""Analyses of memory blocks: hook backends, capture, interventions, probes, lens, PCA, report.
+
+Start from `rim_lens.Lab`."""

@@ -1,0 +1,1 @@
+"""Models: the memory spec, tokenizers, token layouts with role/block/slot labels, checkpoints, decoding."""

@@ -1,8 +1,13 @@
-"""Greedy decoding with a KV cache, under the same role-based attention masks as training."""
+"""Greedy decoding with a KV cache, under the same role-based attention masks as training.
+
+A prompt holding Coconut thoughts is prefilled by the thought passes (`coconut.prefill`): the
+inputs at its thought positions are hidden states, which one ordinary pass cannot compute.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -10,7 +15,16 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from rim_lens.model.layouts import Layout, Role, additive_mask, collate, visibility
+from rim_lens.model import coconut
+from rim_lens.model.layouts import Batch, Layout, Role, additive_mask, collate, visibility
+
+# (model, batch, cache) -> (logits of the prompt [B, S, V], forward passes run)
+Prefill = Callable[[PreTrainedModel, Batch, DynamicCache], tuple[torch.Tensor, int]]
+
+
+def plain_prefill(model: PreTrainedModel, batch: Batch, cache: DynamicCache) -> tuple[torch.Tensor, int]:
+    """The whole prompt in one forward pass."""
+    return model(**batch.model_inputs(), past_key_values=cache, use_cache=True).logits, 1
 
 
 @dataclass
@@ -33,19 +47,23 @@ def greedy_decode(
     max_new_tokens: int,
     sees_question: bool = True,
     prefill_context: AbstractContextManager | None = None,
+    prefill: Prefill | None = None,
 ) -> Decoded:
     """Decode greedily from left-padded prompts until every row emits `eos_id`.
 
-    `prefill_context` wraps only the prompt's forward pass: interventions on block states
-    (e.g. `HFBackend.editing`) live there, and the cache carries them into decoding.
+    `prefill_context` wraps only the prompt's forward passes: interventions on block states
+    (e.g. `HFBackend.editing`) live there, and the cache carries them into decoding. `prefill`
+    runs the prompt (default: one pass, or Coconut's thought passes if it holds thoughts; pass
+    `partial(coconut.prefill, intervene=...)` to edit thoughts).
     """
     start = time.perf_counter()
     batch = collate(prompts, pad_id, sees_question, side="left")
     roles, blocks, positions = batch.roles, batch.blocks, batch.position_ids
     cache = DynamicCache()
+    prefill = prefill or (coconut.prefill if coconut.has_thoughts(batch) else plain_prefill)
     with prefill_context or nullcontext():
-        logits = model(**batch.model_inputs(), past_key_values=cache, use_cache=True).logits
-    passes, step_times = 1, []
+        logits, passes = prefill(model, batch, cache)
+    step_times: list[float] = []
     tokens: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool)
     for _ in range(max_new_tokens):

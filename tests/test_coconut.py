@@ -211,6 +211,15 @@ def test_stage_schedule_replaces_the_right_steps(tiny, chains):
     assert [s.name for s in stages] == ["stage_0", "stage_1", "stage_2", "stage_3", "stage_4"]
     assert [s.steps for s in stages] == [20, 20, 20, 20, 20] and sum(s.steps for s in stages) == 100
     assert all(s.loss is not None and s.lr == cfg.train.lr for s in stages)
+    # A longer stage 0 (the reference's GSM8K protocol starts from a trained CoT model); a stage
+    # left without steps is dropped.
+    longer = dataclasses.replace(cfg, coconut=dataclasses.replace(cfg.coconut, cot_fraction=0.4))
+    assert [(s.name, s.steps) for s in plan_stages(longer, builder)] == [
+        ("stage_0", 40),
+        ("stage_1", 20),
+        ("stage_2", 20),
+        ("stage_3", 20),
+    ]
 
     ex = max(chains, key=lambda e: len(e.steps))
     T = len(ex.steps)
@@ -246,6 +255,9 @@ def test_stage_fraction_must_leave_room(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("method: coconut\ncoconut:\n  stages: 3\n  stage_fraction: 0.3\n")
     with pytest.raises(ConfigError, match=r"r\.yaml:4: coconut\.stage_fraction"):
+        load_config(recipe)
+    recipe.write_text("method: coconut\ncoconut:\n  stage_fraction: 0.25\n  cot_fraction: 0.3\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml:3: coconut\.stage_fraction: .*0\.3 \+ 3 x 0\.25 > 1"):
         load_config(recipe)
     recipe.write_text("method: coconut\ncoconut:\n  c: 0\n")
     with pytest.raises(ConfigError, match=r"r\.yaml:3: coconut\.c: must be >= 1"):
@@ -359,6 +371,9 @@ def test_decoding_with_an_intervention(tiny, chains):
         model, prompts, prefill=partial(coconut.prefill, intervene=lambda k, h: torch.zeros_like(h)), **kwargs
     )
     assert zeroed.tokens != clean.tokens
+    # Position-based prefill edits cannot address a prompt that runs in several passes.
+    with pytest.raises(ValueError, match="several passes"):
+        greedy_decode(model, prompts, prefill_context=nullcontext(), **kwargs)
 
 
 # -- end to end ----------------------------------------------------------------------------------

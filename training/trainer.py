@@ -138,16 +138,18 @@ def make_model(cfg: RunConfig, spec: MemorySpec, texts: list[str]):
 
 
 def coconut_stages(cfg: RunConfig, builder: SequenceBuilder) -> list[Stage]:
-    """Coconut's curriculum as stages (`schedules.coconut_stage`): each of stages 0..S gets
-    `coconut.stage_fraction` of the steps, stage S + 1 the rest; all use the recipe's LR and
-    dropout, and the loss covers the remaining steps and the answer."""
+    """Coconut's curriculum as stages (`schedules.coconut_stage`): stage 0 gets
+    `coconut.cot_fraction` of the steps, stages 1..S `coconut.stage_fraction` each, stage S + 1
+    the rest; all use the recipe's LR and dropout, and the loss covers the remaining steps and
+    the answer."""
     t, co = cfg.train, cfg.coconut
     per_stage = round(t.steps * co.stage_fraction)
+    cot = per_stage if co.cot_fraction is None else round(t.steps * co.cot_fraction)
     plain = lambda b, s: (b.target_index > 0).float()  # noqa: E731
     stages = []
     for s in range(co.stages + 2):
         n_thoughts, skip = coconut_stage(s, co.c, co.stages)
-        steps = per_stage if s <= co.stages else t.steps - per_stage * (co.stages + 1)
+        steps = cot if s == 0 else per_stage if s <= co.stages else t.steps - cot - per_stage * co.stages
         layout = partial(builder.thoughts, n_thoughts=n_thoughts, skip_steps=skip)
         stages.append(Stage(f"stage_{s}", steps, t.lr, t.dropout, layout, plain, loss=coconut_loss))
     return [s for s in stages if s.steps > 0]

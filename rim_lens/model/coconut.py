@@ -43,6 +43,11 @@ Two hooks, both honoured by `thought_forward` (teacher-forced scoring, training)
 
 Per-row thought counts may differ inside a batch (rows with fewer thoughts simply keep their
 token at the column); `intervene` sees every row but only rows holding thought k use its value.
+
+Edits addressed by prompt position (`backends.Edit`, `greedy_decode(prefill_context=...)`) do
+not apply here, since every pass starts at index 0; `greedy_decode` refuses them for prompts with
+thoughts. To capture states, take the clean `thoughts` and run `forward_with_thoughts` under the
+capture hooks: by causality its states at every position equal those of the passes.
 """
 
 from __future__ import annotations

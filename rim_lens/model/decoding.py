@@ -60,6 +60,12 @@ def greedy_decode(
     batch = collate(prompts, pad_id, sees_question, side="left")
     roles, blocks, positions = batch.roles, batch.blocks, batch.position_ids
     cache = DynamicCache()
+    if coconut.has_thoughts(batch) and prefill_context is not None:
+        # Edits by prompt position would land on the wrong tokens: each thought pass starts at 0.
+        raise ValueError(
+            "a prompt with continuous thoughts runs in several passes: edit it with "
+            "prefill=partial(coconut.prefill, intervene=..., pass_context=...), not prefill_context"
+        )
     prefill = prefill or (coconut.prefill if coconut.has_thoughts(batch) else plain_prefill)
     with prefill_context or nullcontext():
         logits, passes = prefill(model, batch, cache)

@@ -3,15 +3,17 @@ answer tokens and forward passes at batch 1 with a KV cache.
 
     python bench/latency.py [--runs runs/demo] [--n 50] [--threads 1]
 
-Loads the runs `direct`, `cot`, `rim` (and `pause` if present) under --runs and measures them on
-the same test examples (the questions common to every run's data/test.jsonl). Methods are
+Loads the runs `direct`, `cot`, `rim` (and `pause`, `coconut` if present) under --runs and measures
+them on the same held-out examples (the questions common to every run's test split). Methods are
 interleaved per example, in an order that rotates from one example to the next, so that machine
 noise hits all of them alike. Timings come from `rim_lens.evaluation.measure_latency` (the same
 definition as metrics.json: TTFT is the time at which the decoding step that produced the first
 answer token finished, the prefill included; for CoT that is the first token after the answer
 prefix); token and forward-pass counts come from `rim_lens.model.decoding.greedy_decode`. Medians are
 reported, with the ratios to direct answering. The paper: RiM's TTFT equals direct's, CoT's is
-about 9x on GSM8K with pretrained models.
+about 9x on GSM8K with pretrained models. Coconut's prefill is one pass per continuous thought plus
+one, and it writes the answer prefix itself; its latency and forward passes are also given against
+RiM's (paper, Llama-3.2-1B: full-answer latency 304.7 / 126.5 ms = 2.4x).
 
 Writes bench/results/latency.json (or --out).
 """
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REQUIRED = ("direct", "cot", "rim")
-OPTIONAL = ("pause",)
+OPTIONAL = ("pause", "coconut")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latency.json"
 
 
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         summary[m.name] = {
             "K": m.lab.spec.K if m.lab.spec.uses_blocks else 0,
             "M": m.lab.spec.M if m.lab.spec.uses_blocks else 0,
+            "thoughts": m.lab.spec.thoughts,
             "ttft_ms": statistics.median(r["ttft_ms"]),
             "latency_ms": statistics.median(r["latency_ms"]),
             "answer_tokens": statistics.median(r["answer_tokens"]),
@@ -196,6 +199,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{s['latency_vs_direct']:>10.2f}x"
         )
     print("paper (Llama-3.2-1B, GSM8K): RiM TTFT = direct; CoT TTFT about 26x, full answer about 9x direct")
+    if "coconut" in summary:
+        c, r = summary["coconut"], summary["rim"]
+        c["latency_vs_rim"] = c["latency_ms"] / r["latency_ms"]
+        c["forward_passes_vs_rim"] = c["forward_passes"] / r["forward_passes"]
+        print(
+            f"coconut vs rim: latency {c['latency_vs_rim']:.2f}x, forward passes "
+            f"{c['forward_passes_vs_rim']:.2f}x ({c['forward_passes']:g} / {r['forward_passes']:g}); "
+            "paper (Llama-3.2-1B): latency 2.4x"
+        )
 
     result = {
         "runs": str(root),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -77,7 +78,9 @@ def test_missing_and_unknown_files(tmp_path):
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="unknown format '.csv'"):
         read_examples(tmp_path / "data.csv")
-    (tmp_path / "bad.json").write_text('[{"question": "q", "steps": ["A is a b."], "answer": "A is a b."},\n 3]')
+    (tmp_path / "bad.json").write_text(
+        '[{"question": "q", "steps": ["A is a b."], "answer": "A is a b."},\n 3]'
+    )
     with pytest.raises(DataError, match=r"bad.json: record 2: expected a record"):
         read_examples(tmp_path / "bad.json")
 
@@ -162,3 +165,19 @@ def test_console_script_exits_2_with_one_line(tmp_path):
     assert result.stderr == (
         f"rim-lens: error: {path}:1: expected answer '4' for question '7 +5 *3 -2 mod 10'\n"
     )
+
+
+def test_generate_shows_progress_on_a_terminal(tmp_path, monkeypatch, capsys):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    out = tmp_path / "big.jsonl"
+    assert main(["data", "generate", "modchain", "--n", "3000", "--out", str(out)]) == 0
+    assert "generating modchain" in screen.getvalue() and "3000/3000" in screen.getvalue()
+    monkeypatch.undo()
+    # Not on a terminal (a log file, a pipe): no progress bar.
+    assert main(["data", "generate", "modchain", "--n", "3000", "--out", str(out)]) == 0
+    assert capsys.readouterr().err == ""

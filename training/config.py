@@ -10,6 +10,7 @@ absolute in the resolved config.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -271,9 +272,10 @@ def _build(cls: type, raw: Any, path: str, ctx: _Context) -> Any:
         dotted = f"{path}.{key}" if path else str(key)
         where = _where(ctx.source, ctx.lines, dotted)
         if key not in fields:
-            raise ConfigError(
-                f"{where}: unknown key '{clip(dotted)}' (expected one of: {', '.join(sorted(fields))})"
-            )
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            guess = f"did you mean '{close[0]}'? " if close else ""
+            keys = clip(", ".join(sorted(fields)), 130)
+            raise ConfigError(f"{where}: unknown key '{clip(dotted)}' ({guess}expected one of: {keys})")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, dotted, ctx)

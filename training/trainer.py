@@ -209,7 +209,7 @@ class StopSignals:
 
     def __exit__(self, *exc: object) -> None:
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -497,9 +497,16 @@ def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False, restart:
     accelerator = Accelerator()
     main = accelerator.is_main_process
     with RunLock(target.path) if main else contextlib.nullcontext(), StopSignals() as stop:
-        plan = plan_run(cfg, target, overwrite, restart) if main else None
+        plan: Plan | RimLensError | None = None
+        if main:
+            try:
+                plan = plan_run(cfg, target, overwrite, restart)
+            except RimLensError as err:
+                plan = err  # every process must stop, not only this one
         if accelerator.num_processes > 1:
             plan = broadcast_object_list([plan])[0]
+        if isinstance(plan, RimLensError):
+            raise plan
         setup = prepare(cfg)
         run = Run(plan.path)
         ckpt = resumption.Checkpoint.read(run.checkpoint_dir) if plan.resume else None
@@ -534,20 +541,21 @@ def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False, restart:
 def _open(run: Run, cfg: RunConfig, setup: Setup, ckpt: resumption.Checkpoint | None, staging: bool) -> None:
     """Prepare the run directory: a fresh one (anything an earlier attempt left is removed), or
     the resumed one with its log as it was at the checkpoint."""
+    p = ckpt.state.position if ckpt else None
+    resumed = {"resumed_from": asdict(p)} if p else {}
     if ckpt is None:
         # Only what rim-lens made is removed: a run that did not complete, or a staging directory.
         if run.path.exists() and (run.exists(artefacts.STATUS) or staging):
             shutil.rmtree(run.path)
         run.path.mkdir(parents=True, exist_ok=True)
-        (run.path / artefacts.TRAIN_LOG).unlink(missing_ok=True)
+        # The status comes first: a run killed from here on reads as interrupted, never as foreign.
+        run.mark(RUNNING, method=cfg.method)
         for name in SPLITS:
             write_examples(run.path / split_file(name), getattr(setup.splits, name))
     else:
+        run.mark(RUNNING, method=cfg.method, **resumed)
         atomic_write_text(run.path / artefacts.TRAIN_LOG, ckpt.log)
     atomic_write_text(run.path / artefacts.CONFIG, cfg.to_yaml())
-    p = ckpt.state.position if ckpt else None
-    resumed = {"resumed_from": asdict(p)} if p else {}
-    run.mark(RUNNING, method=cfg.method, **resumed)
 
 
 def _train(
@@ -601,8 +609,9 @@ def _train(
             resume,
         )
         # Each stage starts afresh (new optimizer and schedule), so its end is a checkpoint too.
-        if cfg.train.checkpoint_every:
+        if cfg.train.checkpoint_every or stop.requested is not None:
             checkpoint(resumption.Position(index + 1))
+        stop.check()  # a signal during the stage's last step
     accelerator.wait_for_everyone()
     if not main:
         return summary

@@ -24,19 +24,23 @@ class Parser(argparse.ArgumentParser):
         fail(f"{message} (see `{self.prog} --help`)")
 
 
+PREFIX = "rim-lens: error: "
+
+
 def fail(message: str) -> NoReturn:
-    print(f"rim-lens: error: {one_line(message)}", file=sys.stderr)
+    print(error_line(message), file=sys.stderr)
     sys.exit(2)
 
 
-def one_line(message: str, limit: int = MAX_MESSAGE) -> str:
-    """`message` on one line of at most `limit` characters; a long one loses its middle, so both
-    where (the start) and what to do (the end) survive."""
+def error_line(message: object, limit: int = MAX_MESSAGE) -> str:
+    """`rim-lens: error: message` on one line of at most `limit` characters; a long message loses
+    its middle, so both where (the start) and what to do (the end) survive."""
     text = " ".join(str(message).split())
-    if len(text) <= limit:
-        return text
-    keep = limit - 5
-    return f"{text[: keep * 2 // 3]} […] {text[len(text) - keep // 3 :]}"
+    limit -= len(PREFIX)
+    if len(text) > limit:
+        keep = limit - 5
+        text = f"{text[: keep * 2 // 3]} […] {text[len(text) - keep // 3 :]}"
+    return PREFIX + text
 
 
 def number(kind: type = int, low: float | None = None, high: float | None = None, name: str = ""):
@@ -87,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except RimLensError as err:
-        print(f"rim-lens: error: {one_line(err)}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", signal.SIGINT)

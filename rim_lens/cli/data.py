@@ -65,12 +65,12 @@ def _key_value(text: str) -> tuple[str, int | str]:
 
 def _generate(args: argparse.Namespace) -> None:
     task = get_task(args.task, **dict(args.option))
+    if Path(args.out).is_dir():
+        raise DataError(f"--out {clip(args.out)}: is a directory; give a file name ending in .txt or .jsonl")
     if Path(args.out).suffix not in (".txt", ".jsonl"):
         raise DataError(
             f"--out {clip(args.out)}: cannot write {clip(Path(args.out).suffix)!r} files; use .txt or .jsonl"
         )
-    if Path(args.out).is_dir():
-        raise DataError(f"--out {clip(args.out)}: is a directory; give a file name ending in .txt or .jsonl")
     exclude = {ex.question for path in args.exclude for ex in read_examples(path)[0]}
     examples = task.generate(args.n, args.seed, exclude, progress=True)
     write_examples(args.out, examples)

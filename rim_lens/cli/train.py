@@ -51,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from rim_lens.errors import ConfigError, clip
     from rim_lens.runs import check_name
     from training.config import load_config
     from training.trainer import train
@@ -61,7 +62,12 @@ def _train(args: argparse.Namespace) -> int:
     else:
         name = cfg.name or (f"{Path(args.recipe).stem}-{cfg.method}" if args.recipe else cfg.method)
         check_name(name, "name (from the recipe's file name; give --name)")
-    run = train(cfg, Path(args.runs_dir) / name, overwrite=args.overwrite, restart=args.restart)
+    runs_dir = Path(args.runs_dir)
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise ConfigError(
+            f"--runs-dir {clip(args.runs_dir)}: is a file; give a folder (it is made if missing)"
+        )
+    run = train(cfg, runs_dir / name, overwrite=args.overwrite, restart=args.restart)
     metrics = run.read_json("metrics.json")
     print(
         f"{run.path}: {metrics['scored_on']} accuracy {_interval(metrics, 'accuracy')} "
@@ -116,7 +122,7 @@ def _eval(args: argparse.Namespace) -> int:
         # The trained setting on both held-out splits, as training scored it.
         splits = Splits([], *(read(run.require(artefacts.split_file(s))) for s in ("val", "test")))
         metrics, predictions = score(model, tokenizer, spec, splits, cfg)
-        previous = run.read_json(artefacts.METRICS) if run.exists(artefacts.METRICS) else {}
+        previous = _previous(run, artefacts.METRICS, {})
         kept = ("train_time_s", "tokens_seen", "train_steps", "splits")
         metrics.update({k: previous[k] for k in kept if k in previous})
         write_results(run, metrics, predictions)
@@ -139,7 +145,7 @@ def _eval(args: argparse.Namespace) -> int:
                 f"but the model takes {limit}; use fewer blocks or memory tokens"
             )
     label = Path(args.data).stem if args.data else args.split
-    sweep = run.read_json(artefacts.SWEEP) if run.exists(artefacts.SWEEP) else []
+    sweep = _previous(run, artefacts.SWEEP, [])
     for K, M in itertools.product(Ks, Ms):
         metrics, predictions = evaluate(
             model,
@@ -168,6 +174,21 @@ def _eval(args: argparse.Namespace) -> int:
     if sweeping and not args.data and not args.n:
         run.write_json(artefacts.SWEEP, sorted(sweep, key=lambda s: (s.get("split", ""), s["M"], s["K"])))
     return 0
+
+
+def _previous(run, name: str, empty):
+    """What eval wrote before, to be updated; a corrupt file is replaced (eval is what writes it)."""
+    import sys
+
+    from rim_lens.errors import RunError
+
+    if not run.exists(name):
+        return empty
+    try:
+        return run.read_json(name)
+    except RunError as err:
+        print(f"rim-lens: warning: {str(err).split(';')[0]}; writing it anew", file=sys.stderr)
+        return empty
 
 
 def _interval(metrics: dict, key: str) -> str:

@@ -600,6 +600,46 @@ RUNS = [
     ),
 ]
 
+# runs/int: a run stopped after training (trained with RECIPE_OK, `--name int`), holding a checkpoint.
+RESUME = "train {ws}/r.yaml --runs-dir {ws}/runs --name int"
+CHECKPOINTS = [
+    Case(
+        "resume-truncated-weights",
+        RESUME,
+        "checkpoint/model.safetensors: truncated",
+        both(recipe(RECIPE_OK), truncate("int", "checkpoint/model.safetensors")),
+    ),
+    Case(
+        "resume-corrupt-state",
+        RESUME,
+        "checkpoint/state.json:1: corrupt JSON",
+        both(recipe(RECIPE_OK), garble("int", "checkpoint/state.json")),
+    ),
+    Case(
+        "resume-missing-optimizer",
+        RESUME,
+        "optimizer.safetensors: no such file; pass --restart",
+        both(recipe(RECIPE_OK), lambda ws: (ws / "runs/int/checkpoint/optimizer.safetensors").unlink()),
+    ),
+    Case(
+        "resume-foreign-weights",
+        RESUME,
+        "checkpoint/model.safetensors: changed since the checkpoint was written",
+        both(
+            recipe(RECIPE_OK),
+            lambda ws: shutil.copy(
+                ws / "runs/rim/model/model.safetensors", ws / "runs/int/checkpoint/model.safetensors"
+            ),
+        ),
+    ),
+    Case(
+        "resume-other-recipe",
+        RESUME + " --set train.lr=0.5",
+        "started with another recipe (train.lr: 0.001 -> 0.5)",
+        recipe(RECIPE_OK),
+    ),
+]
+
 CAPTURES = [
     Case(
         "capture-corrupt-meta",
@@ -653,7 +693,7 @@ OTHERS = [
     Case("no-command", "", "the following arguments are required"),
 ]
 
-CORPUS = DATA + RECIPES + RUNS + CAPTURES + OTHERS
+CORPUS = DATA + RECIPES + RUNS + CHECKPOINTS + CAPTURES + OTHERS
 
 
 def test_the_corpus_is_large_and_covers_every_command():
@@ -663,6 +703,7 @@ def test_the_corpus_is_large_and_covers_every_command():
         for c in CORPUS
     }
     assert {"data validate", "data generate", "train", "eval", "analyze", "dashboard", "demo"} <= commands
+    assert all(group for group in (DATA, RECIPES, RUNS, CHECKPOINTS, CAPTURES, OTHERS))
 
 
 # -- the harness ---------------------------------------------------------------------------------
@@ -672,6 +713,24 @@ def captured(tiny_runs, tmp_path_factory) -> Path:
     run = clone_runs({"rim": tiny_runs["rim"]}, tmp_path_factory.mktemp("captured"))["rim"]
     assert main(["analyze", "capture", str(run), "--n", "8", "--data", str(run / "data" / "test.jsonl")]) == 0
     return run
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> Path:
+    """A run of RECIPE_OK stopped after its training, before scoring: it holds a checkpoint."""
+    from training import trainer
+
+    root = tmp_path_factory.mktemp("interrupted")
+    (root / "r.yaml").write_text(RECIPE_OK)
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "score", stop)
+        assert main(["train", str(root / "r.yaml"), "--runs-dir", str(root), "--name", "int"]) == 130
+    assert (root / "int" / "checkpoint" / "state.json").exists()
+    return root / "int"
 
 
 def fingerprint(root: Path) -> dict[str, str]:
@@ -691,7 +750,7 @@ def fingerprint(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("case", CORPUS, ids=[c.id for c in CORPUS])
-def test_bad_input(case, tiny_runs, captured, tmp_path, capsys, monkeypatch):
+def test_bad_input(case, tiny_runs, captured, interrupted, tmp_path, capsys, monkeypatch):
     ws = tmp_path / "ws"
     runs = ws / "runs"
     runs.mkdir(parents=True)
@@ -699,6 +758,8 @@ def test_bad_input(case, tiny_runs, captured, tmp_path, capsys, monkeypatch):
         shutil.copytree(tiny_runs[name], runs / name)
     if "{ws}/runs/cap" in case.argv:
         shutil.copytree(captured, runs / "cap")
+    if "--name int" in case.argv:
+        shutil.copytree(interrupted, runs / "int")
     if case.setup is not None:
         case.setup(ws)
     monkeypatch.chdir(ws)

@@ -6,7 +6,8 @@
                          fresh optimizer)
   state.json             the position (stage, step, epoch, batch), the optimizer's and the LR
                          schedule's settings, the RNG states of python, numpy and torch, what the
-                         finished stages reported, and a fingerprint of the data
+                         finished stages reported, a fingerprint of the data, and the SHA-256 of
+                         the two tensor files (a damaged or swapped file is refused)
   train_log.jsonl        the training log up to this point
 Safetensors and JSON only, no pickle. The directory is written beside its place and renamed into
 it, so a kill never leaves half a checkpoint.
@@ -145,6 +146,14 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 # -- saving and loading --------------------------------------------------------------------------
 def save(
     directory: str | Path,
@@ -165,6 +174,7 @@ def save(
     try:
         save_model(model, str(tmp / MODEL))
         save_file(tensors, str(tmp / OPTIMIZER))
+        payload["sha256"] = {name: _sha256(tmp / name) for name in (MODEL, OPTIMIZER)}
         log = Path(log)
         atomic_write_text(tmp / LOG, read_text(log) if log.exists() else "")
         atomic_write_text(tmp / STATE, json.dumps(payload) + "\n")
@@ -194,6 +204,9 @@ class Checkpoint:
         payload = read_json(directory / STATE, RunError, RESTART)
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise RunError(f"{directory / STATE}: not a checkpoint this version of rim-lens reads; {RESTART}")
+        for name, digest in (payload.pop("sha256", None) or {}).items():
+            if _sha256(directory / name) != digest:
+                raise RunError(f"{directory / name}: changed since the checkpoint was written; {RESTART}")
         try:
             tensors = load_file(str(directory / OPTIMIZER))
             payload.pop("format")

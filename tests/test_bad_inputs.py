@@ -640,40 +640,36 @@ CHECKPOINTS = [
     ),
 ]
 
+# A damaged capture is not bad input: the Lab makes it again (see test_a_damaged_capture_is_made_again).
 CAPTURES = [
-    Case(
-        "capture-corrupt-meta",
-        "analyze pca {ws}/runs/cap --n 8 --data {ws}/runs/cap/data/test.jsonl",
-        "meta.json:1: corrupt JSON",
-        garble("cap", "analysis/capture/meta.json"),
-    ),
-    Case(
-        "capture-meta-not-a-capture",
-        "analyze pca {ws}/runs/cap --n 8 --data {ws}/runs/cap/data/test.jsonl",
-        "not a capture's metadata",
-        patch_file("cap", "analysis/capture/meta.json", lambda b: b"[]"),
-    ),
-    Case(
-        "capture-truncated-shard",
-        "analyze probe {ws}/runs/cap --n 8 --data {ws}/runs/cap/data/test.jsonl",
-        "shard_00000.safetensors: truncated",
-        truncate("cap", "analysis/capture/shard_00000.safetensors"),
-    ),
-    Case(
-        "capture-corrupt-examples",
-        "analyze lens {ws}/runs/cap --n 8 --data {ws}/runs/cap/data/test.jsonl",
-        "examples.jsonl:1: corrupt JSON line",
-        patch_file("cap", "analysis/capture/examples.jsonl", lambda b: b"{" + b),
-    ),
     Case("analyze-n-zero", "analyze pca {ws}/runs/cap --n 0", "argument --n: must be >= 1"),
     Case("analyze-bad-layers", "analyze pca {ws}/runs/cap --layers x", "expected 'all' or integers"),
-    Case("analyze-direct-run", "analyze pca {ws}/runs/direct", "has no memory blocks to analyse"),
+    Case("analyze-direct-run", "analyze pca {ws}/runs/direct", "has no memory blocks"),
     Case("analyze-unknown-what", "analyze everything {ws}/runs/cap", "invalid choice: 'everything'"),
+    Case("analyze-bad-split", "analyze pca {ws}/runs/cap --split dev", "invalid choice: 'dev'"),
+    Case(
+        "analyze-missing-split",
+        "analyze pca {ws}/runs/cap --split val",
+        "run has no data/val.jsonl; produce it with `rim-lens train RECIPE`",
+        lambda ws: (ws / "runs/cap/data/val.jsonl").unlink(),
+    ),
+    Case(
+        "analyze-data-other-task",
+        "analyze pca {ws}/runs/cap --data {ws}/x.jsonl",
+        "x.jsonl:1: expected task gsm8k, got 'modchain'",
+        jsonl("x.jsonl"),
+    ),
     Case(
         "analyze-corrupt-run-config",
         "analyze pca {ws}/runs/cap --n 8 --data {ws}/runs/cap/data/test.jsonl",
         "config.yaml: corrupt run config",
         patch_file("cap", "config.yaml", b"task: [\n".__add__),
+    ),
+    Case(
+        "analyze-truncated-weights",
+        "analyze pca {ws}/runs/cap --n 8",
+        "model.safetensors: truncated",
+        truncate("cap", "model/model.safetensors"),
     ),
 ]
 
@@ -777,6 +773,34 @@ def test_bad_input(case, tiny_runs, captured, interrupted, tmp_path, capsys, mon
     assert "Traceback" not in err
     assert case.expect in lines[0], lines[0]
     assert fingerprint(ws) == before, "a bad input changed a file"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        garble("cap", "analysis/capture/meta.json"),
+        patch_file("cap", "analysis/capture/meta.json", lambda b: b"[]"),
+        truncate("cap", "analysis/capture/shard_00000.safetensors"),
+        patch_file("cap", "analysis/capture/examples.jsonl", lambda b: b"{" + b),
+    ],
+    ids=["corrupt-meta", "meta-not-a-capture", "truncated-shard", "corrupt-examples"],
+)
+def test_a_damaged_capture_is_made_again(damage, captured, tmp_path, capsys):
+    """The capture's files are checked when it is opened (a truncated shard too, by its header),
+    so a damaged capture is captured again instead of failing halfway or being read."""
+    from rim_lens.analysis.capture import CaptureStore
+    from rim_lens.fileio import check_safetensors
+
+    ws = tmp_path / "ws"
+    shutil.copytree(captured, ws / "runs" / "cap")
+    damage(ws)
+    run = ws / "runs" / "cap"
+    assert main(["analyze", "pca", str(run), "--n", "8", "--data", str(run / "data" / "test.jsonl")]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    store = CaptureStore(run / "analysis" / "capture")
+    assert store.n == 8
+    for name in store.meta["shards"]:
+        check_safetensors(store.path / name)
 
 
 # -- the dashboard's root guard ------------------------------------------------------------------

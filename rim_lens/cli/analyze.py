@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rim_lens.artefacts import ANALYSES, SPLITS
-from rim_lens.cli import positive_int
+from rim_lens.cli.args import positive_int
 
 WHATS = tuple(ANALYSES)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rim_lens.cli import non_negative_int, positive_int
+from rim_lens.cli.args import non_negative_int, positive_int
 from rim_lens.data import read_examples, write_examples
 from rim_lens.data.tasks import TASK_NAMES, get_task
 from rim_lens.errors import DataError, clip

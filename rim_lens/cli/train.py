@@ -7,7 +7,7 @@ import dataclasses
 import itertools
 from pathlib import Path
 
-from rim_lens.cli import positive_int
+from rim_lens.cli.args import positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:

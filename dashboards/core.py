@@ -28,6 +28,7 @@ from rim_lens.errors import RimLensError, RunError
 from rim_lens.fileio import read_jsonl
 from rim_lens.methods import Method
 from rim_lens.model.memory import SPEC_FILENAME
+from rim_lens.runs import Run
 
 ENV_RUNS = "RIM_LENS_RUNS"
 DEFAULT_RUNS = "runs"
@@ -50,6 +51,13 @@ def runs_argument(argv: list[str] | None = None) -> str:
         if known.runs:
             return known.runs
     return os.environ.get(ENV_RUNS) or DEFAULT_RUNS
+
+
+def read_only_argument(argv: list[str] | None = None) -> bool:
+    """Whether the page may start analyses: `--read-only` after `--` on the streamlit command line
+    (set by `rim-lens dashboard` for a non-loopback --host without --allow-actions)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return "--read-only" in argv
 
 
 @dataclass(frozen=True)
@@ -297,7 +305,8 @@ def run_summary(root: Root, run: RunInfo) -> dict:
     if row["method"] in BLOCK_METHODS:
         row["K"], row["M"] = mem.get("K"), mem.get("M")
     try:
-        status = read(root, run, artefacts.STATUS)
+        # Run.status() says `interrupted` for a run whose training process is gone.
+        status = Run(run.path).status() if artefact(root, run, artefacts.STATUS) else None
         if status:
             row["status"] = status.get("status", "unknown")
             row["error"] = status.get("error", "")

@@ -18,6 +18,8 @@ METRICS = "metrics.json"
 PREDICTIONS = "predictions.jsonl"
 SWEEP = "sweep.json"
 ANALYSIS = "analysis"
+# Everything needed to resume an interrupted training bit for bit; removed once the run completes.
+CHECKPOINT = "checkpoint"
 
 # The data splits, disjoint by each task's canonical question key: settings are chosen on `val`,
 # `test` is scored once at the end.

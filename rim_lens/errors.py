@@ -15,3 +15,9 @@ class ConfigError(RimLensError):
 
 class RunError(RimLensError):
     """A run directory lacking what was asked of it (model, memory spec, artefact)."""
+
+
+def clip(value: object, limit: int = 60) -> str:
+    """`value` as text cut to `limit` characters: error messages quote fields, never whole files."""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

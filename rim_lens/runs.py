@@ -1,18 +1,80 @@
-"""Run directories: `runs/<name>/` with config, model, log, metrics, predictions and status."""
+"""Run directories: `runs/<name>/` with config, model, log, metrics, predictions and status.
+
+`Run.status()` is the one place that says what state a run is in. A run marked `running` whose
+process is gone (killed, machine rebooted) reads as `interrupted`: the status records the pid,
+host and start time of the process that trains it. `RunLock` keeps two trainings out of one run
+directory; it is an OS lock, so a killed process never leaves it held.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from rim_lens import artefacts
 from rim_lens.artefacts import PRODUCERS
-from rim_lens.errors import RunError
-from rim_lens.fileio import atomic_write_json, read_jsonl
+from rim_lens.errors import ConfigError, RunError, clip
+from rim_lens.fileio import atomic_write_json, old_path, read_json, read_jsonl
+
+# Status values. `interrupted` is also what a `running` status reads as once its process is gone.
+RUNNING, COMPLETED, FAILED, INTERRUPTED = "running", "completed", "failed", "interrupted"
 
 
+def check_name(name: str, key: str = "name") -> str:
+    """A run name is one directory name under the runs directory: no separators, no `..`, not
+    absolute, not hidden (names starting with "." are rim-lens's own staging and lock files)."""
+    bad = (
+        not name
+        or name.startswith(".")
+        or ".." in name
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or os.path.isabs(name)
+        or len(name) > 200
+    )
+    if bad:
+        raise ConfigError(
+            f"{key}: {clip(repr(name))} is not a run name; give one folder name without path separators, "
+            "'..' or a leading '.', e.g. mult-rim (--runs-dir chooses where it goes)"
+        )
+    return name
+
+
+# -- processes -----------------------------------------------------------------------------------
+def this_process() -> dict:
+    """pid, host and start time of this process: enough to tell later whether it still runs."""
+    import psutil
+
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": psutil.Process().create_time(),
+    }
+
+
+def process_alive(info: dict) -> bool | None:
+    """Whether the process described by `info` (from `this_process`) still runs: None when it
+    ran on another host (it cannot be checked from here)."""
+    import psutil
+
+    if info.get("host") != socket.gethostname():
+        return None
+    try:
+        started = psutil.Process(int(info["pid"])).create_time()
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return False
+    # A recycled pid belongs to a process started at another time.
+    return abs(started - float(info.get("started") or 0)) < 1.0
+
+
+# -- the run directory ---------------------------------------------------------------------------
 class Run:
     """A run directory and the artefacts in it."""
 
@@ -31,6 +93,10 @@ class Run:
     def analysis_dir(self) -> Path:
         return self.path / artefacts.ANALYSIS
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / artefacts.CHECKPOINT
+
     def file(self, name: str) -> Path:
         return self.path / name
 
@@ -41,6 +107,16 @@ class Run:
         """The artefact's path, or a RunError naming the command that produces it."""
         path = self.path / name
         if not path.exists():
+            if self.status()["status"] in (INTERRUPTED, RUNNING) and name.split("/")[0] in (
+                artefacts.MODEL,
+                artefacts.METRICS,
+                artefacts.PREDICTIONS,
+            ):
+                state = self.status()["status"]
+                raise RunError(
+                    f"{self.path}: run is {state} and has no {name} yet; "
+                    "run its `rim-lens train` command again to resume it"
+                )
             fix = PRODUCERS.get(name.split("/")[0], "").format(run=self.path)
             hint = f"; produce it with `{fix}`" if fix else ""
             raise RunError(f"{self.path}: run has no {name}{hint}")
@@ -48,19 +124,34 @@ class Run:
 
     def read_json(self, name: str) -> Any:
         path = self.require(name)
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise RunError(f"{path}: corrupt JSON ({err})") from None
+        fix = PRODUCERS.get(name.split("/")[0], "").format(run=self.path)
+        return read_json(path, RunError, f"produce it again with `{fix}`" if fix else "")
 
     def write_json(self, name: str, obj: Any) -> Path:
         return atomic_write_json(self.path / name, obj)
 
     def status(self) -> dict:
-        return self.read_json(artefacts.STATUS) if self.exists(artefacts.STATUS) else {"status": "unknown"}
+        """The run's state: `status` is running, completed, failed, interrupted or unknown (no
+        status.json). A `running` run whose process is gone reads as interrupted."""
+        path = self.path / artefacts.STATUS
+        if not path.exists():
+            return {"status": "unknown"}
+        status = read_json(path, RunError)
+        if not isinstance(status, dict):
+            raise RunError(f"{path}: corrupt status (expected a JSON object)")
+        if status.get("status") == RUNNING and process_alive(status.get("process") or {}) is False:
+            process = status["process"]
+            status = dict(
+                status,
+                status=INTERRUPTED,
+                error=f"process {process.get('pid')} on {process.get('host')} stopped without finishing",
+            )
+        return status
 
     def mark(self, status: str, **info: Any) -> None:
-        """Record the run's state: running, completed or failed (with the error)."""
+        """Record the run's state: running (with this process), completed, failed or interrupted."""
+        if status == RUNNING:
+            info["process"] = this_process()
         self.write_json(
             artefacts.STATUS, {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
         )
@@ -81,3 +172,86 @@ def open_run(path: str | Path) -> Run:
     if not (run.exists(artefacts.CONFIG) or run.exists(artefacts.MODEL)):
         raise RunError(f"{path}: not a rim-lens run (no config.yaml or model/)")
     return run
+
+
+def staging_path(target: str | Path) -> Path:
+    """Where `--overwrite` trains the replacement of `target` until it has succeeded."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.next")
+
+
+def recover_swap(target: str | Path) -> None:
+    """Finish (or undo) an `--overwrite` swap cut short between its two renames: the completed
+    replacement goes in if there is one, else the old run comes back."""
+    target = Path(target)
+    old, staging = old_path(target), staging_path(target)
+    if not old.exists():
+        return
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    done = staging.is_dir() and Run(staging).status().get("status") == COMPLETED
+    (staging if done else old).rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -- locks ---------------------------------------------------------------------------------------
+class RunLock:
+    """An exclusive lock on one run name (the run and its staging directory), held while training.
+
+    The lock is `.{name}.lock` beside the run, locked with flock: the OS releases it when its
+    process ends, however it ends, so a stale lock file is simply taken over. The file records
+    who holds it (pid, host, start time) for the message a second training gets.
+    """
+
+    def __init__(self, target: str | Path) -> None:
+        target = Path(target)
+        self.target = target
+        self.path = target.with_name(f".{target.name}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise RunError(
+                    f"{self.target}: another `rim-lens train` is writing this run ({holder}); "
+                    "wait for it to finish, or stop it and run this command again"
+                ) from None
+            # The holder before us may have removed the file between our open and our lock.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({**this_process(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {info['pid']} on {info['host']}, since {info['time']}"
+    except (ValueError, KeyError, TypeError, OSError):
+        return "holder unknown"

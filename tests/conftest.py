@@ -1,33 +1,21 @@
-"""Shared fixtures: the offline reference data and small thread counts for 2-core machines."""
+"""Shared fixtures: the reference data shipped in data/ and small thread counts for 2-core machines."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _shared_data() -> Path | None:
-    candidates = [
-        os.environ.get("RIM_LENS_SHARED_DATA"),
-        REPO.parent / "shared" / "data",
-        "/work/shared/data",
-    ]
-    for c in candidates:
-        if c and (Path(c) / "README.md").exists():
-            return Path(c)
-    return None
+DATA = REPO / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    path = _shared_data()
-    if path is None:
-        pytest.skip("../shared/data not found (set RIM_LENS_SHARED_DATA)")
-    return path
+def reference_data() -> Path:
+    """The repo's data/ folder (GSM8K, multiplication, ProsQA; see data/README.md). It ships with
+    the repo, so a test that needs it fails, never skips, if it is missing."""
+    assert (DATA / "README.md").is_file(), f"{DATA} is missing: the repo ships its reference data"
+    return DATA
 
 
 @pytest.fixture

@@ -533,7 +533,7 @@ def test_dashboard_command_starts_streamlit_on_the_app(monkeypatch, tmp_path, ca
 
     monkeypatch.setattr(os, "execv", fake_exec)
     with pytest.raises(Launched):
-        main(["dashboard", str(tmp_path), "--port", "8765", "--host", "0.0.0.0"])
+        main(["dashboard", str(tmp_path), "--port", "8765", "--host", "0.0.0.0", "--allow-remote"])
     argv = launched[-1]
     assert argv[1:4] == ["-m", "streamlit", "run"] and Path(argv[4]) == APP
     flags = argv[5 : argv.index("--")]
@@ -543,8 +543,10 @@ def test_dashboard_command_starts_streamlit_on_the_app(monkeypatch, tmp_path, ca
         and pairs["--server.address"] == "0.0.0.0"
         and pairs["--server.port"] == "8765"
     )
-    assert argv[argv.index("--") + 1 :] == ["--runs", str(tmp_path)]
+    # A remote dashboard is read-only unless --allow-actions.
+    assert argv[argv.index("--") + 1 :] == ["--runs", str(tmp_path), "--read-only"]
     assert core.runs_argument(argv[argv.index("--") + 1 :]) == str(tmp_path)
+    assert core.read_only_argument(argv[argv.index("--") + 1 :])
 
     with pytest.raises(Launched):
         main(["dashboard"])

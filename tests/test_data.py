@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -30,8 +31,8 @@ MULT_LINE = (
         ("prosqa/valid.json", "prosqa", 300),
     ],
 )
-def test_reads_shared_files_guessing_the_task(shared_data, relpath, task, count):
-    examples, skipped = read_examples(shared_data / relpath)
+def test_reads_reference_files_guessing_the_task(reference_data, relpath, task, count):
+    examples, skipped = read_examples(reference_data / relpath)
     assert (len(examples), skipped) == (count, 0)
     assert {ex.task for ex in examples} == {task}
     stem = Path(relpath).stem
@@ -39,9 +40,9 @@ def test_reads_shared_files_guessing_the_task(shared_data, relpath, task, count)
     assert len({ex.id for ex in examples}) == count
 
 
-def test_gsm8k_question_with_unicode_line_separator(shared_data):
+def test_gsm8k_question_with_unicode_line_separator(reference_data):
     # One training question contains U+2028, which str.splitlines would treat as a line break.
-    examples, _ = read_examples(shared_data / "gsm8k" / "train.txt")
+    examples, _ = read_examples(reference_data / "gsm8k" / "train.txt")
     odd = [ex for ex in examples if "\u2028" in ex.question]
     assert len(odd) == 1 and odd[0].id == "train:4479"
 
@@ -77,14 +78,16 @@ def test_missing_and_unknown_files(tmp_path):
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="unknown format '.csv'"):
         read_examples(tmp_path / "data.csv")
-    (tmp_path / "bad.json").write_text('[{"question": "q", "steps": ["A is a b."], "answer": "x"},\n 3]')
+    (tmp_path / "bad.json").write_text(
+        '[{"question": "q", "steps": ["A is a b."], "answer": "A is a b."},\n 3]'
+    )
     with pytest.raises(DataError, match=r"bad.json: record 2: expected a record"):
         read_examples(tmp_path / "bad.json")
 
 
-def test_jsonl_and_txt_round_trip(tmp_path, shared_data):
+def test_jsonl_and_txt_round_trip(tmp_path, reference_data):
     examples = get_task("modchain", min_length=1, max_length=3).generate(50, seed=0)
-    examples += read_examples(shared_data / "gsm8k" / "valid.txt")[0][:20]
+    examples += read_examples(reference_data / "gsm8k" / "valid.txt")[0][:20]
     write_examples(tmp_path / "out" / "mixed.jsonl", examples)
     assert read_examples(tmp_path / "out" / "mixed.jsonl") == (examples, 0)
     write_examples(tmp_path / "chains.txt", examples[:50])
@@ -162,3 +165,19 @@ def test_console_script_exits_2_with_one_line(tmp_path):
     assert result.stderr == (
         f"rim-lens: error: {path}:1: expected answer '4' for question '7 +5 *3 -2 mod 10'\n"
     )
+
+
+def test_generate_shows_progress_on_a_terminal(tmp_path, monkeypatch, capsys):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    out = tmp_path / "big.jsonl"
+    assert main(["data", "generate", "modchain", "--n", "3000", "--out", str(out)]) == 0
+    assert "generating modchain" in screen.getvalue() and "3000/3000" in screen.getvalue()
+    monkeypatch.undo()
+    # Not on a terminal (a log file, a pipe): no progress bar.
+    assert main(["data", "generate", "modchain", "--n", "3000", "--out", str(out)]) == 0
+    assert capsys.readouterr().err == ""

@@ -300,3 +300,12 @@ def test_load_pretrained_adds_memory_tokens(pretrained_dir):
     with torch.no_grad():
         out = model(**collate([seq], tok.pad_token_id).model_inputs()).logits
     assert torch.isfinite(out).all()
+
+
+def test_trust_remote_code_warns_naming_the_directory(pretrained_dir, capsys, no_progress_bars):
+    load_pretrained(pretrained_dir, MemorySpec())
+    assert capsys.readouterr().err == "", "no warning while remote code stays off"
+    load_pretrained(pretrained_dir, MemorySpec(), trust_remote_code=True)
+    err = capsys.readouterr().err
+    assert err.startswith("rim-lens: warning: model.trust_remote_code is true")
+    assert str(pretrained_dir.resolve()) in err and err.count("\n") == 1

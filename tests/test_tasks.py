@@ -1,4 +1,4 @@
-"""Tasks: line formats against the shared iCoT files, generators, corruption and answer checks."""
+"""Tasks: line formats against the reference iCoT files in data/, generators, corruption and answer checks."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from rim_lens.errors import ConfigError, DataError, RimLensError
 
 
 def rule_line(a: int, b: int, n: int) -> str:
-    """The iCoT line of a * b, written straight from the rule in the shared data README."""
+    """The iCoT line of a * b, written straight from the rule in data/README.md."""
 
     def rev(x: int, width: int) -> str:
         return " ".join(reversed(str(x).zfill(width)))
@@ -43,9 +43,9 @@ def operands(question: str) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("n", [4, 5])
-def test_mult_recomputes_every_shared_line(shared_data, n):
+def test_mult_recomputes_every_reference_line(reference_data, n):
     task = get_task("mult", n=n)
-    lines = (shared_data / f"mult_{n}x{n}" / "valid.txt").read_text().splitlines()
+    lines = (reference_data / f"mult_{n}x{n}" / "valid.txt").read_text().splitlines()
     assert len(lines) == 1000
     for line in lines:
         question = line.partition("||")[0]
@@ -190,9 +190,9 @@ def test_corrupt_fails_when_no_value_change_alters_the_answer():
 
 
 @pytest.mark.parametrize("split, count", [("train", 6973), ("valid", 500)])
-def test_gsm8k_lines_round_trip(shared_data, split, count):
+def test_gsm8k_lines_round_trip(reference_data, split, count):
     task = get_task("gsm8k")
-    text = (shared_data / "gsm8k" / f"{split}.txt").read_text(encoding="utf-8")
+    text = (reference_data / "gsm8k" / f"{split}.txt").read_text(encoding="utf-8")
     lines = text.split("\n")[:-1]
     assert len(lines) == count
     for line in lines:
@@ -201,8 +201,8 @@ def test_gsm8k_lines_round_trip(shared_data, split, count):
         assert len(ex.values) == len(ex.steps)
 
 
-def test_gsm8k_steps_and_values(shared_data):
-    examples, _ = read_examples(shared_data / "gsm8k" / "valid.txt")
+def test_gsm8k_steps_and_values(reference_data):
+    examples, _ = read_examples(reference_data / "gsm8k" / "valid.txt")
     first, second = examples[:2]
     assert first.steps == ("<<4-2=2>>", "<<2/.5=4>>", "<<12/4=3>>", "<<100*3=300>>")
     assert first.values == (2, 4, 3, 300) and first.answer == "300" and first.id == "valid:1"
@@ -224,8 +224,8 @@ def test_answers_match():
     assert gsm8k.chance_accuracy() is None and get_task("modchain", modulus=7).chance_accuracy() == 1 / 7
 
 
-def test_prosqa_steps_and_values(shared_data):
-    examples, _ = read_examples(shared_data / "prosqa" / "valid.json")
+def test_prosqa_steps_and_values(reference_data):
+    examples, _ = read_examples(reference_data / "prosqa" / "valid.json")
     assert len(examples) == 300
     ex = examples[0]
     assert ex.steps == ("Tom is a terpus.", "Every terpus is a brimpus.", "Every brimpus is a lempus.")

@@ -332,29 +332,50 @@ def test_same_seed_same_metrics(copy_data, tmp_path):
 
 # -- failures ------------------------------------------------------------------------------------
 def _snapshot(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+    """Every file under `directory` (relative path -> bytes)."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
 
 
-def test_failing_run_is_marked_failed_and_keeps_the_model(runs, copy_data, tmp_path):
+def test_failing_run_keeps_the_old_run(runs, copy_data, tmp_path):
     run_dir = tmp_path / "direct"
     shutil.copytree(runs["direct"].path, run_dir)
-    before = _snapshot(run_dir / "model")
+    before = _snapshot(run_dir)
     cfg = tiny_config(copy_data, "direct", data__train=str(tmp_path / "missing.txt"))
     with pytest.raises(RunError, match="already holds a trained run"):
         train(cfg, run_dir)  # without overwrite a finished run is never touched
+    # A bad input fails before anything is written: the old run, status included, is as it was.
     with pytest.raises(DataError, match="missing.txt"):
         train(cfg, run_dir, overwrite=True)
-    status = json.loads((run_dir / "status.json").read_text())
-    assert status["status"] == "failed"
-    assert "DataError" in status["error"] and "missing.txt" in status["error"]
-    assert _snapshot(run_dir / "model") == before
+    assert _snapshot(run_dir) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["direct"]
     load_checkpoint(run_dir / "model")
 
 
-def test_interrupted_run_is_marked_failed(runs, copy_data, tmp_path, monkeypatch):
+def test_failure_during_an_overwrite_keeps_the_old_run(runs, copy_data, tmp_path, monkeypatch):
     run_dir = tmp_path / "rim"
     shutil.copytree(runs["rim"].path, run_dir)
-    before = _snapshot(run_dir / "model")
+    before = _snapshot(run_dir)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(trainer, "run_stage", broken)
+    with pytest.raises(RuntimeError):
+        train(tiny_config(copy_data, "rim"), run_dir, overwrite=True)
+    assert _snapshot(run_dir) == before
+    # The failed replacement stays beside it, marked failed, for the record.
+    status = json.loads((tmp_path / ".rim.next" / "status.json").read_text())
+    assert status["status"] == "failed" and status["error"] == "RuntimeError: disk full"
+
+
+def test_interrupted_overwrite_is_marked_interrupted_and_keeps_the_old_run(
+    runs, copy_data, tmp_path, monkeypatch
+):
+    run_dir = tmp_path / "rim"
+    shutil.copytree(runs["rim"].path, run_dir)
+    before = _snapshot(run_dir)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -362,9 +383,9 @@ def test_interrupted_run_is_marked_failed(runs, copy_data, tmp_path, monkeypatch
     monkeypatch.setattr(trainer, "run_stage", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(copy_data, "rim"), run_dir, overwrite=True)
-    status = json.loads((run_dir / "status.json").read_text())
-    assert status["status"] == "failed" and status["error"].startswith("KeyboardInterrupt")
-    assert _snapshot(run_dir / "model") == before
+    status = json.loads((tmp_path / ".rim.next" / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["error"].startswith("KeyboardInterrupt")
+    assert _snapshot(run_dir) == before
 
 
 # -- recipe validation ---------------------------------------------------------------------------

@@ -1,28 +1,80 @@
 """Training recipes: YAML files validated against typed sections.
 
-An unknown key or a bad value is reported as `file:line: key: problem`, one line, exit 2.
+Every key is a dataclass field; its checks (choices, bounds, a check function) sit in the
+field's metadata, so the schema and the defaults are one place. An unknown key or a bad value is
+reported as `file:line: key: problem`, one line, exit 2. Data paths in a recipe are relative to
+the recipe file; paths given with `--set` are relative to the working directory. Both are stored
+absolute in the resolved config.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from rim_lens.errors import ConfigError
+from rim_lens.data.tasks import TASK_NAMES, get_task
+from rim_lens.errors import ConfigError, RimLensError, clip
+from rim_lens.fileio import read_text
 from rim_lens.methods import METHODS
 from rim_lens.model.memory import TRAINING_FIELDS, MemorySpec
+from rim_lens.runs import check_name
+
+MAX_RECIPE = 1 << 20  # characters: a recipe is a few dozen lines
+
+
+def rule(default: Any = dataclasses.MISSING, *, factory: Callable | None = None, **checks: Any) -> Any:
+    """A recipe key: its default and its checks, kept in the field's metadata.
+
+    Checks: `choices` (a tuple, or a function returning one), `min` and `max` (inclusive), `check`
+    (a function of the value returning a problem or None), `path` (a data file: resolved against
+    the recipe's folder).
+    """
+    if factory is not None:
+        return field(default_factory=factory, metadata=checks)
+    return field(default=default, metadata=checks)
+
+
+def _presets() -> tuple[str, ...]:
+    from rim_lens.model.checkpoints import PRESETS  # imports torch: only when a recipe is checked
+
+    return tuple(PRESETS)
+
+
+def _run_name(value: str) -> str | None:
+    try:
+        check_name(value) if value else None
+    except ConfigError:
+        return f"{clip(repr(value))} is not a run name: give one folder name, without path separators or '..'"
+    return None
+
+
+def _source(value: int | str) -> str | None:
+    if isinstance(value, str) and not value.strip():
+        return "expected a data file or a number of examples, got an empty string"
+    if isinstance(value, int) and value < 1:
+        return f"must be >= 1 examples, got {value}"
+    return None
+
+
+def _text(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        return "must not be empty"
+    return None
 
 
 @dataclass
 class TaskConfig:
-    name: str = "mult"
-    options: dict = field(default_factory=dict)
+    name: str = rule("mult", choices=TASK_NAMES)
+    options: dict = rule(factory=dict)  # checked by the task itself (see `_cross_checks`)
 
 
 @dataclass
@@ -30,42 +82,46 @@ class DataConfig:
     """Each split is a data file or a number: generated (synthetic tasks) or held out of the
     training file. The three are disjoint by the task's canonical question key."""
 
-    train: int | str = 20000
-    val: int | str = 500  # every setting is chosen on this split
-    test: int | str = 500  # scored once, at the end
-    seed: int = 1234
+    train: int | str = rule(20000, check=_source, path=True)
+    val: int | str = rule(500, check=_source, path=True)  # every setting is chosen on this split
+    test: int | str = rule(500, check=_source, path=True)  # scored once, at the end
+    seed: int = rule(1234, min=0)
     skip_invalid: bool = False
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "gpt2"
-    preset: str = "small"
-    pretrained: str | None = None  # a local HF causal-LM directory (or hub id, online only)
+    arch: str = rule("gpt2", choices=("gpt2", "llama"))
+    preset: str = rule("small", choices=_presets)
+    # A local HF causal-LM directory (or hub id, online only); relative to the working directory.
+    pretrained: str | None = rule(None, check=_text)
     trust_remote_code: bool = False
-    max_positions: int = 256
+    max_positions: int = rule(256, min=8)
     lora: dict | None = None  # peft.LoraConfig fields, e.g. {r: 16, lora_alpha: 32}; pretrained only
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000  # optimizer steps, all stages together: the budget every method gets
-    batch_size: int = 128
-    lr: float = 1e-3
-    lr_schedule: str = "constant"  # constant or cosine, after linear warm-up
-    warmup: float = 0.04  # fraction of each stage's steps
-    weight_decay: float = 0.0
-    dropout: float = 0.0
-    grad_clip: float = 1.0
+    steps: int = rule(1000, min=1)  # optimizer steps, all stages together: the budget every method gets
+    batch_size: int = rule(128, min=1)
+    lr: float = rule(1e-3, min=0.0)
+    lr_schedule: str = rule("constant", choices=("constant", "cosine"))  # after linear warm-up
+    warmup: float = rule(0.04, min=0.0, max=1.0)  # fraction of each stage's steps
+    weight_decay: float = rule(0.0, min=0.0)
+    dropout: float = rule(0.0, min=0.0, max=1.0)
+    grad_clip: float = rule(1.0, min=0.0)
     # RiM only
-    stage1_fraction: float = 0.6
-    stage2_lr: float = 5e-4
-    stage2_dropout: float = 0.1
-    lambda_hold: float = 0.3  # fraction of stage 1 with every step weight held at 1
-    alpha: str = "linear"  # stage-2 block weights: linear (alpha_k ~ k) or uniform
-    log_every: int = 25
-    eval_every: int = 100
-    threads: int | None = None
+    stage1_fraction: float = rule(0.6, min=0.0, max=1.0)
+    stage2_lr: float = rule(5e-4, min=0.0)
+    stage2_dropout: float = rule(0.1, min=0.0, max=1.0)
+    lambda_hold: float = rule(0.3, min=0.0, max=1.0)  # fraction of stage 1 with every step weight at 1
+    alpha: str = rule("linear", choices=("linear", "uniform"))  # stage-2 block weights: alpha_k ~ k, or equal
+    log_every: int = rule(25, min=1)
+    eval_every: int = rule(100, min=1)
+    # A resumable checkpoint every this many optimizer steps, and at the end of every stage (0: only
+    # when the run is stopped by SIGTERM or Ctrl-C).
+    checkpoint_every: int = rule(100, min=0)
+    threads: int | None = rule(None, min=1)
 
 
 @dataclass
@@ -77,28 +133,30 @@ class CoconutConfig:
     stage the rest. Paper: c = 2, stages = 3 on GSM8K; c = 1, stages = 6 on ProsQA. Inference
     uses stages x c thoughts."""
 
-    c: int = 2
-    stages: int = 3
-    stage_fraction: float = 0.12  # the reference's GSM8K schedule: 3 epochs per stage out of 25
+    c: int = rule(2, min=1)
+    stages: int = rule(3, min=1)
+    stage_fraction: float = rule(0.12, min=0.0, max=1.0)  # the reference's GSM8K schedule: 3 of 25 epochs
     # The reference's GSM8K run starts from a separately trained CoT model (its ProsQA run trains
     # stage 0 like the others); a larger stage 0 is that protocol within one step budget.
-    cot_fraction: float | None = None
+    cot_fraction: float | None = rule(None, min=0.0, max=1.0)
 
 
 @dataclass
 class EvalConfig:
-    n: int | None = None  # evaluate on the first n examples of each held-out split (all if unset)
+    n: int | None = rule(
+        None, min=1
+    )  # evaluate on the first n examples of each held-out split (all if unset)
     score_test: bool = True  # false while searching settings: only the validation split is scored
-    batch_size: int = 256
-    latency_examples: int = 20
-    max_new_tokens: int = 64
+    batch_size: int = rule(256, min=1)
+    latency_examples: int = rule(20, min=0)
+    max_new_tokens: int = rule(64, min=1)
 
 
 @dataclass
 class RunConfig:
-    method: str = "rim"
-    name: str = ""
-    seed: int = 0
+    method: str = rule("rim", choices=METHODS)
+    name: str = rule("", check=_run_name)
+    seed: int = rule(0, min=0)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -117,50 +175,45 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-CHOICES = {
-    "method": METHODS,
-    "model.arch": ("gpt2", "llama"),
-    "train.alpha": ("linear", "uniform"),
-    "train.lr_schedule": ("constant", "cosine"),
-}
-RANGES = {  # inclusive lower bounds, and upper bounds where one exists
-    "train.steps": (1, None),
-    "train.batch_size": (1, None),
-    "train.lr": (0.0, None),
-    "train.stage2_lr": (0.0, None),
-    "train.warmup": (0.0, 1.0),
-    "train.dropout": (0.0, 1.0),
-    "train.stage2_dropout": (0.0, 1.0),
-    "train.stage1_fraction": (0.0, 1.0),
-    "train.lambda_hold": (0.0, 1.0),
-    "memory.M": (0, None),
-    "memory.K": (1, None),
-    "memory.step_offset": (0, None),
-    "eval.batch_size": (1, None),
-    "eval.latency_examples": (0, None),
-    "eval.max_new_tokens": (1, None),
-    "coconut.c": (1, None),
-    "coconut.stages": (1, None),
-    "coconut.stage_fraction": (0.0, 1.0),
-    "coconut.cot_fraction": (0.0, 1.0),
-    "train.log_every": (1, None),
-    "train.eval_every": (1, None),
-}
+# Keys a resumed run may change: they do not alter what is computed.
+RESUMABLE_CHANGES = ("train.threads", "train.checkpoint_every")
 
 
+def differences(a: RunConfig, b: RunConfig) -> list[str]:
+    """Dotted keys whose values differ between two configs (those a resume may change excluded)."""
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k not in ("options", "lora"):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    return [k for k in fa if fa[k] != fb.get(k) and k not in RESUMABLE_CHANGES]
+
+
+# -- checking ------------------------------------------------------------------------------------
 def _where(source: str, lines: dict[str, int], key: str) -> str:
     line = lines.get(key)
     return f"{source}:{line}" if line else source
 
 
-def _line_numbers(node: yaml.Node, prefix: str = "") -> dict[str, int]:
-    """Dotted key -> 1-based line of that key in the YAML text."""
+def _line_numbers(node: yaml.Node, source: str, prefix: str = "") -> dict[str, int]:
+    """Dotted key -> 1-based line of that key in the YAML text; ConfigError on a repeated key."""
     out: dict[str, int] = {}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = f"{prefix}{key_node.value}"
-            out[key] = key_node.start_mark.line + 1
-            out.update(_line_numbers(value_node, key + "."))
+            line = key_node.start_mark.line + 1
+            if key in out:
+                raise ConfigError(
+                    f"{source}:{line}: key '{clip(key)}' given twice (first on line {out[key]})"
+                )
+            out[key] = line
+            out.update(_line_numbers(value_node, source, key + "."))
     return out
 
 
@@ -170,56 +223,117 @@ def _check_type(value: Any, annotation: Any) -> Any:
     if value is None and type(None) in options:
         return None
     for option in options:
+        number = None
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if option is float and isinstance(value, str):
+            number = float(value)
+        elif option is float and isinstance(value, str):
             # PyYAML reads exponent notation without a dot ("1e-4") as a string.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise TypeError(f"expected a finite number, got {clip(value)}")
+            return number
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if option in (str, bool, dict) and isinstance(value, option):
             return value
     names = " or ".join(getattr(o, "__name__", str(o)).replace("NoneType", "null") for o in options)
-    raise TypeError(f"expected {names}, got {value!r}")
+    raise TypeError(f"expected {names}, got {clip(repr(value))}")
 
 
-def _build(cls: type, raw: Any, path: str, source: str, lines: dict[str, int]) -> Any:
+def _check_rules(value: Any, checks: typing.Mapping[str, Any]) -> str | None:
+    """The problem with `value` under a field's checks, or None."""
+    if value is None:
+        return None
+    choices = checks.get("choices")
+    if choices is not None:
+        choices = choices() if callable(choices) else choices
+        if value not in choices:
+            return f"must be one of {', '.join(map(str, choices))}; got {clip(repr(value))}"
+    lo, hi = checks.get("min"), checks.get("max")
+    if isinstance(value, (int, float)) and (
+        (lo is not None and value < lo) or (hi is not None and value > hi)
+    ):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        return f"must be {bound}, got {value!r}"
+    if checks.get("token") and (not value or len(value) > 64 or any(c in value for c in "\r\n\t")):
+        return f"expected a token of 1-64 characters without line breaks, got {clip(repr(value))}"
+    check = checks.get("check")
+    return check(value) if check is not None else None
+
+
+@dataclass
+class _Context:
+    """Where the raw recipe came from, for messages and for resolving relative data paths."""
+
+    source: str
+    lines: dict[str, int]
+    recipe_dir: Path | None  # relative paths of keys from the recipe file resolve here
+    from_set: Callable[[str], bool]  # whether a key's value came from --set
+
+
+def _build(cls: type, raw: Any, path: str, ctx: _Context) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{_where(source, lines, path)}: {path or 'recipe'}: expected a mapping")
+        what = path or "recipe"
+        raise ConfigError(
+            f"{_where(ctx.source, ctx.lines, path)}: {what}: expected a mapping, got {clip(repr(raw))}"
+        )
+    fields = {
+        f.name: f for f in dataclasses.fields(cls) if not (cls is MemorySpec and f.name in TRAINING_FIELDS)
+    }
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)} - (set(TRAINING_FIELDS) if cls is MemorySpec else set())
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{path}.{key}" if path else str(key)
-        if key not in known:
-            raise ConfigError(
-                f"{_where(source, lines, dotted)}: unknown key '{dotted}' "
-                f"(expected one of: {', '.join(sorted(known))})"
-            )
+        where = _where(ctx.source, ctx.lines, dotted)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            guess = f"did you mean '{close[0]}'? " if close else ""
+            keys = clip(", ".join(sorted(fields)), 130)
+            raise ConfigError(f"{where}: unknown key '{clip(dotted)}' ({guess}expected one of: {keys})")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, dotted, source, lines)
+            kwargs[key] = _build(hint, value, dotted, ctx)
             continue
         try:
             value = _check_type(value, hint)
         except TypeError as err:
-            raise ConfigError(f"{_where(source, lines, dotted)}: {dotted}: {err}") from None
-        if dotted in CHOICES and value not in CHOICES[dotted]:
-            raise ConfigError(
-                f"{_where(source, lines, dotted)}: {dotted}: must be one of {CHOICES[dotted]}, got {value!r}"
-            )
-        if dotted in RANGES and value is not None:
-            lo, hi = RANGES[dotted]
-            if value < lo or (hi is not None and value > hi):
-                bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-                raise ConfigError(
-                    f"{_where(source, lines, dotted)}: {dotted}: must be {bound}, got {value!r}"
-                )
+            raise ConfigError(f"{where}: {dotted}: {err}") from None
+        checks = fields[key].metadata
+        problem = _check_rules(value, checks)
+        if problem:
+            raise ConfigError(f"{where}: {dotted}: {problem}")
+        if checks.get("path") and isinstance(value, str):
+            base = Path.cwd() if ctx.recipe_dir is None or ctx.from_set(dotted) else ctx.recipe_dir
+            value = str((base / Path(value).expanduser()).resolve())
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _cross_checks(config: RunConfig, ctx: _Context) -> None:
+    """Checks that involve more than one key."""
+    try:
+        get_task(config.task.name, **config.task.options)
+    except RimLensError as err:
+        raise ConfigError(f"{_where(ctx.source, ctx.lines, 'task.options')}: task.options: {err}") from None
+    m = config.memory
+    if len({m.begin, m.memory, m.end}) < 3:
+        raise ConfigError(
+            f"{_where(ctx.source, ctx.lines, 'memory')}: memory.begin, memory.memory and memory.end "
+            "must be three different tokens"
+        )
+    if config.model.lora is not None:
+        _check_lora(config.model.lora, _where(ctx.source, ctx.lines, "model.lora"), config.model.pretrained)
+    co = config.coconut
+    cot = co.stage_fraction if co.cot_fraction is None else co.cot_fraction
+    if cot + co.stages * co.stage_fraction > 1.0 + 1e-9:
+        raise ConfigError(
+            f"{_where(ctx.source, ctx.lines, 'coconut.stage_fraction')}: coconut.stage_fraction: stages "
+            f"0..{co.stages} take more than all the steps ({cot} + {co.stages} x {co.stage_fraction} > 1)"
+        )
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -227,13 +341,28 @@ def parse_overrides(overrides: list[str]) -> dict:
     out: dict = {}
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.steps=200")
+        parts = key.split(".")
+        if not sep or not all(p.strip() for p in parts):
+            raise ConfigError(f"--set {clip(repr(item))}: expected KEY=VALUE, e.g. train.steps=200")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise ConfigError(
+                f"--set {clip(repr(item))}: the value is not valid YAML ({problem}); "
+                f"quote it, e.g. {clip(key)}='...'"
+            ) from None
         node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
+        *parents, leaf = parts
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(text)
+            if not isinstance(node, dict):
+                section = ".".join(parts[: i + 1])
+                raise ConfigError(
+                    f"--set {clip(repr(item))}: '{section}' was set to a value by an earlier --set, "
+                    "so it has no keys"
+                )
+        node[leaf] = value
     return out
 
 
@@ -255,33 +384,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     source = str(path) if path else "<defaults>"
     if path is not None:
         try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read recipe ({err.strerror})") from None
+            text = read_text(path, ConfigError, limit=MAX_RECIPE)
+        except ConfigError as err:
+            raise ConfigError(f"cannot read recipe {err}; give the path of a YAML recipe") from None
         try:
             node = yaml.compose(text)
-            raw = yaml.safe_load(text) or {}
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
-        lines = _line_numbers(node) if node is not None else {}
+            raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
+        raw = {} if raw is None else raw
+        lines = _line_numbers(node, source) if node is not None else {}
+    extra: dict = {}
     if overrides:
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: a recipe must be a mapping of keys, got {clip(repr(raw))}")
         raw = _merge(raw, extra)
         lines = {k: v for k, v in lines.items() if not _covered(k, extra)}
         source = f"{source} (with --set)" if path else "--set"
-    config = _build(RunConfig, raw, "", source, lines)
-    if config.model.lora is not None:
-        _check_lora(config.model.lora, _where(source, lines, "model.lora"), config.model.pretrained)
-    co = config.coconut
-    cot = co.stage_fraction if co.cot_fraction is None else co.cot_fraction
-    if cot + co.stages * co.stage_fraction > 1.0 + 1e-9:
-        where = _where(source, lines, "coconut.stage_fraction")
-        raise ConfigError(
-            f"{where}: coconut.stage_fraction: stages 0..{co.stages} take more than all the steps "
-            f"({cot} + {co.stages} x {co.stage_fraction} > 1)"
-        )
+    ctx = _Context(
+        source,
+        lines,
+        Path(path).resolve().parent if path is not None else None,
+        lambda key: _covered(key, extra),
+    )
+    config = _build(RunConfig, raw, "", ctx)
+    _cross_checks(config, ctx)
     return config
 
 
@@ -292,10 +422,10 @@ def _check_lora(lora: dict, where: str, pretrained: str | None) -> None:
     from peft import LoraConfig
 
     known = {f.name for f in dataclasses.fields(LoraConfig)}
-    unknown = sorted(set(lora) - known)
+    unknown = sorted(map(str, set(lora) - known))
     if unknown:
         raise ConfigError(
-            f"{where}: model.lora: unknown LoraConfig field(s) {', '.join(unknown)} "
+            f"{where}: model.lora: unknown LoraConfig field(s) {clip(', '.join(unknown))} "
             "(e.g. r, lora_alpha, lora_dropout, target_modules)"
         )
 

@@ -10,37 +10,55 @@ thought passes of `rim_lens.model.coconut`. The loop runs unchanged on one proce
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import random
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
+from rim_lens import artefacts
 from rim_lens.artefacts import SPLITS, split_file
 from rim_lens.data import Example, Splits, make_splits, read_examples, write_examples
 from rim_lens.data.tasks import Task, get_task
-from rim_lens.errors import ConfigError, RunError
+from rim_lens.errors import ConfigError, RimLensError, RunError, clip
 from rim_lens.evaluation import evaluate
-from rim_lens.fileio import atomic_write_text
+from rim_lens.fileio import atomic_write_text, replace_dir
 from rim_lens.methods import Method
 from rim_lens.model.checkpoints import build_model, load_pretrained, save_checkpoint, set_dropout
 from rim_lens.model.coconut import thought_forward
 from rim_lens.model.layouts import Batch, Layout, SequenceBuilder, collate
 from rim_lens.model.memory import MemorySpec
 from rim_lens.model.tokenizer import build_word_tokenizer, memory_token_ids
-from rim_lens.runs import Run
-from training.config import RunConfig
+from rim_lens.runs import (
+    COMPLETED,
+    FAILED,
+    INTERRUPTED,
+    RUNNING,
+    Run,
+    RunLock,
+    recover_swap,
+    staging_path,
+)
+from training import resume as resumption
+from training.config import RunConfig, differences, load_config
 from training.schedules import coconut_stage, grounding_weights, refinement_weights
 
 
@@ -204,9 +222,54 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# -- stopping -----------------------------------------------------------------------------------
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGTERM or SIGINT; the run is marked interrupted and can be resumed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGTERM and SIGINT during training. Inside the training loop (`deferring`) the first signal
+    asks the loop to checkpoint and stop after the current step; a second one, or one outside the
+    loop, stops at once. Installed only in the main thread (where Python delivers signals)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self.deferring = False
+        self._previous: dict = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.deferring and self.requested is None:
+            self.requested = signum
+            return
+        raise Interrupted(signum)
+
+    def check(self) -> None:
+        if self.requested is not None:
+            raise Interrupted(self.requested)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
 # -- the loop ------------------------------------------------------------------------------------
+Save = Callable[..., None]
+
+
 def run_stage(
     stage: Stage,
+    index: int,
     model,
     train_set: list[Example],
     monitor: list[Example],
@@ -215,19 +278,25 @@ def run_stage(
     run: Run,
     pad_id: int,
     sees_question: bool,
+    checkpoint: Save,
+    stop: StopSignals,
+    resume: resumption.Checkpoint | None = None,
 ) -> dict[str, float]:
-    """Train one stage with a fresh optimizer and LR schedule; returns the final monitor accuracy."""
+    """Train one stage with a fresh optimizer and LR schedule (or, from `resume`, the ones it had
+    when it was checkpointed); returns the final monitor accuracy."""
     t = cfg.train
     compute_loss = stage.loss or _loss
     set_dropout(model, stage.dropout)
     batches = partial(collate, pad_id=pad_id, sees_question=sees_question)
+    # The order of every epoch comes from this generator, reseeded per epoch (see training/resume.py).
+    order = torch.Generator()
     loader = DataLoader(
         [stage.layout(ex) for ex in train_set],
         batch_size=t.batch_size,
         shuffle=True,
         drop_last=len(train_set) >= t.batch_size,
         collate_fn=batches,
-        generator=torch.Generator().manual_seed(cfg.seed),
+        generator=order,
     )
     monitor_batch = batches([stage.layout(ex) for ex in monitor]).to(accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -250,13 +319,29 @@ def run_stage(
             run.log({"stage": stage.name, "step": step, "readout_accuracy": acc})
         return acc
 
+    at, tokens, elapsed, acc = resumption.Position(index), 0, 0.0, {}
+    if resume is not None:
+        resume.restore_training(optimizer, scheduler)
+        s = resume.state
+        at, tokens, elapsed, acc = s.position, s.tokens, s.elapsed_s, s.readout_accuracy
+    step = at.step
+
+    def save() -> None:
+        position = resumption.Position(index, step, epoch, consumed)
+        checkpoint(position, optimizer, scheduler, tokens, time.perf_counter() - start, acc)
+
     model.train()
     # `disable` is left to tqdm on the main process, so TQDM_DISABLE=1 silences the bar.
     quiet = {} if accelerator.is_main_process else {"disable": True}
-    bar = tqdm(total=stage.steps, desc=f"{cfg.method}:{stage.name}", dynamic_ncols=True, **quiet)
-    start, tokens, step, acc = time.perf_counter(), 0, 0, {}
+    bar = tqdm(
+        total=stage.steps, initial=step, desc=f"{cfg.method}:{stage.name}", dynamic_ncols=True, **quiet
+    )
+    start = time.perf_counter() - elapsed
+    epoch, consumed = at.epoch, at.batch
+    stop.deferring = True
     while step < stage.steps:
-        for batch in loader:
+        order.manual_seed(resumption.epoch_seed(cfg.seed, index, epoch))
+        for batch in accelerator.skip_first_batches(loader, consumed) if consumed else loader:
             weights = stage.weights(batch, step / stage.steps)
             loss, _ = compute_loss(model, batch, weights)
             accelerator.backward(loss)
@@ -266,6 +351,7 @@ def run_stage(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            consumed += 1
             tokens += int((batch.roles > 0).sum()) * accelerator.num_processes
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -287,63 +373,274 @@ def run_stage(
                 )
             if step >= stage.steps:
                 break
+            if stop.requested is not None or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                save()
+                stop.check()
+        else:
+            epoch, consumed = epoch + 1, 0
+    stop.deferring = False
     bar.close()
     if accelerator.is_main_process:
         shown = "  ".join(f"{k} {v:.3f}" for k, v in acc.items())
-        print(
-            f"[{cfg.method}] {stage.name}: {step} steps in {time.perf_counter() - start:.0f}s; "
-            f"held-out readout accuracy: {shown}"
-        )
+        took = time.perf_counter() - start
+        print(f"[{cfg.method}] {stage.name}: {step} steps in {took:.0f}s; held-out readout accuracy: {shown}")
     return {"time_s": time.perf_counter() - start, "tokens_seen": tokens, "readout_accuracy": acc}
 
 
-def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> Run:
-    """Train `cfg` into `run_dir`, save the checkpoint, evaluate; the run is marked failed on error.
+@dataclass
+class Setup:
+    """What a run trains with, built before anything is written: a bad input fails here and
+    leaves the runs directory untouched."""
 
-    A directory that already holds a trained model is refused unless `overwrite`, so a new
-    run never mixes its config and log with an older model.
-    """
-    run = Run(run_dir)
-    if run.exists("model") and not overwrite:
-        raise RunError(f"{run.path} already holds a trained run; choose another --name or pass --overwrite")
-    accelerator = Accelerator()
-    if accelerator.is_main_process:
-        run.path.mkdir(parents=True, exist_ok=True)
-        (run.path / "train_log.jsonl").unlink(missing_ok=True)
-        (run.path / "config.yaml").write_text(cfg.to_yaml())
-        run.mark("running", method=cfg.method)
-    try:
-        summary = _train(cfg, run, accelerator)
-    except BaseException as err:
-        if accelerator.is_main_process:
-            run.mark("failed", method=cfg.method, error=f"{type(err).__name__}: {err}")
-        raise
-    if accelerator.is_main_process:
-        run.mark("completed", method=cfg.method, **summary)
-    # Other processes return only once the main one has saved and evaluated.
-    accelerator.wait_for_everyone()
-    return run
+    task: Task
+    splits: Splits
+    spec: MemorySpec
+    model: Any
+    tokenizer: Any
+    builder: SequenceBuilder
+    stages: list[Stage]
+    data: str  # fingerprint of the splits
 
 
-def _train(cfg: RunConfig, run: Run, accelerator: Accelerator) -> dict:
+def prepare(cfg: RunConfig) -> Setup:
+    """Data, model, tokenizer and stages of `cfg`; every input is checked here."""
     torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
     seed_everything(cfg.seed)
     task = get_task(cfg.task.name, **cfg.task.options)
     splits = load_data(cfg, task)
-    if accelerator.is_main_process:
-        for name in SPLITS:
-            write_examples(run.path / split_file(name), getattr(splits, name))
     spec = run_spec(cfg, task)
     model, tokenizer = make_model(cfg, spec, all_texts(splits.train + splits.val + splits.test))
     builder = SequenceBuilder(tokenizer, spec.replace(K=cfg.memory.K), task.join_steps)
-    model = accelerator.prepare(model)
+    stages = plan_stages(cfg, builder)
+    check_positions(cfg, model, builder, stages, splits)
+    data = resumption.fingerprint([splits.train, splits.val, splits.test])
+    return Setup(task, splits, spec, model, tokenizer, builder, stages, data)
 
-    summary: dict = {"stages": {}}
+
+def position_limit(model) -> int | None:
+    """How many positions the model takes (None if it does not say)."""
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def longest(layout: Callable[[Example], Layout], examples: list[Example]) -> tuple[int, Example | None]:
+    """The most positions any example's layout needs, and that example."""
+    need, worst = 0, None
+    for ex in examples:
+        n = max(layout(ex).positions) + 1
+        if n > need:
+            need, worst = n, ex
+    return need, worst
+
+
+def check_positions(
+    cfg: RunConfig, model, builder: SequenceBuilder, stages: list[Stage], splits: Splits
+) -> None:
+    """ConfigError unless the model takes the longest training sequence and scored prompt."""
+    limit = position_limit(model)
+    if not limit:
+        return
+    layouts = [(stage.name, stage.layout, splits.train) for stage in stages]
+    layouts.append(("scored", builder.scored, splits.val + splits.test))
+    for what, layout, examples in layouts:
+        need, ex = longest(layout, examples)
+        if need > limit:
+            fix = (
+                f"set model.max_positions to at least {need}"
+                if cfg.model.pretrained is None
+                else "shorten the data or use fewer memory blocks (memory.K)"
+            )
+            raise ConfigError(
+                f"model.max_positions: the model takes {limit} positions but the {what} sequence of "
+                f"example {clip(ex.id, 40)} needs {need}; {fix}"
+            )
+
+
+# -- runs: start, resume, overwrite --------------------------------------------------------------
+@dataclass
+class Plan:
+    """Where a `train` call trains (the run itself, or its staging directory under --overwrite)
+    and whether it resumes a checkpoint there."""
+
+    path: Path
+    resume: bool
+    staging: bool
+
+
+def _recipe_change(cfg: RunConfig, run: Run) -> str | None:
+    """The first recipe key whose value differs from what the run was started with (None if none)."""
+    try:
+        saved = load_config(run.require(artefacts.CONFIG))
+    except RimLensError as err:
+        raise RunError(f"{err}; pass --restart to train the run again from the start") from None
+    diff = differences(cfg, saved)
+    if not diff:
+        return None
+    key = diff[0]
+    get = lambda c: functools.reduce(lambda d, k: d[k], key.split("."), c.to_dict())  # noqa: E731
+    return f"{key}: {clip(repr(get(saved)), 30)} -> {clip(repr(get(cfg)), 30)}"
+
+
+def plan_run(cfg: RunConfig, target: Run, overwrite: bool, restart: bool) -> Plan:
+    """Decide how to train `cfg` into `target` (see `train`); RunError if it must not."""
+    recover_swap(target.path)
+    if target.path.exists() and not target.path.is_dir():
+        raise RunError(f"{target.path}: exists and is not a directory; choose another --name or --runs-dir")
+    try:
+        status = target.status()["status"] if target.path.is_dir() else "none"
+    except RunError as err:
+        if not restart:
+            raise RunError(f"{err}; pass --restart to train the run again from the start") from None
+        status = FAILED
+    if status == COMPLETED and target.exists(artefacts.CHECKPOINT):
+        shutil.rmtree(target.checkpoint_dir, ignore_errors=True)  # a kill right after completing
+    legacy = status == "unknown" and (target.exists(artefacts.MODEL) or target.exists(artefacts.CONFIG))
+    if status == "unknown" and not legacy and any(target.path.iterdir()):
+        raise RunError(
+            f"{target.path}: exists and is not a rim-lens run; choose another --name or --runs-dir"
+        )
+    if status == RUNNING and not restart:  # on another host: its process cannot be checked from here
+        host = (target.status().get("process") or {}).get("host")
+        raise RunError(
+            f"{target.path}: is being trained on host {host}; wait for it, or pass --restart if that "
+            "training is gone"
+        )
+    if status == COMPLETED or legacy:
+        if not overwrite:
+            raise RunError(
+                f"{target.path}: already holds a trained run; pass --overwrite to replace it (the old run "
+                "stays until the new one completes), or choose another --name"
+            )
+        staging = Run(staging_path(target.path))
+        resumable = staging.exists(artefacts.CHECKPOINT) and not restart
+        return Plan(staging.path, resumable and _recipe_change(cfg, staging) is None, True)
+    if target.exists(artefacts.CHECKPOINT) and not restart:
+        change = _recipe_change(cfg, target)
+        if change is None:
+            return Plan(target.path, True, False)
+        if overwrite:
+            return Plan(staging_path(target.path), False, True)
+        raise RunError(
+            f"{target.path}: this interrupted run was started with another recipe ({change}); "
+            "train it with its own recipe to resume it, or pass --restart to start it over with this one"
+        )
+    return Plan(target.path, False, False)
+
+
+def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False, restart: bool = False) -> Run:
+    """Train `cfg` into `run_dir`, save the model, evaluate; the run's status says how it ended.
+
+    - A new run trains into `run_dir`; a run that was interrupted (killed, SIGTERM, Ctrl-C) is
+      resumed from its last checkpoint, bit for bit, if the recipe is the same; `restart` starts
+      it over instead.
+    - A completed run is refused unless `overwrite`: then the new run trains in a staging
+      directory beside it and replaces it only once it has completed (an interrupted overwrite
+      resumes there too). The old run is untouched if the new one fails.
+    - While it trains, the run is locked: a second `train` into it is refused.
+    """
+    target = Run(run_dir)
+    accelerator = Accelerator()
+    main = accelerator.is_main_process
+    with RunLock(target.path) if main else contextlib.nullcontext(), StopSignals() as stop:
+        plan: Plan | RimLensError | None = None
+        if main:
+            try:
+                plan = plan_run(cfg, target, overwrite, restart)
+            except RimLensError as err:
+                plan = err  # every process must stop, not only this one
+        if accelerator.num_processes > 1:
+            plan = broadcast_object_list([plan])[0]
+        if isinstance(plan, RimLensError):
+            raise plan
+        setup = prepare(cfg)
+        run = Run(plan.path)
+        ckpt = resumption.Checkpoint.read(run.checkpoint_dir) if plan.resume else None
+        if ckpt is not None and ckpt.state.data != setup.data:
+            raise RunError(
+                f"{run.path}: the recipe's data changed since this run started; {resumption.RESTART}"
+            )
+        if main:
+            _open(run, cfg, setup, ckpt, plan.staging)
+        accelerator.wait_for_everyone()
+        try:
+            summary = _train(cfg, run, setup, accelerator, stop, ckpt)
+        except KeyboardInterrupt as err:
+            if main:
+                where = "; resume it by running the same command"
+                run.mark(INTERRUPTED, method=cfg.method, error=f"{type(err).__name__}: {err}{where}")
+            raise
+        except BaseException as err:
+            if main:
+                run.mark(FAILED, method=cfg.method, error=f"{type(err).__name__}: {err}")
+            raise
+        if main:
+            run.mark(COMPLETED, method=cfg.method, **summary)
+            shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
+            if plan.staging:
+                replace_dir(run.path, target.path)
+        # Other processes return only once the main one has saved and evaluated.
+        accelerator.wait_for_everyone()
+    return target
+
+
+def _open(run: Run, cfg: RunConfig, setup: Setup, ckpt: resumption.Checkpoint | None, staging: bool) -> None:
+    """Prepare the run directory: a fresh one (anything an earlier attempt left is removed), or
+    the resumed one with its log as it was at the checkpoint."""
+    p = ckpt.state.position if ckpt else None
+    resumed = {"resumed_from": asdict(p)} if p else {}
+    if ckpt is None:
+        # Only what rim-lens made is removed: a run that did not complete, or a staging directory.
+        if run.path.exists() and (run.exists(artefacts.STATUS) or staging):
+            shutil.rmtree(run.path)
+        run.path.mkdir(parents=True, exist_ok=True)
+        # The status comes first: a run killed from here on reads as interrupted, never as foreign.
+        run.mark(RUNNING, method=cfg.method)
+        for name in SPLITS:
+            write_examples(run.path / split_file(name), getattr(setup.splits, name))
+    else:
+        run.mark(RUNNING, method=cfg.method, **resumed)
+        atomic_write_text(run.path / artefacts.TRAIN_LOG, ckpt.log)
+    atomic_write_text(run.path / artefacts.CONFIG, cfg.to_yaml())
+
+
+def _train(
+    cfg: RunConfig,
+    run: Run,
+    setup: Setup,
+    accelerator: Accelerator,
+    stop: StopSignals,
+    ckpt: resumption.Checkpoint | None,
+) -> dict:
+    main = accelerator.is_main_process
+    model, tokenizer, spec, splits = setup.model, setup.tokenizer, setup.spec, setup.splits
+    at = ckpt.state.position if ckpt else resumption.Position()
+    if ckpt is not None:
+        ckpt.restore_model(model)
+    model = accelerator.prepare(model)
+    summary: dict = {"stages": dict(ckpt.state.stages) if ckpt else {}}
+
+    def checkpoint(position, optimizer=None, scheduler=None, tokens=0, elapsed=0.0, acc=None) -> None:
+        if main:
+            state = resumption.TrainState(position, setup.data, tokens, elapsed, acc or {}, summary["stages"])
+            resumption.save(
+                run.checkpoint_dir,
+                accelerator.unwrap_model(model),
+                state,
+                run.file(artefacts.TRAIN_LOG),
+                optimizer,
+                scheduler,
+            )
+
     monitor = splits.val[: min(len(splits.val), 256)]
-    for stage in plan_stages(cfg, builder):
-        seed_everything(cfg.seed)
+    for index, stage in enumerate(setup.stages):
+        if index < at.stage:
+            continue
+        resume = ckpt if ckpt is not None and index == at.stage and at.step > 0 else None
+        if resume is None:
+            seed_everything(cfg.seed)
         summary["stages"][stage.name] = run_stage(
             stage,
+            index,
             model,
             splits.train,
             monitor,
@@ -352,9 +649,16 @@ def _train(cfg: RunConfig, run: Run, accelerator: Accelerator) -> dict:
             run,
             tokenizer.pad_token_id,
             spec.readout_sees_question,
+            checkpoint,
+            stop,
+            resume,
         )
+        # Each stage starts afresh (new optimizer and schedule), so its end is a checkpoint too.
+        if cfg.train.checkpoint_every or stop.requested is not None:
+            checkpoint(resumption.Position(index + 1))
+        stop.check()  # a signal during the stage's last step
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
+    if not main:
         return summary
 
     model = accelerator.unwrap_model(model)
@@ -370,7 +674,7 @@ def _train(cfg: RunConfig, run: Run, accelerator: Accelerator) -> dict:
         train_time_s=summary["train_time_s"],
         tokens_seen=summary["tokens_seen"],
         train_steps=cfg.train.steps,
-        splits=splits.summary(task),
+        splits=splits.summary(setup.task),
     )
     write_results(run, metrics, predictions)
     summary["accuracy"] = metrics["accuracy"]

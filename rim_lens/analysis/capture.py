@@ -28,7 +28,7 @@ from rim_lens.data.examples import Example
 from rim_lens.data.tasks import Task
 from rim_lens.errors import RunError
 from rim_lens.evaluation import decode_answers
-from rim_lens.fileio import atomic_write_json, atomic_write_text
+from rim_lens.fileio import atomic_write_json, atomic_write_text, check_safetensors, read_json, read_jsonl
 from rim_lens.model.layouts import SequenceBuilder, block_positions, slot_names
 
 
@@ -151,9 +151,13 @@ class CaptureStore:
                 f"{self.path}: no complete capture here; produce one with "
                 f"`rim-lens analyze {artefacts.CAPTURE} RUN`"
             )
-        self.meta = json.loads(meta_path.read_text())
-        lines = (self.path / "examples.jsonl").read_text().splitlines()
-        self.examples = [json.loads(line) for line in lines if line.strip()]
+        fix = "capture again with `rim-lens analyze capture RUN`"
+        self.meta = read_json(meta_path, RunError, fix)
+        if not (isinstance(self.meta, dict) and isinstance(self.meta.get("shards"), list)):
+            raise RunError(f"{meta_path}: not a capture's metadata (no list of shards); {fix}")
+        self.examples = read_jsonl(self.path / "examples.jsonl", RunError, fix)
+        for name in self.meta["shards"]:
+            check_safetensors(self.path / str(name), RunError, fix)
 
     @property
     def n(self) -> int:

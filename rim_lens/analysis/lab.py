@@ -49,6 +49,7 @@ from rim_lens.analysis.sites import BlockStates, Selection, block_labels
 from rim_lens.data import Example, read_examples
 from rim_lens.data.tasks import Task, get_task
 from rim_lens.errors import RunError
+from rim_lens.fileio import read_text
 from rim_lens.model.checkpoints import load_checkpoint
 from rim_lens.model.layouts import SequenceBuilder, slot_names
 from rim_lens.model.memory import MemorySpec
@@ -443,5 +444,9 @@ def held_out(run: Run, split: str = "test") -> Path:
 
 def _task_options(run: Run) -> dict:
     """The task options the run was trained with (e.g. mult's n), from its resolved config."""
-    config = yaml.safe_load(run.require(artefacts.CONFIG).read_text()) or {}
-    return (config.get("task") or {}).get("options") or {}
+    path = run.require(artefacts.CONFIG)
+    try:
+        config = yaml.safe_load(read_text(path, RunError)) or {}
+        return dict((config.get("task") or {}).get("options") or {})
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+        raise RunError(f"{path}: corrupt run config; train the run again") from None

@@ -10,7 +10,6 @@ examples, the backend.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from rim_lens import artefacts
 from rim_lens.analysis import figures
 from rim_lens.analysis.sites import BlockStates, block_labels
 from rim_lens.errors import RunError
-from rim_lens.fileio import atomic_write_json, atomic_write_text
+from rim_lens.fileio import atomic_write_json, atomic_write_text, read_json
 from rim_lens.stats import Estimate, bootstrap, proportion
 
 
@@ -426,4 +425,6 @@ def load_summary(run_dir: str | Path, stem: str) -> dict:
     path = Path(run_dir) / artefacts.ANALYSIS / f"{stem}.json"
     if not path.exists():
         raise _missing(run_dir, stem)
-    return json.loads(path.read_text())
+    return read_json(
+        path, RunError, f"produce it again with `rim-lens analyze {artefacts.analysis_of(stem)} {run_dir}`"
+    )

@@ -1,11 +1,17 @@
-"""The `rim-lens` command line: data, train, eval, demo, analyze, dashboard."""
+"""The `rim-lens` command line: data, train, eval, demo, analyze, dashboard.
+
+Every bad input ends the same way: one line `rim-lens: error: <what, where, what to do>` on
+stderr and exit status 2, never a traceback (argparse's own errors included).
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
+from rim_lens.cli.args import Parser, error_line
 from rim_lens.errors import RimLensError
 
 
@@ -13,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Each command module adds its subparser and sets `func`, the handler of the parsed args.
     from rim_lens.cli import analyze, dashboard, data, demo, train
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="rim-lens",
         description="Train Reasoning-in-Memory models and test whether their memory blocks "
         "carry the reasoning.",
@@ -26,16 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, or a one-line usage error already printed
+        return int(done.code or 0)
     _quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except RimLensError as err:
-        print(f"rim-lens: error: {err}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("rim-lens: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        print(
+            f"rim-lens: interrupted ({name}); a training run resumes when its command runs again",
+            file=sys.stderr,
+        )
+        return 128 + signum
 
 
 def _quiet_libraries() -> None:

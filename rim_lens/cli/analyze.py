@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rim_lens.artefacts import ANALYSES, SPLITS
+from rim_lens.cli.args import positive_int
 
 WHATS = tuple(ANALYSES)
 
@@ -35,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--backend", choices=("hf", "tl", "nnsight"), default="hf", help="hook backend (default: hf)"
     )
-    p.add_argument("--n", type=int, default=200, help="examples to analyse (default: 200)")
+    p.add_argument("--n", type=positive_int, default=200, help="examples to analyse (default: 200)")
     p.add_argument("--split", choices=SPLITS, default="test", help="the run's data split (default: test)")
     p.add_argument("--data", help="analyse the examples of this data file instead of the run's split")
     p.add_argument("--layers", type=_int_list, default=None, help="layers, e.g. 0,2-3 (default: all)")

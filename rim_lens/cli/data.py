@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from rim_lens.cli.args import non_negative_int, positive_int
 from rim_lens.data import read_examples, write_examples
 from rim_lens.data.tasks import TASK_NAMES, get_task
+from rim_lens.errors import DataError, clip
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,8 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     generate = actions.add_parser("generate", help="write a synthetic data set (mult, modchain)")
     generate.add_argument("task", metavar="TASK", help=f"one of: {', '.join(TASK_NAMES)}")
-    generate.add_argument("--n", type=int, required=True, help="number of examples")
-    generate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    generate.add_argument("--n", type=positive_int, required=True, help="number of examples")
+    generate.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     generate.add_argument("--out", required=True, help="output file, .txt (iCoT lines) or .jsonl")
     generate.add_argument(
         "--exclude",
@@ -53,7 +56,7 @@ def _add_option_argument(parser: argparse.ArgumentParser) -> None:
 def _key_value(text: str) -> tuple[str, int | str]:
     key, eq, value = text.partition("=")
     if not (key and eq and value):
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {clip(repr(text))}")
     try:
         return key, int(value)
     except ValueError:
@@ -62,8 +65,14 @@ def _key_value(text: str) -> tuple[str, int | str]:
 
 def _generate(args: argparse.Namespace) -> None:
     task = get_task(args.task, **dict(args.option))
+    if Path(args.out).is_dir():
+        raise DataError(f"--out {clip(args.out)}: is a directory; give a file name ending in .txt or .jsonl")
+    if Path(args.out).suffix not in (".txt", ".jsonl"):
+        raise DataError(
+            f"--out {clip(args.out)}: cannot write {clip(Path(args.out).suffix)!r} files; use .txt or .jsonl"
+        )
     exclude = {ex.question for path in args.exclude for ex in read_examples(path)[0]}
-    examples = task.generate(args.n, args.seed, exclude)
+    examples = task.generate(args.n, args.seed, exclude, progress=True)
     write_examples(args.out, examples)
     excluded = f", avoiding {len(exclude)} questions" if args.exclude else ""
     print(f"wrote {len(examples)} {task!r} examples (seed {args.seed}{excluded}) to {args.out}")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 from pathlib import Path
+
+from rim_lens.cli.args import positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +23,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--runs-dir", default="runs", help="parent folder of run directories (default: runs)")
     p.add_argument("--name", help="run name (default: the recipe's name, else recipe stem + method)")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run of the same name")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a completed run of the same name; the old run stays until the new one completes",
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start an interrupted run over instead of resuming it from its last checkpoint",
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser(
@@ -33,18 +45,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--K", help="blocks at inference; a comma list sweeps (e.g. 1,2,4,8,16)")
     p.add_argument("--M", help="memory tokens per block; a comma list sweeps")
     p.add_argument("--split", choices=("val", "test"), default="test", help="held-out split (default: test)")
-    p.add_argument("--n", type=int, help="evaluate on the first n examples of the split")
+    p.add_argument("--n", type=positive_int, help="evaluate on the first n examples of the split")
     p.add_argument("--data", help="evaluate on this data file instead of a split of the run")
     p.set_defaults(func=_eval)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from rim_lens.errors import ConfigError, clip
+    from rim_lens.runs import check_name
     from training.config import load_config
     from training.trainer import train
 
     cfg = load_config(args.recipe, args.overrides)
-    name = args.name or cfg.name or (f"{Path(args.recipe).stem}-{cfg.method}" if args.recipe else cfg.method)
-    run = train(cfg, Path(args.runs_dir) / name, overwrite=args.overwrite)
+    if args.name is not None:
+        name = check_name(args.name, "--name")
+    else:
+        name = cfg.name or (f"{Path(args.recipe).stem}-{cfg.method}" if args.recipe else cfg.method)
+        check_name(name, "name (from the recipe's file name; give --name)")
+    runs_dir = Path(args.runs_dir)
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise ConfigError(
+            f"--runs-dir {clip(args.runs_dir)}: is a file; give a folder (it is made if missing)"
+        )
+    run = train(cfg, runs_dir / name, overwrite=args.overwrite, restart=args.restart)
     metrics = run.read_json("metrics.json")
     print(
         f"{run.path}: {metrics['scored_on']} accuracy {_interval(metrics, 'accuracy')} "
@@ -53,30 +76,43 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ints(text: str | None, flag: str) -> list[int | None]:
-    from rim_lens.errors import ConfigError
+def _ints(text: str | None, flag: str, low: int) -> list[int | None]:
+    """A comma list of integers >= `low` (the recipe's own bound for that memory key)."""
+    from rim_lens.errors import ConfigError, clip
 
     if text is None:
         return [None]
     try:
-        return [int(v) for v in text.split(",")]
+        values = [int(v) for v in text.split(",")]
     except ValueError:
-        raise ConfigError(f"{flag} {text!r}: expected integers separated by commas") from None
+        raise ConfigError(
+            f"{flag} {clip(repr(text))}: expected integers separated by commas, e.g. 1,2,4"
+        ) from None
+    if min(values) < low:
+        raise ConfigError(f"{flag} {clip(repr(text))}: every value must be >= {low}")
+    return values
 
 
 def _eval(args: argparse.Namespace) -> int:
     from rim_lens import artefacts
     from rim_lens.data import Splits, read_examples
+    from rim_lens.data.tasks import get_task
+    from rim_lens.errors import ConfigError, clip
     from rim_lens.evaluation import evaluate
     from rim_lens.model.checkpoints import load_checkpoint
+    from rim_lens.model.layouts import SequenceBuilder
+    from rim_lens.model.memory import MemorySpec
     from rim_lens.runs import open_run
     from training.config import load_config
-    from training.trainer import score, write_results
+    from training.trainer import longest, position_limit, score, write_results
 
-    Ks, Ms = _ints(args.K, "--K"), _ints(args.M, "--M")
+    bounds = {f.name: f.metadata.get("min", 0) for f in dataclasses.fields(MemorySpec)}
+    Ks, Ms = _ints(args.K, "--K", bounds["K"]), _ints(args.M, "--M", bounds["M"])
     run = open_run(args.run)
     model, tokenizer, spec = load_checkpoint(run.require(artefacts.MODEL))
     cfg = load_config(run.require(artefacts.CONFIG))
+    if (args.K or args.M) and not spec.uses_blocks:
+        raise ConfigError(f"--K/--M: {run.path} is a {spec.method} model, which has no memory blocks")
 
     def read(path) -> list:
         return read_examples(path, spec.task, task_options=cfg.task.options)[0]
@@ -86,7 +122,7 @@ def _eval(args: argparse.Namespace) -> int:
         # The trained setting on both held-out splits, as training scored it.
         splits = Splits([], *(read(run.require(artefacts.split_file(s))) for s in ("val", "test")))
         metrics, predictions = score(model, tokenizer, spec, splits, cfg)
-        previous = run.read_json(artefacts.METRICS) if run.exists(artefacts.METRICS) else {}
+        previous = _previous(run, artefacts.METRICS, {})
         kept = ("train_time_s", "tokens_seen", "train_steps", "splits")
         metrics.update({k: previous[k] for k in kept if k in previous})
         write_results(run, metrics, predictions)
@@ -98,8 +134,18 @@ def _eval(args: argparse.Namespace) -> int:
 
     examples = read(args.data or run.require(artefacts.split_file(args.split)))
     examples = examples[: args.n] if args.n else examples
+    task = get_task(spec.task, **cfg.task.options)
+    limit = position_limit(model)
+    for K, M in itertools.product(Ks, Ms):
+        budget = spec.replace(K=K or spec.K, M=spec.M if M is None else M)
+        need, ex = longest(SequenceBuilder(tokenizer, budget, task.join_steps).scored, examples)
+        if limit and need > limit:
+            raise ConfigError(
+                f"--K/--M: with K={budget.K}, M={budget.M} example {clip(ex.id, 40)} needs {need} positions "
+                f"but the model takes {limit}; use fewer blocks or memory tokens"
+            )
     label = Path(args.data).stem if args.data else args.split
-    sweep = run.read_json(artefacts.SWEEP) if run.exists(artefacts.SWEEP) else []
+    sweep = _previous(run, artefacts.SWEEP, [])
     for K, M in itertools.product(Ks, Ms):
         metrics, predictions = evaluate(
             model,
@@ -128,6 +174,21 @@ def _eval(args: argparse.Namespace) -> int:
     if sweeping and not args.data and not args.n:
         run.write_json(artefacts.SWEEP, sorted(sweep, key=lambda s: (s.get("split", ""), s["M"], s["K"])))
     return 0
+
+
+def _previous(run, name: str, empty):
+    """What eval wrote before, to be updated; a corrupt file is replaced (eval is what writes it)."""
+    import sys
+
+    from rim_lens.errors import RunError
+
+    if not run.exists(name):
+        return empty
+    try:
+        return run.read_json(name)
+    except RunError as err:
+        print(f"rim-lens: warning: {str(err).split(';')[0]}; writing it anew", file=sys.stderr)
+        return empty
 
 
 def _interval(metrics: dict, key: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -10,11 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from rim_lens.data.examples import Example
-from rim_lens.data.tasks import TASK_NAMES, get_task, infer_task
-from rim_lens.errors import DataError
-from rim_lens.fileio import atomic_write_text
+from rim_lens.data.tasks import TASK_NAMES, Task, get_task, infer_task
+from rim_lens.errors import DataError, clip
+from rim_lens.fileio import atomic_write_text, iter_lines, read_text
 
 _FIELDS = ("question", "steps", "answer", "values", "task")
+
+
+MAX_JSON = 64 << 20  # characters of a ProsQA .json file (its training split is about 31 MB)
 
 
 def read_examples(
@@ -23,40 +27,42 @@ def read_examples(
     """The examples in a data file and the number of invalid lines or records skipped.
 
     By suffix: `.txt` iCoT lines `question||steps #### answer` (the task is guessed from the first
-    line unless given), `.jsonl` one `Example.to_dict()` per line, `.json` a ProsQA list. An
-    invalid line raises DataError "file:line: what was expected", unless `skip_invalid`.
+    line unless given), `.jsonl` one `Example.to_dict()` per line, `.json` a ProsQA list. Every
+    example is checked against its task's rules whatever the format (a wrong step or answer is
+    invalid). An invalid line raises DataError "file:line: what was expected", unless
+    `skip_invalid`; a file without any valid example is an error too. Lines are read as a stream
+    of at most `MAX_LINE` characters each.
     Examples get ids "{file stem}:{line or record number}"; `.jsonl` records keep their own.
     """
     path = Path(path)
-    try:
-        # newline="" keeps a stray "\r" inside a line; str.splitlines would also split at the
-        # "\u2028" that one GSM8K question contains, so lines are split at "\n" only.
-        with open(path, encoding="utf-8", newline="") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read: {err}") from None
-    lines = [(n, line.removesuffix("\r")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
-    items: list[tuple[int, Any]] = lines
+    options = task_options or {}
+    items: Iterable[tuple[int, Any]]
     parse: Callable[[Any], Example]
-
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; give a data file (.txt, .jsonl or .json)")
     if path.suffix == ".txt":
-        if not lines:
-            return [], 0
-        reader = infer_task(lines[0][1], task, **(task_options or {}))
+        # Split at "\n" only: str.splitlines would also split at the "\u2028" of one GSM8K question.
+        lines = ((n, line.removesuffix("\r")) for n, line in iter_lines(path, DataError) if line.strip())
+        first = next(lines, None)
+        if first is None:
+            raise DataError(f"{path}: no examples (the file is empty); give a data file with examples")
+        reader = infer_task(first[1], task, **options)
         if reader is None:
             raise DataError(
-                f"{path}:{lines[0][0]}: cannot tell the task of this line; give it "
+                f"{path}:{first[0]}: cannot tell the task of this line; give it "
                 f"with --task ({', '.join(TASK_NAMES)})"
             )
         parse = reader.parse_line
+        items = itertools.chain([first], lines)
     elif path.suffix == ".jsonl":
-        parse = partial(_from_json_line, task=task, task_names=TASK_NAMES)
+        readers: dict[str, Task] = {}
+        parse = partial(_from_json_line, task=task, options=options, readers=readers)
+        items = ((n, line) for n, line in iter_lines(path, DataError) if line.strip())
     elif path.suffix == ".json":
         if task not in (None, "prosqa"):
             raise DataError(f"{path}: .json files hold ProsQA records, not task {task}")
-        parse = get_task("prosqa", **(task_options or {})).from_record
+        parse = get_task("prosqa", **options).from_record
+        text = read_text(path, DataError, limit=MAX_JSON)
         try:
             records = json.loads(text)
         except json.JSONDecodeError as err:
@@ -65,9 +71,9 @@ def read_examples(
             ) from None
         if not isinstance(records, list):
             raise DataError(f"{path}: expected a JSON list of ProsQA records")
-        items = list(enumerate(records, 1))
+        items = enumerate(records, 1)
     else:
-        raise DataError(f"{path}: unknown format {path.suffix!r}; expected .txt, .jsonl or .json")
+        raise DataError(f"{path}: unknown format {clip(path.suffix)!r}; expected .txt, .jsonl or .json")
 
     examples, skipped = [], 0
     for n, item in items:
@@ -76,15 +82,19 @@ def read_examples(
         except ValueError as err:
             if not skip_invalid:
                 where = f"{path}: record {n}" if path.suffix == ".json" else f"{path}:{n}"
-                raise DataError(f"{where}: {err}") from None
+                raise DataError(f"{where}: {clip(err, 200)}") from None
             skipped += 1
             continue
         examples.append(ex if ex.id else replace(ex, id=f"{path.stem}:{n}"))
+    if not examples:
+        found = f"all {skipped} invalid" if skipped else "the file is empty"
+        raise DataError(f"{path}: no examples ({found}); give a data file with valid examples")
     return examples, skipped
 
 
-def _from_json_line(line: str, task: str | None, task_names: Iterable[str]) -> Example:
-    """The example on one `.jsonl` line, if it holds a well-formed record of a known task."""
+def _from_json_line(line: str, task: str | None, options: dict, readers: dict[str, Task]) -> Example:
+    """The example on one `.jsonl` line: a well-formed record of a known task whose steps, answer
+    and values are what that task makes of its question (checked exactly as for `.txt` lines)."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
@@ -94,12 +104,24 @@ def _from_json_line(line: str, task: str | None, task_names: Iterable[str]) -> E
         and all(k in record for k in _FIELDS)
         and all(isinstance(record[k], str) for k in ("question", "answer", "task"))
         and all(isinstance(record[k], list) for k in ("steps", "values"))
+        and all(isinstance(s, str) for s in record["steps"])
+        and isinstance(record.get("id", ""), str)
+        and isinstance(record.get("meta", {}), dict)
     ):
-        raise ValueError(f"expected an object with {', '.join(_FIELDS)}")
-    expected = [task] if task else list(task_names)
+        raise ValueError(f"expected an object with {', '.join(_FIELDS)} (steps a list of strings)")
+    expected = [task] if task else list(TASK_NAMES)
     if record["task"] not in expected:
-        raise ValueError(f"expected task {' or '.join(expected)}, got {record['task']!r}")
-    return Example.from_dict(record)
+        raise ValueError(f"expected task {' or '.join(expected)}, got {clip(repr(record['task']))}")
+    # Options a question implies (mult's n, modchain's modulus) fill in those not given.
+    reader = infer_task(record["question"], record["task"], **options)
+    key = repr(reader)
+    reader = readers.setdefault(key, reader)
+    made = reader.make_example(record["question"], record["steps"], record["answer"])
+    if list(made.values) != record["values"]:
+        raise ValueError(
+            f"expected values {clip(list(made.values))} for these steps, got {clip(record['values'])}"
+        )
+    return replace(made, id=record.get("id", ""), meta=record.get("meta", {}))
 
 
 def write_examples(path: str | Path, examples: Iterable[Example]) -> None:
@@ -117,7 +139,7 @@ def write_examples(path: str | Path, examples: Iterable[Example]) -> None:
                 tasks[ex.task] = get_task(ex.task)
             line = tasks[ex.task].format_line(ex)
             if "\n" in line or "\r" in line:
-                raise DataError(f"{path}: example {ex.id or ex.question[:40]!r} does not fit on a line")
+                raise DataError(f"{path}: example {clip(ex.id or ex.question, 40)!r} does not fit on a line")
             lines.append(line)
     elif path.suffix == ".jsonl":
         lines = [json.dumps(ex.to_dict(), ensure_ascii=False) for ex in examples]

@@ -8,7 +8,7 @@ but transformers installed.
 from __future__ import annotations
 
 import shutil
-import tempfile
+import sys
 from pathlib import Path
 
 import torch
@@ -21,7 +21,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rim_lens.errors import ConfigError, RunError
+from rim_lens.errors import ConfigError, RimLensError, RunError, clip
+from rim_lens.fileio import check_safetensors, follow_umask, read_json, recover_dir, replace_dir, temp_dir
 from rim_lens.model.memory import MemorySpec
 from rim_lens.model.tokenizer import add_memory_tokens
 
@@ -87,6 +88,17 @@ def load_pretrained(
     path: str | Path, spec: MemorySpec, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A local (or hub) HF causal LM with the memory tokens added and embeddings resized."""
+    local = Path(path).expanduser()
+    fix = "model.pretrained must be a Hugging Face model directory (config.json, weights, tokenizer)"
+    if local.is_dir():
+        _check_model_dir(local, ConfigError, fix)
+    if trust_remote_code:
+        where = f"the directory {local.resolve()}" if local.is_dir() else f"the hub repository {path}"
+        print(
+            f"rim-lens: warning: model.trust_remote_code is true: Python code from {where} will run "
+            "with your permissions; use it only for models you trust",
+            file=sys.stderr,
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -95,14 +107,42 @@ def load_pretrained(
     except OSError as err:
         # transformers raises OSError both for a missing local directory and an unreachable hub id.
         raise ConfigError(
-            f"model.pretrained: cannot load {str(path)!r}: not a local HF model directory, "
-            f"and not reachable on the hub ({str(err).splitlines()[0]})"
+            f"model.pretrained: cannot load {clip(str(path))!r}: not a local HF model directory, "
+            f"and not reachable on the hub ({_reason(err)})"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - a damaged directory fails in many ways inside transformers
+        raise ConfigError(
+            f"model.pretrained: {clip(str(path))}: cannot load ({_reason(err)}); {fix}"
         ) from None
     if add_memory_tokens(tokenizer, spec):
         model.resize_token_embeddings(len(tokenizer))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _reason(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {clip(lines[0], 120)}" if lines else type(err).__name__
+
+
+def _check_model_dir(directory: Path, error: type[RimLensError], fix: str) -> None:
+    """Error naming the file unless `directory` holds a loadable config, safetensors weights (complete)
+    and a tokenizer; transformers would fail on any of these with a traceback, or not at all."""
+    config = directory / "config.json"
+    if not config.is_file():
+        raise error(f"{directory}: no config.json here; {fix}")
+    read_json(config, error, fix)
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights:
+        pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+        found = f" (found {', '.join(pickled[:2])}: rim-lens loads safetensors only)" if pickled else ""
+        raise error(f"{directory}: no *.safetensors weights{found}; {fix}")
+    for path in weights:
+        check_safetensors(path, error, fix)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (directory / name).is_file():
+            read_json(directory / name, error, fix)
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:
@@ -124,23 +164,16 @@ def save_checkpoint(
 ) -> Path:
     """Write model, tokenizer and memory spec atomically: a crash never leaves half a checkpoint."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = temp_dir(directory)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         spec.save(tmp)
-        old = directory.with_name(f".{directory.name}.old")
-        if directory.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-        tmp.rename(directory)
-        shutil.rmtree(old, ignore_errors=True)
+        follow_umask(tmp)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        old = directory.with_name(f".{directory.name}.old")
-        if old.exists() and not directory.exists():
-            old.rename(directory)
+        recover_dir(directory)
         raise
     return directory
 
@@ -148,10 +181,16 @@ def save_checkpoint(
 def load_checkpoint(directory: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, MemorySpec]:
     """Model (eval mode, fp32, CPU), tokenizer and memory spec of a rim-lens checkpoint."""
     directory = Path(directory)
+    recover_dir(directory)
     if not (directory / "config.json").exists():
         raise RunError(f"{directory}: no model here (config.json missing)")
+    fix = "train the run again (rim-lens train RECIPE --overwrite)"
+    _check_model_dir(directory, RunError, fix)
     spec = MemorySpec.load(directory)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001 - a damaged checkpoint fails in many ways inside transformers
+        raise RunError(f"{directory}: cannot load the checkpoint ({_reason(err)}); {fix}") from None
     model.eval()
     return model, tokenizer, spec

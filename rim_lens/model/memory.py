@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rim_lens.errors import RunError
@@ -33,15 +33,16 @@ class MemorySpec:
     `thoughts` (set from the recipe's `coconut` section: c x stages).
     """
 
+    # The metadata are the recipe's checks of the `memory` section (see training/config.py).
     method: str = "rim"
-    begin: str = "<b>"
-    memory: str = "<m>"
-    end: str = "</b>"
-    M: int = 2
-    K: int = 8
-    answer_prefix: str = "####"
+    begin: str = field(default="<b>", metadata={"token": True})
+    memory: str = field(default="<m>", metadata={"token": True})
+    end: str = field(default="</b>", metadata={"token": True})
+    M: int = field(default=2, metadata={"min": 0})
+    K: int = field(default=8, metadata={"min": 1})
+    answer_prefix: str = field(default="####", metadata={"token": True})
     readout_sees_question: bool = True
-    step_offset: int = 0
+    step_offset: int = field(default=0, metadata={"min": 0})
     task: str = ""
     bot: str = "<bot>"
     thought: str = "<thought>"

@@ -7,7 +7,7 @@ from rim_lens.data.tasks.gsm8k import Gsm8k
 from rim_lens.data.tasks.modchain import ModChain
 from rim_lens.data.tasks.mult import Mult
 from rim_lens.data.tasks.prosqa import ProsQA
-from rim_lens.errors import ConfigError
+from rim_lens.errors import ConfigError, clip
 
 # In the order `infer_task` tries them.
 _TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Mult, ModChain, Gsm8k, ProsQA)}
@@ -22,7 +22,7 @@ def get_task(name: str, **options) -> Task:
     unknown = sorted(set(options) - set(cls.option_names))
     if unknown:
         valid = ", ".join(cls.option_names) or "none"
-        raise ConfigError(f"task {name} has no option {unknown[0]!r} (options: {valid})")
+        raise ConfigError(f"task {name} has no option {clip(repr(unknown[0]))} (options: {valid})")
     return cls(**options)
 
 
@@ -41,5 +41,5 @@ def infer_task(line: str, name: str | None = None, **options) -> Task | None:
 
 def _task_class(name: str) -> type[Task]:
     if name not in _TASKS:
-        raise ConfigError(f"unknown task {name!r}; valid tasks: {', '.join(TASK_NAMES)}")
+        raise ConfigError(f"unknown task {clip(repr(name))}; valid tasks: {', '.join(TASK_NAMES)}")
     return _TASKS[name]

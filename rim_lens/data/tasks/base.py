@@ -14,8 +14,10 @@ from collections.abc import Collection, Sequence
 from dataclasses import replace
 from typing import ClassVar
 
+from tqdm import tqdm
+
 from rim_lens.data.examples import Example
-from rim_lens.errors import ConfigError, DataError, RimLensError
+from rim_lens.errors import ConfigError, DataError, RimLensError, clip
 
 
 def split_line(line: str) -> tuple[str, str, str]:
@@ -32,7 +34,7 @@ def int_option(task: str, key: str, value: object, low: int, high: int | None = 
     in_range = isinstance(value, int) and low <= value and (high is None or value <= high)
     if isinstance(value, bool) or not in_range:
         bounds = f"{low}..{high}" if high is not None else f">= {low}"
-        raise ConfigError(f"task {task}: option {key} must be an integer {bounds}, got {value!r}")
+        raise ConfigError(f"task {task}: option {key} must be an integer {bounds}, got {clip(repr(value))}")
     return value
 
 
@@ -76,7 +78,12 @@ class Task:
         return self.step_separator.join(steps)
 
     def generate(
-        self, n: int, seed: int, exclude: Collection[str] = (), one_per_key: bool = False
+        self,
+        n: int,
+        seed: int,
+        exclude: Collection[str] = (),
+        one_per_key: bool = False,
+        progress: bool = False,
     ) -> list[Example]:
         """`n` examples with distinct questions whose keys are not in `exclude`, the same for the
         same seed; with `one_per_key`, no two share a key."""
@@ -136,9 +143,11 @@ class SyntheticTask(Task):
     def make_example(self, question: str, steps: Sequence[str], answer: str) -> Example:
         ex = self.parse_question(question)
         if list(steps) != list(ex.steps):
-            raise ValueError(f"expected steps '{self.join_steps(ex.steps)}' for question '{question}'")
+            raise ValueError(
+                f"expected steps '{clip(self.join_steps(ex.steps), 100)}' for question '{clip(question)}'"
+            )
         if answer != ex.answer:
-            raise ValueError(f"expected answer '{ex.answer}' for question '{question}'")
+            raise ValueError(f"expected answer '{clip(ex.answer)}' for question '{clip(question)}'")
         return ex
 
     def question_space_size(self) -> int:
@@ -149,10 +158,16 @@ class SyntheticTask(Task):
     key_multiplicity: ClassVar[int] = 1
 
     def generate(
-        self, n: int, seed: int, exclude: Collection[str] = (), one_per_key: bool = False
+        self,
+        n: int,
+        seed: int,
+        exclude: Collection[str] = (),
+        one_per_key: bool = False,
+        progress: bool = False,
     ) -> list[Example]:
         """`n` examples with distinct questions whose keys are not in `exclude` (see `key`), the
-        same for the same seed; with `one_per_key`, no two of them share a key."""
+        same for the same seed; with `one_per_key`, no two of them share a key. `progress` shows a
+        progress bar on a terminal."""
         rng = random.Random(seed)
         excluded = set(exclude)
         spaces = self._question_spaces()
@@ -162,9 +177,8 @@ class SyntheticTask(Task):
             if wanted[space]:
                 questions += self._draw(rng, space, label, size, wanted[space], excluded, one_per_key)
         rng.shuffle(questions)
-        return [
-            replace(self.parse_question(q), id=f"{self.name}-{seed}-{i}") for i, q in enumerate(questions)
-        ]
+        bar = tqdm(questions, desc=f"generating {self!r}", unit=" ex", disable=None if progress else True)
+        return [replace(self.parse_question(q), id=f"{self.name}-{seed}-{i}") for i, q in enumerate(bar)]
 
     def _draw(
         self,
@@ -202,7 +216,7 @@ class SyntheticTask(Task):
             v for v in map(self.parse_question, self._one_value_changes(ex.question)) if v.answer != ex.answer
         ]
         if not variants:
-            raise DataError(f"no change of one value alters the answer of '{ex.question}'")
+            raise DataError(f"no change of one value alters the answer of '{clip(ex.question)}'")
         return replace(rng.choice(variants), id=f"{ex.id}:corrupt")
 
 

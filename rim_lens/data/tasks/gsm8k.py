@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from rim_lens.data.examples import Example
 from rim_lens.data.tasks.base import Task
-from rim_lens.errors import DataError, RimLensError
+from rim_lens.errors import DataError, RimLensError, clip
 
 _ANNOTATION = re.compile(r"<<.*?>>")
 _STEP = re.compile(r"<<([^<>]*)=([^<>=]*)>>")
@@ -46,8 +46,10 @@ class Gsm8k(Task):
             match = _STEP.fullmatch(step)
             value = number(match[2]) if match else None
             if value is None:
-                raise ValueError(f"expected a step '<<expr=number>>', got '{step}'")
+                raise ValueError(f"expected a step '<<expr=number>>', got '{clip(step)}'")
             values.append(value)
+        if number(answer.replace(",", "")) is None:
+            raise ValueError(f"expected a number as the answer, got '{clip(answer)}'")
         return Example(question, tuple(steps), answer, tuple(values), self.name)
 
     def answers_match(self, pred: str, gold: str) -> bool:

@@ -11,7 +11,7 @@ import re
 
 from rim_lens.data.examples import Example
 from rim_lens.data.tasks.base import SyntheticTask, int_option
-from rim_lens.errors import ConfigError
+from rim_lens.errors import ConfigError, clip
 
 _QUESTION = re.compile(r"(\d+)((?: [+*-]\d+)+) mod (\d+)")
 _OPERATION = re.compile(r" ([+*-])(\d+)")
@@ -56,7 +56,8 @@ class ModChain(SyntheticTask):
             and len(set(operators)) == len(operators)
         ):
             raise ConfigError(
-                f"task modchain: option operators must be distinct characters of '+-*', got {operators!r}"
+                "task modchain: option operators must be distinct characters of '+-*', "
+                f"got {clip(repr(operators))}"
             )
         self.operators = operators
         self.options.update(modulus=self.modulus, operators=operators)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-Value = int | float | str
+# None: the step has no value a probe could decode (e.g. a GSM8K step whose result is "3/4").
+Value = int | float | str | None
 
 
 @dataclass(frozen=True)
@@ -12,7 +13,8 @@ class Example:
     """One reasoning problem: question, explicit steps, final answer and per-step values.
 
     `values[t]` is the intermediate quantity that `steps[t]` computes (a running sum, a
-    running value, an equation result, an entity reached); probes decode it from block states.
+    running value, an equation result, an entity reached); probes decode it from block states
+    and skip None (a step whose result is not a value, e.g. GSM8K's `<<3/4=3/4>>`).
     """
 
     question: str

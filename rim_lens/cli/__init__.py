@@ -1,4 +1,4 @@
-"""The `rim-lens` command line: data, train, eval, demo, analyze, dashboard."""
+"""The `rim-lens` command line: data, model, train, eval, demo, analyze, dashboard."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rim_lens.errors import RimLensError
 
 def build_parser() -> argparse.ArgumentParser:
     # Each command module adds its subparser and sets `func`, the handler of the parsed args.
-    from rim_lens.cli import analyze, dashboard, data, demo, train
+    from rim_lens.cli import analyze, dashboard, data, demo, model, train
 
     parser = argparse.ArgumentParser(
         prog="rim-lens",
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         "carry the reasoning.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (data, train, demo, analyze, dashboard):
+    for module in (data, model, train, demo, analyze, dashboard):
         module.register(sub)
     return parser
 

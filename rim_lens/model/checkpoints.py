@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -106,8 +107,11 @@ def load_pretrained(
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:
-    """Set every dropout probability in the model (stage 2 uses its own)."""
-    for module in model.modules():
+    """Set every dropout probability of the model itself (stage 2 uses its own); an adapter's
+    dropout (PEFT's `lora_dropout`) is part of the adapter's recipe and is left as configured."""
+    for name, module in model.named_modules():
+        if "lora_dropout" in name.split("."):
+            continue
         if isinstance(module, torch.nn.Dropout):
             module.p = p
         # Llama applies attention dropout functionally from this attribute.
@@ -119,18 +123,33 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
             setattr(config, name, p)
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    """The device of the model's weights: where every input tensor must be built."""
+    return next(model.parameters()).device
+
+
 def save_checkpoint(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: MemorySpec, directory: str | Path
 ) -> Path:
     """Write model, tokenizer and memory spec atomically: a crash never leaves half a checkpoint."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         spec.save(tmp)
-        old = directory.with_name(f".{directory.name}.old")
+
+    return write_directory(directory, write)
+
+
+def write_directory(directory: str | Path, write: Callable[[Path], None]) -> Path:
+    """Fill a fresh directory with `write(tmp)`, then put it in place of `directory` by renames:
+    a crash leaves either the old directory or the new one, never half of one."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    old = directory.with_name(f".{directory.name}.old")
+    try:
+        write(tmp)
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)
             directory.rename(old)
@@ -138,7 +157,6 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        old = directory.with_name(f".{directory.name}.old")
         if old.exists() and not directory.exists():
             old.rename(directory)
         raise

@@ -66,6 +66,9 @@ class TrainConfig:
     log_every: int = 25
     eval_every: int = 100
     threads: int | None = None
+    precision: str = "fp32"  # fp32, or bf16 / fp16 mixed precision (autocast through accelerate)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    length_bucketing: bool = True  # batches of similar length (less padding); false: uniform batches
 
 
 @dataclass
@@ -74,7 +77,7 @@ class EvalConfig:
     score_test: bool = True  # false while searching settings: only the validation split is scored
     batch_size: int = 256
     latency_examples: int = 20
-    max_new_tokens: int = 64
+    max_new_tokens: int | None = None  # unset: the longest train/val target plus a margin
 
 
 @dataclass
@@ -104,6 +107,7 @@ CHOICES = {
     "model.arch": ("gpt2", "llama"),
     "train.alpha": ("linear", "uniform"),
     "train.lr_schedule": ("constant", "cosine"),
+    "train.precision": ("fp32", "bf16", "fp16"),
 }
 RANGES = {  # inclusive lower bounds, and upper bounds where one exists
     "train.steps": (1, None),

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import extract_model_from_parallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
@@ -28,16 +30,20 @@ from rim_lens.artefacts import SPLITS, split_file
 from rim_lens.data import Example, Splits, make_splits, read_examples, write_examples
 from rim_lens.data.tasks import Task, get_task
 from rim_lens.errors import ConfigError, RunError
-from rim_lens.evaluation import evaluate
+from rim_lens.evaluation import decode_budget, evaluate
 from rim_lens.fileio import atomic_write_text
 from rim_lens.methods import Method
 from rim_lens.model.checkpoints import build_model, load_pretrained, save_checkpoint, set_dropout
-from rim_lens.model.layouts import Batch, Layout, SequenceBuilder, collate
+from rim_lens.model.layouts import IGNORE, Batch, Layout, SequenceBuilder, collate
 from rim_lens.model.memory import MemorySpec
 from rim_lens.model.tokenizer import build_word_tokenizer, memory_token_ids
 from rim_lens.runs import Run
 from training.config import RunConfig
+from training.sampling import LengthBuckets
 from training.schedules import grounding_weights, refinement_weights
+
+# train.precision -> accelerate's mixed_precision: autocast in bf16 / fp16, weights kept in fp32.
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 @dataclass
@@ -96,55 +102,117 @@ def make_model(cfg: RunConfig, spec: MemorySpec, texts: list[str]):
     if m.pretrained is None:
         tokenizer = build_word_tokenizer(texts, spec)
         model = build_model(tokenizer, m.arch, m.preset, m.max_positions, cfg.train.dropout, cfg.seed)
-        return model, tokenizer
-    model, tokenizer = load_pretrained(m.pretrained, spec, trust_remote_code=m.trust_remote_code)
-    if m.lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        lora = dict(m.lora)
-        lora.setdefault("target_modules", "all-linear")
-        try:
-            config = LoraConfig(
-                task_type="CAUSAL_LM", trainable_token_indices=list(memory_token_ids(tokenizer, spec)), **lora
-            )
-        except TypeError as err:
-            raise ConfigError(f"model.lora: {err}") from None
-        model = get_peft_model(model, config)
+    else:
+        model, tokenizer = load_pretrained(m.pretrained, spec, trust_remote_code=m.trust_remote_code)
+        if m.lora is not None:
+            model = _with_lora(model, m.lora, memory_token_ids(tokenizer, spec))
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing is correct with frozen inputs (LoRA) and without use_cache.
+        model.activation_checkpointing_enable({"use_reentrant": False})
     return model, tokenizer
+
+
+def _with_lora(model, options: dict, memory_ids: tuple[int, ...]):
+    """`model` wrapped by PEFT LoRA; among the embeddings only the memory tokens' are trained."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = {"target_modules": "all-linear", **options}
+    try:
+        config = LoraConfig(task_type="CAUSAL_LM", trainable_token_indices=list(memory_ids), **lora)
+    except TypeError as err:
+        raise ConfigError(f"model.lora: {err}") from None
+    return get_peft_model(model, config)
 
 
 def all_texts(examples: list[Example]) -> list[str]:
     return [t for ex in examples for t in (ex.question, ex.answer, *ex.steps)]
 
 
-# -- monitoring ----------------------------------------------------------------------------------
-@torch.no_grad()
-def readout_accuracy(logits: torch.Tensor, batch: Batch, stage: str) -> dict[str, float]:
-    """Teacher-forced accuracy of each readout (all its tokens right), named step_t / answer
-    in grounding and block_k in refinement."""
-    wrong = (logits.argmax(-1) != batch.targets) & (batch.target_index > 0)
-    n = int(batch.target_index.max())
-    out: dict[str, float] = {}
-    for t in range(1, n + 1):
+# -- loss and monitoring ------------------------------------------------------------------------
+def output_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """The module mapping hidden states to logits (`lm_head`), through accelerate's and PEFT's
+    wrappers."""
+    model = extract_model_from_parallel(model)
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
+    return model.get_output_embeddings()
+
+
+def target_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits [N, V] at the N target positions of `batch` (row-major order).
+
+    Only target positions need logits, and full-vocabulary logits at every position are most of
+    a pretrained model's memory. A pre-hook on the output layer gathers the target positions'
+    hidden states, so the output layer sees [1, N, d]. The model is still called as a whole, so
+    accelerate's autocast (mixed precision) and DDP gradient sync keep applying.
+    """
+    index = (batch.targets != IGNORE).flatten().nonzero().squeeze(1)
+
+    def gather(module, args):
+        return (args[0].flatten(0, 1)[index][None], *args[1:])
+
+    handle = output_layer(model).register_forward_pre_hook(gather)
+    try:
+        return model(**batch.model_inputs(), use_cache=False).logits[0]
+    finally:
+        handle.remove()
+
+
+def _loss(model, batch: Batch, weights: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy at the target positions, weighted by `weights` [B, S] (zero off targets)."""
+    is_target = batch.targets != IGNORE
+    ce = F.cross_entropy(target_logits(model, batch).float(), batch.targets[is_target], reduction="none")
+    # Normalised by the weights in the batch: as lambda falls, the answer term keeps its scale.
+    return (ce * weights[is_target]).sum() / weights.sum().clamp_min(1e-8)
+
+
+def predicted_tokens(model, batch: Batch) -> torch.Tensor:
+    """Greedy next tokens [B, S] at the target positions (teacher-forced), IGNORE elsewhere."""
+    predicted = torch.full_like(batch.targets, IGNORE)
+    predicted[batch.targets != IGNORE] = target_logits(model, batch).argmax(-1)
+    return predicted
+
+
+def readout_hits(predicted: torch.Tensor, batch: Batch, stage: str) -> dict[str, list[bool]]:
+    """Per readout, whether each row that has it got all its tokens right (teacher-forced):
+    step_t / answer in grounding, block_k in refinement, answer otherwise."""
+    wrong = (predicted != batch.targets) & (batch.target_index > 0)
+    out: dict[str, list[bool]] = {}
+    for t in range(1, int(batch.target_index.max()) + 1):
         present = (batch.target_index == t).any(1)
         ok = ~(wrong & (batch.target_index == t)).any(1)
         if stage == "grounding":
-            for name, rows in (("answer", batch.n_steps + 1 == t), (f"step_{t}", batch.n_steps >= t)):
-                rows = rows & present
-                if rows.any():
-                    out.setdefault(name, [])
-                    out[name] += ok[rows].tolist()
-        elif present.any():
-            out[f"block_{t}" if stage == "refinement" else "answer"] = ok[present].float().mean().item()
-    return {k: (sum(v) / len(v) if isinstance(v, list) else v) for k, v in out.items()}
+            named = (("answer", batch.n_steps + 1 == t), (f"step_{t}", batch.n_steps >= t))
+        else:
+            named = ((f"block_{t}" if stage == "refinement" else "answer", torch.ones_like(present)),)
+        for name, rows in named:
+            rows = rows & present
+            if rows.any():
+                out.setdefault(name, []).extend(ok[rows].tolist())
+    return out
 
 
-def _loss(model, batch: Batch, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = model(**batch.model_inputs(), use_cache=False).logits
-    ce = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100, reduction="none")
-    # Normalised by the weights in the batch: as lambda falls, the answer term keeps its scale.
-    loss = (ce.view_as(weights) * weights).sum() / weights.sum().clamp_min(1e-8)
-    return loss, logits
+def _readout_order(name: str) -> tuple[int, int]:
+    kind, _, t = name.partition("_")
+    return ({"step": 0, "answer": 1, "block": 2}[kind], int(t or 0))
+
+
+@torch.no_grad()
+def held_out_accuracy(
+    model, layouts: list[Layout], stage: str, collate_fn: Callable[[list[Layout]], Batch], device, chunk: int
+) -> dict[str, float]:
+    """Teacher-forced readout accuracy (see `readout_hits`) over `layouts`, `chunk` sequences per
+    forward pass, taken in order of length so that chunks carry little padding."""
+    training = model.training
+    model.eval()
+    hits: dict[str, list[bool]] = {}
+    by_length = sorted(layouts, key=len)
+    for start in range(0, len(by_length), chunk):
+        batch = collate_fn(by_length[start : start + chunk]).to(device)
+        for name, ok in readout_hits(predicted_tokens(model, batch), batch, stage).items():
+            hits.setdefault(name, []).extend(ok)
+    model.train(training)
+    return {name: sum(hits[name]) / len(hits[name]) for name in sorted(hits, key=_readout_order)}
 
 
 def seed_everything(seed: int) -> None:
@@ -169,15 +237,21 @@ def run_stage(
     t = cfg.train
     set_dropout(model, stage.dropout)
     batches = partial(collate, pad_id=pad_id, sees_question=sees_question)
-    loader = DataLoader(
-        [stage.layout(ex) for ex in train_set],
-        batch_size=t.batch_size,
-        shuffle=True,
-        drop_last=len(train_set) >= t.batch_size,
-        collate_fn=batches,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    monitor_batch = batches([stage.layout(ex) for ex in monitor]).to(accelerator.device)
+    layouts = [stage.layout(ex) for ex in train_set]
+    drop_last = len(train_set) >= t.batch_size
+    if t.length_bucketing:
+        sampler = LengthBuckets([len(x) for x in layouts], t.batch_size, seed=cfg.seed, drop_last=drop_last)
+        loader = DataLoader(layouts, batch_sampler=sampler, collate_fn=batches)
+    else:
+        loader = DataLoader(
+            layouts,
+            batch_size=t.batch_size,
+            shuffle=True,
+            drop_last=drop_last,
+            collate_fn=batches,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+    monitor_layouts = [stage.layout(ex) for ex in monitor]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=t.weight_decay)
     warmup = int(t.warmup * stage.steps)
@@ -189,11 +263,9 @@ def run_stage(
     optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
 
     def monitor_now(step: int) -> dict[str, float]:
-        model.eval()
-        with torch.no_grad():
-            _, logits = _loss(model, monitor_batch, stage.weights(monitor_batch, step / stage.steps))
-        model.train()
-        acc = readout_accuracy(logits, monitor_batch, stage.name)
+        acc = held_out_accuracy(
+            model, monitor_layouts, stage.name, batches, accelerator.device, cfg.eval.batch_size
+        )
         if accelerator.is_main_process:
             run.log({"stage": stage.name, "step": step, "readout_accuracy": acc})
         return acc
@@ -206,7 +278,7 @@ def run_stage(
     while step < stage.steps:
         for batch in loader:
             weights = stage.weights(batch, step / stage.steps)
-            loss, _ = _loss(model, batch, weights)
+            loss = _loss(model, batch, weights)
             accelerator.backward(loss)
             if t.grad_clip:
                 accelerator.clip_grad_norm_(params, t.grad_clip)
@@ -253,7 +325,7 @@ def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> Run:
     run = Run(run_dir)
     if run.exists("model") and not overwrite:
         raise RunError(f"{run.path} already holds a trained run; choose another --name or pass --overwrite")
-    accelerator = Accelerator()
+    accelerator = make_accelerator(cfg.train.precision)
     if accelerator.is_main_process:
         run.path.mkdir(parents=True, exist_ok=True)
         (run.path / "train_log.jsonl").unlink(missing_ok=True)
@@ -270,6 +342,20 @@ def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> Run:
     # Other processes return only once the main one has saved and evaluated.
     accelerator.wait_for_everyone()
     return run
+
+
+def make_accelerator(precision: str) -> Accelerator:
+    """An Accelerator computing in `precision` (fp32, or bf16 / fp16 autocast over fp32 weights)."""
+    mixed = PRECISIONS[precision]
+    state = PartialState()
+    if mixed == "fp16" and state.device.type == "cpu":
+        raise ConfigError("train.precision: fp16 needs a GPU; on a CPU use bf16 or fp32")
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed and state.num_processes == 1:
+        # accelerate keeps its state for the whole process and refuses a new precision; one
+        # process may train several runs in turn (tests, notebooks), each with its own.
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed)
 
 
 def _train(cfg: RunConfig, run: Run, accelerator: Accelerator) -> dict:
@@ -311,7 +397,8 @@ def _train(cfg: RunConfig, run: Run, accelerator: Accelerator) -> dict:
     if not accelerator.is_main_process:
         return summary
 
-    model = accelerator.unwrap_model(model)
+    # Without the autocast wrapper: the saved model and its evaluation are plain fp32.
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if hasattr(model, "merge_and_unload"):  # LoRA: save a plain transformers model
         model = model.merge_and_unload()
     set_dropout(model, 0.0)
@@ -341,6 +428,7 @@ def score(
     """
     e = cfg.eval
     scored = {"val": splits.val} | ({"test": splits.test} if e.score_test else {})
+    budget = resolve_max_new_tokens(cfg, tokenizer, spec, splits.train + splits.val)
     results = {}
     for name, examples in scored.items():
         results[name] = evaluate(
@@ -351,10 +439,10 @@ def score(
             task_options=cfg.task.options,
             batch_size=e.batch_size,
             latency_examples=e.latency_examples if name == "test" or not e.score_test else 0,
-            max_new_tokens=e.max_new_tokens,
+            max_new_tokens=budget,
         )
     headline = results["test" if e.score_test else "val"][0]
-    metrics = dict(headline, scored_on="test" if e.score_test else "val")
+    metrics = dict(headline, scored_on="test" if e.score_test else "val", max_new_tokens=budget)
     for name, (m, _) in results.items():
         for key in ("accuracy", "any_block_accuracy", "per_block_accuracy"):
             for suffix in ("", "_ci"):
@@ -362,6 +450,15 @@ def score(
                     metrics[f"{name}_{key}{suffix}"] = m[key + suffix]
         metrics[f"n_{name}"] = m["n_eval"]
     return metrics, {name: p for name, (_, p) in results.items()}
+
+
+def resolve_max_new_tokens(cfg: RunConfig, tokenizer, spec: MemorySpec, seen: list[Example]) -> int:
+    """`eval.max_new_tokens`, or when unset the longest target of `seen` (training and validation
+    examples) plus a margin: see `decode_budget`."""
+    if cfg.eval.max_new_tokens is not None:
+        return cfg.eval.max_new_tokens
+    task = get_task(cfg.task.name, **cfg.task.options)
+    return decode_budget(SequenceBuilder(tokenizer, spec, task.join_steps), seen)
 
 
 def write_results(run: Run, metrics: dict, predictions: dict[str, list[dict]], suffix: str = "") -> None:

@@ -14,6 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods", default="direct,cot,pause,rim", help="comma-separated subset of direct,cot,pause,rim"
     )
+    p.add_argument(
+        "--recipe",
+        help="compare on this recipe instead (e.g. training/recipes/gsm8k_lora.yaml; see make gsm8k)",
+    )
     p.add_argument("--no-report", action="store_true", help="skip the causal report on the RiM run")
     p.add_argument(
         "--set",
@@ -36,5 +40,12 @@ def _demo(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
     runs_dir = args.runs_dir or ("runs/demo-full" if args.full else "runs/demo")
-    run_demo(runs_dir, full=args.full, methods=methods, report=not args.no_report, overrides=args.overrides)
+    run_demo(
+        runs_dir,
+        full=args.full,
+        methods=methods,
+        report=not args.no_report,
+        overrides=args.overrides,
+        recipe=args.recipe,
+    )
     return 0

@@ -71,7 +71,7 @@ def _eval(args: argparse.Namespace) -> int:
     from rim_lens.model.checkpoints import load_checkpoint
     from rim_lens.runs import open_run
     from training.config import load_config
-    from training.trainer import score, write_results
+    from training.trainer import resolve_max_new_tokens, score, write_results
 
     Ks, Ms = _ints(args.K, "--K"), _ints(args.M, "--M")
     run = open_run(args.run)
@@ -84,7 +84,7 @@ def _eval(args: argparse.Namespace) -> int:
     sweeping = args.K is not None or args.M is not None
     if not (sweeping or args.n or args.data):
         # The trained setting on both held-out splits, as training scored it.
-        splits = Splits([], *(read(run.require(artefacts.split_file(s))) for s in ("val", "test")))
+        splits = Splits(*(read(run.require(artefacts.split_file(s))) for s in ("train", "val", "test")))
         metrics, predictions = score(model, tokenizer, spec, splits, cfg)
         previous = run.read_json(artefacts.METRICS) if run.exists(artefacts.METRICS) else {}
         kept = ("train_time_s", "tokens_seen", "train_steps", "splits")
@@ -100,6 +100,8 @@ def _eval(args: argparse.Namespace) -> int:
     examples = examples[: args.n] if args.n else examples
     label = Path(args.data).stem if args.data else args.split
     sweep = run.read_json(artefacts.SWEEP) if run.exists(artefacts.SWEEP) else []
+    seen = [ex for s in ("train", "val") for ex in read(run.require(artefacts.split_file(s)))]
+    max_new_tokens = resolve_max_new_tokens(cfg, tokenizer, spec, seen)
     for K, M in itertools.product(Ks, Ms):
         metrics, predictions = evaluate(
             model,
@@ -111,7 +113,7 @@ def _eval(args: argparse.Namespace) -> int:
             M=M,
             batch_size=cfg.eval.batch_size,
             latency_examples=0,
-            max_new_tokens=cfg.eval.max_new_tokens,
+            max_new_tokens=max_new_tokens,
         )
         metrics["split"] = label
         write_results(run, metrics, {"test": predictions}, suffix=f"_K{metrics['K']}_M{metrics['M']}_{label}")

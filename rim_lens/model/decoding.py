@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from rim_lens.model.checkpoints import device_of
 from rim_lens.model.layouts import Layout, Role, additive_mask, collate, visibility
 
 
@@ -36,26 +37,32 @@ def greedy_decode(
 ) -> Decoded:
     """Decode greedily from left-padded prompts until every row emits `eos_id`.
 
+    Every input is built on the model's device; only the chosen token ids come back to the host.
     `prefill_context` wraps only the prompt's forward pass: interventions on block states
     (e.g. `HFBackend.editing`) live there, and the cache carries them into decoding.
     """
     start = time.perf_counter()
-    batch = collate(prompts, pad_id, sees_question, side="left")
+    device = device_of(model)
+    batch = collate(prompts, pad_id, sees_question, side="left").to(device)
     roles, blocks, positions = batch.roles, batch.blocks, batch.position_ids
     cache = DynamicCache()
     with prefill_context or nullcontext():
-        logits = model(**batch.model_inputs(), past_key_values=cache, use_cache=True).logits
+        # Only the last position's logits are needed: the prompt's full logits would be
+        # [batch, length, vocabulary], gigabytes for a pretrained vocabulary.
+        logits = model(**batch.model_inputs(), cache=cache, use_cache=True, logits_to_keep=1).logits
     passes, step_times = 1, []
     tokens: list[list[int]] = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool)
+    done = [False] * len(prompts)
     for _ in range(max_new_tokens):
-        nxt = logits[:, -1].argmax(-1)
+        chosen = logits[:, -1].argmax(-1)
         step_times.append(time.perf_counter() - start)
-        for row in (~done).nonzero().flatten().tolist():
-            if nxt[row].item() != eos_id:
-                tokens[row].append(nxt[row].item())
-        done |= nxt == eos_id
-        if bool(done.all()) or len(step_times) == max_new_tokens:
+        for row, token in enumerate(chosen.tolist()):
+            if not done[row]:
+                if token == eos_id:
+                    done[row] = True
+                else:
+                    tokens[row].append(token)
+        if all(done) or len(step_times) == max_new_tokens:
             break
         # The new token is a readout of the last block the prompt holds.
         roles = torch.cat([roles, torch.full_like(roles[:, :1], Role.READOUT)], 1)
@@ -63,10 +70,10 @@ def greedy_decode(
         positions = torch.cat([positions, positions[:, -1:] + 1], 1)
         mask = additive_mask(visibility(roles, blocks, sees_question)[:, -1:])
         logits = model(
-            input_ids=nxt[:, None],
+            input_ids=chosen.to(device)[:, None],
             position_ids=positions[:, -1:],
             attention_mask=mask,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         ).logits
         passes += 1

@@ -72,16 +72,21 @@ def main(argv=None) -> int:
             Edit(edit_layer, rows, pos[:, k].flatten(), torch.zeros(rows.numel(), model.config.hidden_size))
             for k in (0, pos.shape[1] - 1)
         ]
+        # All three wrap one model object. Booting the TransformerBridge can switch the model's
+        # attention implementation (recorded below), so every backend is built before any runs:
+        # all then compute with the same attention kernel.
+        attention = {"loaded": model.config._attn_implementation}
+        backends = {name: make_backend(name, model, tok, checkpoint) for name in ("hf", "tl", "nnsight")}
+        attention["after_booting_backends"] = model.config._attn_implementation
         outputs, seconds = {}, {}
-        for name in ("hf", "tl", "nnsight"):
-            backend = make_backend(name, model, tok, checkpoint)
+        for name, backend in backends.items():
             start = time.perf_counter()
             outputs[name] = (
                 backend.run(batch, capture=layers, capture_attn=attn),
                 backend.run(batch, edits=edits),
             )
             seconds[name] = time.perf_counter() - start
-            del backend
+        del backends
 
     ref, ref_edited = outputs["hf"]
     targets = batch.targets != -100
@@ -92,6 +97,9 @@ def main(argv=None) -> int:
         diffs = {
             "logits": (out.logits - ref.logits).abs().max().item(),
             "resid": max((out.resid[l] - ref.resid[l]).abs().max().item() for l in layers),
+            "resid_relative": max(
+                ((out.resid[l] - ref.resid[l]).abs().max() / ref.resid[l].abs().max()).item() for l in layers
+            ),
             "attn": max((out.attn[l] - ref.attn[l]).abs().max().item() for l in attn),
             "edited_logits": (edited.logits - ref_edited.logits).abs().max().item(),
         }
@@ -104,6 +112,8 @@ def main(argv=None) -> int:
         "sequence_length": batch.input_ids.shape[1],
         "tolerance": args.tolerance,
         "logit_scale": ref.logits.abs().max().item(),
+        "resid_scale": max(ref.resid[l].abs().max().item() for l in layers),
+        "attention_implementation": attention,
         "edits_change_readout_logits_by": changed,
         "seconds": seconds,
         "results": results,

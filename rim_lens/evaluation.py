@@ -70,6 +70,24 @@ def decode_answers(
     return out
 
 
+# Tokens decoding may run past the longest target it was derived from: room for a longer answer
+# (or chain of thought) than any seen, never so much that a rambling model decodes for long.
+DECODE_MARGIN = 16
+
+
+def decode_budget(builder: SequenceBuilder, examples: Seq[Example]) -> int:
+    """`max_new_tokens` derived from data: the most tokens any example's prompt must be followed
+    by (CoT: steps, answer prefix, answer, end of sequence; otherwise answer and end of sequence),
+    plus DECODE_MARGIN. Derive it from training and validation examples, never the test set."""
+
+    def emitted(ex: Example) -> int:
+        if builder.spec.method == "cot":
+            return sum(1 for t in builder.cot(ex).target_index if t)
+        return len(builder.encode(ex.answer)) + 1
+
+    return max(map(emitted, examples)) + DECODE_MARGIN
+
+
 def _first_answer_step(tokenizer: PreTrainedTokenizerBase, ids: list[int], spec: MemorySpec) -> int:
     """Index of the decoding step that produced the first answer token."""
     if not Method(spec.method).decodes_prefix:

@@ -210,7 +210,7 @@ def test_stage_schedule_replaces_the_right_steps(tiny, chains):
     stages = plan_stages(cfg, builder)
     assert [s.name for s in stages] == ["stage_0", "stage_1", "stage_2", "stage_3", "stage_4"]
     assert [s.steps for s in stages] == [20, 20, 20, 20, 20] and sum(s.steps for s in stages) == 100
-    assert all(s.loss is not None and s.lr == cfg.train.lr for s in stages)
+    assert all(s.logits is not None and s.lr == cfg.train.lr for s in stages)
     # A longer stage 0 (the reference's GSM8K protocol starts from a trained CoT model); a stage
     # left without steps is dropped.
     longer = dataclasses.replace(cfg, coconut=dataclasses.replace(cfg.coconut, cot_fraction=0.4))

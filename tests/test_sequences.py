@@ -116,7 +116,7 @@ def reference_logits(model, q, blocks, target, sees_question):
         input_ids=torch.tensor([readout]),
         attention_mask=mask,
         position_ids=torch.arange(n, n + len(readout))[None],
-        past_key_values=out.past_key_values,
+        cache=out.cache,
         use_cache=True,
     ).logits[0]
     return torch.cat([first, rest])

@@ -122,6 +122,9 @@ class TrainConfig:
     # when the run is stopped by SIGTERM or Ctrl-C).
     checkpoint_every: int = rule(100, min=0)
     threads: int | None = rule(None, min=1)
+    precision: str = rule("fp32", choices=("fp32", "bf16", "fp16"))  # bf16 / fp16: autocast via accelerate
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    length_bucketing: bool = True  # batches of similar length (less padding); false: uniform batches
 
 
 @dataclass
@@ -149,7 +152,7 @@ class EvalConfig:
     score_test: bool = True  # false while searching settings: only the validation split is scored
     batch_size: int = rule(256, min=1)
     latency_examples: int = rule(20, min=0)
-    max_new_tokens: int = rule(64, min=1)
+    max_new_tokens: int | None = rule(None, min=1)  # unset: the longest train/val target plus a margin
 
 
 @dataclass

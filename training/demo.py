@@ -28,14 +28,16 @@ def run_demo(
     methods: tuple[str, ...] = METHODS,
     report: bool = True,
     overrides: list[str] | None = None,
+    recipe: str | Path | None = None,
 ) -> dict:
-    """Train and compare the methods of the demo recipe; returns the summary written to runs_dir."""
+    """Train and compare the methods of the demo recipe (or `recipe`); returns the summary written
+    to runs_dir."""
     from training.config import load_config
     from training.trainer import load_data, train
 
     start = time.perf_counter()
     runs_dir = Path(runs_dir)
-    recipe = recipe_path(full)
+    recipe = Path(recipe) if recipe else recipe_path(full)
     base = load_config(recipe, overrides)
     task = get_task(base.task.name, **base.task.options)
     splits = load_data(base, task)

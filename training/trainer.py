@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import broadcast_object_list, extract_model_from_parallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
@@ -39,12 +40,12 @@ from rim_lens.artefacts import SPLITS, split_file
 from rim_lens.data import Example, Splits, make_splits, read_examples, write_examples
 from rim_lens.data.tasks import Task, get_task
 from rim_lens.errors import ConfigError, RimLensError, RunError, clip
-from rim_lens.evaluation import evaluate
+from rim_lens.evaluation import decode_budget, evaluate
 from rim_lens.fileio import atomic_write_text, replace_dir
 from rim_lens.methods import Method
 from rim_lens.model.checkpoints import build_model, load_pretrained, save_checkpoint, set_dropout
 from rim_lens.model.coconut import thought_forward
-from rim_lens.model.layouts import Batch, Layout, SequenceBuilder, collate
+from rim_lens.model.layouts import IGNORE, Batch, Layout, SequenceBuilder, collate
 from rim_lens.model.memory import MemorySpec
 from rim_lens.model.tokenizer import build_word_tokenizer, memory_token_ids
 from rim_lens.runs import (
@@ -59,13 +60,71 @@ from rim_lens.runs import (
 )
 from training import resume as resumption
 from training.config import RunConfig, differences, load_config
+from training.sampling import LengthBuckets
 from training.schedules import coconut_stage, grounding_weights, refinement_weights
+
+# train.precision -> accelerate's mixed_precision: autocast in bf16 / fp16, weights kept in fp32.
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+# (model, batch) -> logits [N, V] at the batch's N target positions, in row-major order
+Logits = Callable[..., torch.Tensor]
+
+
+def output_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """The module mapping hidden states to logits (`lm_head`), through accelerate's and PEFT's
+    wrappers."""
+    model = extract_model_from_parallel(model)
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
+    return model.get_output_embeddings()
+
+
+def target_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits [N, V] at the N target positions of `batch` (row-major order).
+
+    Only target positions need logits, and full-vocabulary logits at every position are most of
+    a pretrained model's memory. A pre-hook on the output layer gathers the target positions'
+    hidden states, so the output layer sees [1, N, d]. The model is still called as a whole, so
+    accelerate's autocast (mixed precision) and DDP gradient sync keep applying.
+    """
+    index = (batch.targets != IGNORE).flatten().nonzero().squeeze(1)
+
+    def gather(module, args):
+        return (args[0].flatten(0, 1)[index][None], *args[1:])
+
+    handle = output_layer(model).register_forward_pre_hook(gather)
+    try:
+        return model(**batch.model_inputs(), use_cache=False).logits[0]
+    finally:
+        handle.remove()
+
+
+def coconut_logits(model, batch: Batch) -> torch.Tensor:
+    """`target_logits` with the continuous thoughts fed back: n + 1 passes sharing a KV cache,
+    gradients through the thoughts (as the reference implementation)."""
+    return thought_forward(model, batch).logits[batch.targets != IGNORE]
+
+
+def _loss(model, batch: Batch, weights: torch.Tensor, logits: Logits = target_logits) -> torch.Tensor:
+    """Cross-entropy at the target positions, weighted by `weights` [B, S] (zero off targets)."""
+    is_target = batch.targets != IGNORE
+    ce = F.cross_entropy(logits(model, batch).float(), batch.targets[is_target], reduction="none")
+    # Normalised by the weights in the batch: as lambda falls, the answer term keeps its scale.
+    return (ce * weights[is_target]).sum() / weights.sum().clamp_min(1e-8)
+
+
+def predicted_tokens(model, batch: Batch, logits: Logits = target_logits) -> torch.Tensor:
+    """Greedy next tokens [B, S] at the target positions (teacher-forced), IGNORE elsewhere."""
+    predicted = torch.full_like(batch.targets, IGNORE)
+    predicted[batch.targets != IGNORE] = logits(model, batch).argmax(-1)
+    return predicted
 
 
 @dataclass
 class Stage:
     """One optimisation phase: its layout of examples, loss weights, steps, LR and dropout, and
-    its loss if not the one-pass weighted cross-entropy (`_loss`)."""
+    how it computes logits at the target positions (one pass, or Coconut's thought passes)."""
 
     name: str
     steps: int
@@ -73,8 +132,7 @@ class Stage:
     dropout: float
     layout: Callable[[Example], Layout]
     weights: Callable[[Batch, float], torch.Tensor]  # (batch, progress in [0, 1]) -> [B, S]
-    # (model, batch, weights [B, S]) -> (loss, logits [B, S, V])
-    loss: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    logits: Logits = target_logits
 
 
 def plan_stages(cfg: RunConfig, builder: SequenceBuilder) -> list[Stage]:
@@ -138,20 +196,13 @@ def make_model(cfg: RunConfig, spec: MemorySpec, texts: list[str]):
     if m.pretrained is None:
         tokenizer = build_word_tokenizer(texts, spec)
         model = build_model(tokenizer, m.arch, m.preset, m.max_positions, cfg.train.dropout, cfg.seed)
-        return model, tokenizer
-    model, tokenizer = load_pretrained(m.pretrained, spec, trust_remote_code=m.trust_remote_code)
-    if m.lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        lora = dict(m.lora)
-        lora.setdefault("target_modules", "all-linear")
-        try:
-            config = LoraConfig(
-                task_type="CAUSAL_LM", trainable_token_indices=list(memory_token_ids(tokenizer, spec)), **lora
-            )
-        except TypeError as err:
-            raise ConfigError(f"model.lora: {err}") from None
-        model = get_peft_model(model, config)
+    else:
+        model, tokenizer = load_pretrained(m.pretrained, spec, trust_remote_code=m.trust_remote_code)
+        if m.lora is not None:
+            model = _with_lora(model, m.lora, memory_token_ids(tokenizer, spec))
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing is correct with frozen inputs (LoRA) and without use_cache.
+        model.activation_checkpointing_enable({"use_reentrant": False})
     return model, tokenizer
 
 
@@ -169,51 +220,73 @@ def coconut_stages(cfg: RunConfig, builder: SequenceBuilder) -> list[Stage]:
         n_thoughts, skip = coconut_stage(s, co.c, co.stages)
         steps = cot if s == 0 else per_stage if s <= co.stages else t.steps - cot - per_stage * co.stages
         layout = partial(builder.thoughts, n_thoughts=n_thoughts, skip_steps=skip)
-        stages.append(Stage(f"stage_{s}", steps, t.lr, t.dropout, layout, plain, loss=coconut_loss))
+        stages.append(Stage(f"stage_{s}", steps, t.lr, t.dropout, layout, plain, logits=coconut_logits))
     return [s for s in stages if s.steps > 0]
+
+
+def _with_lora(model, options: dict, memory_ids: tuple[int, ...]):
+    """`model` wrapped by PEFT LoRA; among the embeddings only the memory tokens' are trained."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = {"target_modules": "all-linear", **options}
+    try:
+        config = LoraConfig(task_type="CAUSAL_LM", trainable_token_indices=list(memory_ids), **lora)
+    except TypeError as err:
+        raise ConfigError(f"model.lora: {err}") from None
+    return get_peft_model(model, config)
 
 
 def all_texts(examples: list[Example]) -> list[str]:
     return [t for ex in examples for t in (ex.question, ex.answer, *ex.steps)]
 
 
-# -- monitoring ----------------------------------------------------------------------------------
-@torch.no_grad()
-def readout_accuracy(logits: torch.Tensor, batch: Batch, stage: str) -> dict[str, float]:
-    """Teacher-forced accuracy of each readout (all its tokens right), named step_t / answer
-    in grounding and block_k in refinement."""
-    wrong = (logits.argmax(-1) != batch.targets) & (batch.target_index > 0)
-    n = int(batch.target_index.max())
-    out: dict[str, float] = {}
-    for t in range(1, n + 1):
+# -- loss and monitoring ------------------------------------------------------------------------
+def readout_hits(predicted: torch.Tensor, batch: Batch, stage: str) -> dict[str, list[bool]]:
+    """Per readout, whether each row that has it got all its tokens right (teacher-forced):
+    step_t / answer in grounding, block_k in refinement, answer otherwise."""
+    wrong = (predicted != batch.targets) & (batch.target_index > 0)
+    out: dict[str, list[bool]] = {}
+    for t in range(1, int(batch.target_index.max()) + 1):
         present = (batch.target_index == t).any(1)
         ok = ~(wrong & (batch.target_index == t)).any(1)
         if stage == "grounding":
-            for name, rows in (("answer", batch.n_steps + 1 == t), (f"step_{t}", batch.n_steps >= t)):
-                rows = rows & present
-                if rows.any():
-                    out.setdefault(name, [])
-                    out[name] += ok[rows].tolist()
-        elif present.any():
-            out[f"block_{t}" if stage == "refinement" else "answer"] = ok[present].float().mean().item()
-    return {k: (sum(v) / len(v) if isinstance(v, list) else v) for k, v in out.items()}
+            named = (("answer", batch.n_steps + 1 == t), (f"step_{t}", batch.n_steps >= t))
+        else:
+            named = ((f"block_{t}" if stage == "refinement" else "answer", torch.ones_like(present)),)
+        for name, rows in named:
+            rows = rows & present
+            if rows.any():
+                out.setdefault(name, []).extend(ok[rows].tolist())
+    return out
 
 
-def _loss(model, batch: Batch, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = model(**batch.model_inputs(), use_cache=False).logits
-    ce = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100, reduction="none")
-    # Normalised by the weights in the batch: as lambda falls, the answer term keeps its scale.
-    loss = (ce.view_as(weights) * weights).sum() / weights.sum().clamp_min(1e-8)
-    return loss, logits
+def _readout_order(name: str) -> tuple[int, int]:
+    kind, _, t = name.partition("_")
+    return ({"step": 0, "answer": 1, "block": 2}[kind], int(t or 0))
 
 
-def coconut_loss(model, batch: Batch, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_loss` with the continuous thoughts fed back: n + 1 passes sharing a KV cache, gradients
-    through the thoughts (as the reference implementation)."""
-    logits = thought_forward(model, batch).logits
-    ce = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100, reduction="none")
-    loss = (ce.view_as(weights) * weights).sum() / weights.sum().clamp_min(1e-8)
-    return loss, logits
+@torch.no_grad()
+def held_out_accuracy(
+    model,
+    layouts: list[Layout],
+    stage: str,
+    collate_fn: Callable[[list[Layout]], Batch],
+    device,
+    chunk: int,
+    logits: Logits = target_logits,
+) -> dict[str, float]:
+    """Teacher-forced readout accuracy (see `readout_hits`) over `layouts`, `chunk` sequences per
+    forward pass, taken in order of length so that chunks carry little padding."""
+    training = model.training
+    model.eval()
+    hits: dict[str, list[bool]] = {}
+    by_length = sorted(layouts, key=len)
+    for start in range(0, len(by_length), chunk):
+        batch = collate_fn(by_length[start : start + chunk]).to(device)
+        for name, ok in readout_hits(predicted_tokens(model, batch, logits), batch, stage).items():
+            hits.setdefault(name, []).extend(ok)
+    model.train(training)
+    return {name: sum(hits[name]) / len(hits[name]) for name in sorted(hits, key=_readout_order)}
 
 
 def seed_everything(seed: int) -> None:
@@ -285,20 +358,27 @@ def run_stage(
     """Train one stage with a fresh optimizer and LR schedule (or, from `resume`, the ones it had
     when it was checkpointed); returns the final monitor accuracy."""
     t = cfg.train
-    compute_loss = stage.loss or _loss
     set_dropout(model, stage.dropout)
     batches = partial(collate, pad_id=pad_id, sees_question=sees_question)
     # The order of every epoch comes from this generator, reseeded per epoch (see training/resume.py).
     order = torch.Generator()
-    loader = DataLoader(
-        [stage.layout(ex) for ex in train_set],
-        batch_size=t.batch_size,
-        shuffle=True,
-        drop_last=len(train_set) >= t.batch_size,
-        collate_fn=batches,
-        generator=order,
-    )
-    monitor_batch = batches([stage.layout(ex) for ex in monitor]).to(accelerator.device)
+    layouts = [stage.layout(ex) for ex in train_set]
+    drop_last = len(train_set) >= t.batch_size
+    if t.length_bucketing:
+        sampler = LengthBuckets([len(x) for x in layouts], t.batch_size, drop_last=drop_last, generator=order)
+        # `generator` too: the loader draws a base seed each epoch, which must not come from the
+        # global RNG (dropout's), or a resumed run would draw it at a different point.
+        loader = DataLoader(layouts, batch_sampler=sampler, collate_fn=batches, generator=order)
+    else:
+        loader = DataLoader(
+            layouts,
+            batch_size=t.batch_size,
+            shuffle=True,
+            drop_last=drop_last,
+            collate_fn=batches,
+            generator=order,
+        )
+    monitor_layouts = [stage.layout(ex) for ex in monitor]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=t.weight_decay)
     warmup = int(t.warmup * stage.steps)
@@ -310,11 +390,9 @@ def run_stage(
     optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
 
     def monitor_now(step: int) -> dict[str, float]:
-        model.eval()
-        with torch.no_grad():
-            _, logits = compute_loss(model, monitor_batch, stage.weights(monitor_batch, step / stage.steps))
-        model.train()
-        acc = readout_accuracy(logits, monitor_batch, stage.name)
+        acc = held_out_accuracy(
+            model, monitor_layouts, stage.name, batches, accelerator.device, cfg.eval.batch_size, stage.logits
+        )
         if accelerator.is_main_process:
             run.log({"stage": stage.name, "step": step, "readout_accuracy": acc})
         return acc
@@ -343,7 +421,7 @@ def run_stage(
         order.manual_seed(resumption.epoch_seed(cfg.seed, index, epoch))
         for batch in accelerator.skip_first_batches(loader, consumed) if consumed else loader:
             weights = stage.weights(batch, step / stage.steps)
-            loss, _ = compute_loss(model, batch, weights)
+            loss = _loss(model, batch, weights, stage.logits)
             accelerator.backward(loss)
             if t.grad_clip:
                 accelerator.clip_grad_norm_(params, t.grad_clip)
@@ -400,6 +478,20 @@ class Setup:
     builder: SequenceBuilder
     stages: list[Stage]
     data: str  # fingerprint of the splits
+
+
+def make_accelerator(precision: str) -> Accelerator:
+    """An Accelerator computing in `precision` (fp32, or bf16 / fp16 autocast over fp32 weights)."""
+    mixed = PRECISIONS[precision]
+    state = PartialState()
+    if mixed == "fp16" and state.device.type == "cpu":
+        raise ConfigError("train.precision: fp16 needs a GPU; on a CPU use bf16 or fp32")
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed and state.num_processes == 1:
+        # accelerate keeps its state for the whole process and refuses a new precision; one
+        # process may train several runs in turn (tests, notebooks), each with its own.
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed)
 
 
 def prepare(cfg: RunConfig) -> Setup:
@@ -539,7 +631,7 @@ def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False, restart:
     - While it trains, the run is locked: a second `train` into it is refused.
     """
     target = Run(run_dir)
-    accelerator = Accelerator()
+    accelerator = make_accelerator(cfg.train.precision)
     main = accelerator.is_main_process
     with RunLock(target.path) if main else contextlib.nullcontext(), StopSignals() as stop:
         plan: Plan | RimLensError | None = None
@@ -661,7 +753,8 @@ def _train(
     if not main:
         return summary
 
-    model = accelerator.unwrap_model(model)
+    # Without the autocast wrapper: the saved model and its evaluation are plain fp32.
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if hasattr(model, "merge_and_unload"):  # LoRA: save a plain transformers model
         model = model.merge_and_unload()
     set_dropout(model, 0.0)
@@ -691,6 +784,7 @@ def score(
     """
     e = cfg.eval
     scored = {"val": splits.val} | ({"test": splits.test} if e.score_test else {})
+    budget = resolve_max_new_tokens(cfg, tokenizer, spec, splits.train + splits.val)
     results = {}
     for name, examples in scored.items():
         results[name] = evaluate(
@@ -701,10 +795,10 @@ def score(
             task_options=cfg.task.options,
             batch_size=e.batch_size,
             latency_examples=e.latency_examples if name == "test" or not e.score_test else 0,
-            max_new_tokens=e.max_new_tokens,
+            max_new_tokens=budget,
         )
     headline = results["test" if e.score_test else "val"][0]
-    metrics = dict(headline, scored_on="test" if e.score_test else "val")
+    metrics = dict(headline, scored_on="test" if e.score_test else "val", max_new_tokens=budget)
     for name, (m, _) in results.items():
         for key in ("accuracy", "any_block_accuracy", "per_block_accuracy"):
             for suffix in ("", "_ci"):
@@ -712,6 +806,15 @@ def score(
                     metrics[f"{name}_{key}{suffix}"] = m[key + suffix]
         metrics[f"n_{name}"] = m["n_eval"]
     return metrics, {name: p for name, (_, p) in results.items()}
+
+
+def resolve_max_new_tokens(cfg: RunConfig, tokenizer, spec: MemorySpec, seen: list[Example]) -> int:
+    """`eval.max_new_tokens`, or when unset the longest target of `seen` (training and validation
+    examples) plus a margin: see `decode_budget`."""
+    if cfg.eval.max_new_tokens is not None:
+        return cfg.eval.max_new_tokens
+    task = get_task(cfg.task.name, **cfg.task.options)
+    return decode_budget(SequenceBuilder(tokenizer, spec, task.join_steps), seen)
 
 
 def write_results(run: Run, metrics: dict, predictions: dict[str, list[dict]], suffix: str = "") -> None:

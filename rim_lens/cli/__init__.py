@@ -1,4 +1,4 @@
-"""The `rim-lens` command line: data, train, eval, demo, analyze, dashboard.
+"""The `rim-lens` command line: data, model, train, eval, demo, analyze, dashboard.
 
 Every bad input ends the same way: one line `rim-lens: error: <what, where, what to do>` on
 stderr and exit status 2, never a traceback (argparse's own errors included).
@@ -17,7 +17,7 @@ from rim_lens.errors import RimLensError
 
 def build_parser() -> argparse.ArgumentParser:
     # Each command module adds its subparser and sets `func`, the handler of the parsed args.
-    from rim_lens.cli import analyze, dashboard, data, demo, train
+    from rim_lens.cli import analyze, dashboard, data, demo, model, train
 
     parser = Parser(
         prog="rim-lens",
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         "carry the reasoning.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (data, train, demo, analyze, dashboard):
+    for module in (data, model, train, demo, analyze, dashboard):
         module.register(sub)
     return parser
 

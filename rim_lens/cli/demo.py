@@ -17,6 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
     )
+    p.add_argument(
+        "--recipe",
+        help="compare on this recipe instead (e.g. training/recipes/gsm8k_lora.yaml; see make gsm8k)",
+    )
     p.add_argument("--no-report", action="store_true", help="skip the causal report on the RiM run")
     p.add_argument(
         "--set",
@@ -38,5 +42,12 @@ def _demo(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
     runs_dir = args.runs_dir or ("runs/demo-full" if args.full else "runs/demo")
-    run_demo(runs_dir, full=args.full, methods=methods, report=not args.no_report, overrides=args.overrides)
+    run_demo(
+        runs_dir,
+        full=args.full,
+        methods=methods,
+        report=not args.no_report,
+        overrides=args.overrides,
+        recipe=args.recipe,
+    )
     return 0

@@ -104,7 +104,7 @@ def _eval(args: argparse.Namespace) -> int:
     from rim_lens.model.memory import MemorySpec
     from rim_lens.runs import open_run
     from training.config import load_config
-    from training.trainer import longest, position_limit, score, write_results
+    from training.trainer import longest, position_limit, resolve_max_new_tokens, score, write_results
 
     bounds = {f.name: f.metadata.get("min", 0) for f in dataclasses.fields(MemorySpec)}
     Ks, Ms = _ints(args.K, "--K", bounds["K"]), _ints(args.M, "--M", bounds["M"])
@@ -120,7 +120,7 @@ def _eval(args: argparse.Namespace) -> int:
     sweeping = args.K is not None or args.M is not None
     if not (sweeping or args.n or args.data):
         # The trained setting on both held-out splits, as training scored it.
-        splits = Splits([], *(read(run.require(artefacts.split_file(s))) for s in ("val", "test")))
+        splits = Splits(*(read(run.require(artefacts.split_file(s))) for s in ("train", "val", "test")))
         metrics, predictions = score(model, tokenizer, spec, splits, cfg)
         previous = _previous(run, artefacts.METRICS, {})
         kept = ("train_time_s", "tokens_seen", "train_steps", "splits")
@@ -146,6 +146,8 @@ def _eval(args: argparse.Namespace) -> int:
             )
     label = Path(args.data).stem if args.data else args.split
     sweep = _previous(run, artefacts.SWEEP, [])
+    seen = [ex for s in ("train", "val") for ex in read(run.require(artefacts.split_file(s)))]
+    max_new_tokens = resolve_max_new_tokens(cfg, tokenizer, spec, seen)
     for K, M in itertools.product(Ks, Ms):
         metrics, predictions = evaluate(
             model,
@@ -157,7 +159,7 @@ def _eval(args: argparse.Namespace) -> int:
             M=M,
             batch_size=cfg.eval.batch_size,
             latency_examples=0,
-            max_new_tokens=cfg.eval.max_new_tokens,
+            max_new_tokens=max_new_tokens,
         )
         metrics["split"] = label
         write_results(run, metrics, {"test": predictions}, suffix=f"_K{metrics['K']}_M{metrics['M']}_{label}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-Value = int | float | str
+# None: the step has no value a probe could decode (e.g. a GSM8K step whose result is "3/4").
+Value = int | float | str | None
 
 
 @dataclass(frozen=True)
@@ -14,7 +15,8 @@ class Example:
     `values[t]` is the quantity that `steps[t]` itself computes, as the step writes it (a partial
     product, a running value, an equation result, an entity reached); probes decode it from block
     states. Quantities derived from several steps (running sums, the answer) are not values: the
-    task names them (`Task.derived_values`).
+    task names them (`Task.derived_values`). A step whose result is not a value
+    (e.g. GSM8K's `<<3/4=3/4>>`) has None, which probes skip.
     """
 
     question: str

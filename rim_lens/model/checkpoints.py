@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -146,8 +147,11 @@ def _check_model_dir(directory: Path, error: type[RimLensError], fix: str) -> No
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:
-    """Set every dropout probability in the model (stage 2 uses its own)."""
-    for module in model.modules():
+    """Set every dropout probability of the model itself (stage 2 uses its own); an adapter's
+    dropout (PEFT's `lora_dropout`) is part of the adapter's recipe and is left as configured."""
+    for name, module in model.named_modules():
+        if "lora_dropout" in name.split("."):
+            continue
         if isinstance(module, torch.nn.Dropout):
             module.p = p
         # Llama applies attention dropout functionally from this attribute.
@@ -159,16 +163,31 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
             setattr(config, name, p)
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    """The device of the model's weights: where every input tensor must be built."""
+    return next(model.parameters()).device
+
+
 def save_checkpoint(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: MemorySpec, directory: str | Path
 ) -> Path:
     """Write model, tokenizer and memory spec atomically: a crash never leaves half a checkpoint."""
-    directory = Path(directory)
-    tmp = temp_dir(directory)
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         spec.save(tmp)
+
+    return write_directory(directory, write)
+
+
+def write_directory(directory: str | Path, write: Callable[[Path], None]) -> Path:
+    """Fill a fresh directory with `write(tmp)`, then put it in place of `directory` by renames:
+    a crash leaves either the old directory or the new one, never half of one."""
+    directory = Path(directory)
+    tmp = temp_dir(directory)
+    try:
+        write(tmp)
         follow_umask(tmp)
         replace_dir(tmp, directory)
     except BaseException:

@@ -16,14 +16,15 @@ pairs, and scores the logit difference clean token - corrupt token at the last p
   pairs (its own batch axis; a TransformerLens batch must be unpadded). The bridge gets the RiM
   attention mask and position ids (a question-blind readout is not a plain causal run).
 - attribution: `Lab.patch(per_slot=True, method="attribution")`: two forward passes and one
-  backward through the TransformerBridge for all cells and pairs, with the block-to-block edges.
-  Its agreement with exact patching is Spearman's rank correlation over cells, headline over
-  layers >= 1: at layer 0 a block's state is its token embedding, the same in both runs, so
-  both methods give exactly 0 there by construction.
+  backward through the TransformerBridge for all cells and pairs, with the block-to-block edges
+  and AtP*'s QK fix; also timed plain (no QK fix, `attribution_plain`).
+  Its agreement with exact patching is Spearman's rank correlation over cells
+  (`attribution.agreement`), leaving out cells where both give exactly no change (layer 0: a
+  block's state is its token embedding, the same in both runs).
 
 Each method's time includes its own clean states and baselines; the TransformerBridge is booted
 before timing (its boot time is reported). Methods are timed interleaved, `--repeat` times, and
-the fastest of each counts (a shared machine adds only delay). `--deep L` repeats exact vs
+the fastest of each counts (a shared machine adds only delay). `--deep L` times exact vs
 TransformerLens on an untrained copy of the run's model with L layers (speed does not depend on
 the weights). `--scaling` times exact, full and TransformerLens over layers, blocks and pairs on
 untrained copies, to show how each cost grows.
@@ -51,10 +52,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--run", default="runs/demo/rim", help="RiM run directory (default: runs/demo/rim)")
     p.add_argument("--pairs", type=int, default=32, help="clean/corrupt pairs (default: 32)")
     p.add_argument("--max-rows", type=int, default=256, help="rows per forward pass (default: 256)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--repeat", type=int, default=3, help="timed repeats, interleaved (default: 3)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared machine more oversubscribe)",
+    )
+    p.add_argument("--repeat", type=int, default=2, help="timed repeats, interleaved (default: 2)")
     p.add_argument("--deep", type=int, default=12, help="layers of the deep untrained copy (0: skip)")
     p.add_argument("--scaling", action="store_true", help="also time the growth with layers, blocks, pairs")
+    p.add_argument(
+        "--small-pairs", type=int, default=8, help="pairs on untrained copies, unless varied (default 8)"
+    )
     p.add_argument("--out", default=str(HERE / "results" / "patching.json"))
     return p.parse_args(argv)
 
@@ -221,11 +230,52 @@ def exact_vs_tl(setup: Setup, repeat: int, max_rows: int, full: bool = False) ->
     return row
 
 
-def spearman_layers(exact, estimate, min_layer: int) -> float:
-    from scipy.stats import spearmanr
+def on_copy(lab, args, layers: int | None = None, K: int | None = None, pairs: int | None = None) -> dict:
+    """Exact vs TransformerLens, one timed run each, on an untrained copy of the run's model."""
+    setup = Setup(untrained_copy(lab, layers=layers, K=K), pairs or args.small_pairs)
+    setup.warm_up()
+    return exact_vs_tl(setup, 1, args.max_rows)
 
-    keep = (exact.table["layer"] >= min_layer).to_numpy()
-    return float(spearmanr(exact.patched[keep].mean(1), estimate.patched[keep].mean(1)).statistic)
+
+def scaling(lab, args, deep: dict | None) -> list[dict]:
+    """Exact and TransformerLens on untrained copies of the run's model, one axis varied at a
+    time from the run's own (layers, K, `--small-pairs` pairs): layers, blocks (prompt length),
+    pairs. The deep copy's measurement stands for its number of layers."""
+    n_layers, K = lab.backend.n_layers, lab.spec.K
+    grid = [("layers", dict(layers=n)) for n in sorted({2, n_layers, 8} - {args.deep})]
+    grid += [("K", dict(K=k)) for k in sorted({2, K, 16})]
+    grid += [("pairs", dict(pairs=n)) for n in (4, 16, 32)]
+    rows = [{"varied": "layers", **deep}] if deep else []
+    print("how the cost grows (untrained copies, one run each):")
+    for varied, g in grid:
+        rows.append({"varied": varied, **on_copy(lab, args, **g)})
+    rows.sort(key=lambda r: (["layers", "K", "pairs"].index(r["varied"]), r["layers"], r["K"], r["pairs"]))
+    for row in rows:
+        print(
+            f"  {row['varied']:6s} layers {row['layers']:2d} K {row['K']:2d} "
+            f"tokens {row['prompt_tokens']:3d} pairs {row['pairs']:3d} cells {row['cells']:4d}: "
+            f"exact {row['exact_s']:6.2f}s TL {row['tl_batched_s']:6.2f}s "
+            f"(exact {row['exact_vs_tl_batched_speedup']:.1f}x faster)"
+        )
+    return rows
+
+
+def write_scaling(rows: list[dict], path: Path) -> None:
+    from rim_lens.fileio import atomic_write_text
+
+    head = (
+        "| varied | layers | blocks K | prompt tokens | pairs | cells | exact s | TL batched s | TL / exact |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r['varied']} | {r['layers']} | {r['K']} | {r['prompt_tokens']} | {r['pairs']} "
+            f"| {r['cells']} | "
+            f"{r['exact_s']:.2f} | {r['tl_batched_s']:.2f} | "
+            f"{r['exact_vs_tl_batched_speedup']:.1f}x |"
+        )
+    text = "Patching cost, `python bench/patching.py --scaling` (untrained copies of the run's model).\n\n"
+    print(f"written {atomic_write_text(path, text + chr(10).join(lines) + chr(10))}")
 
 
 def main(argv=None) -> int:
@@ -257,17 +307,22 @@ def main(argv=None) -> int:
         "exact": lambda: setup.patch("exact", args.max_rows),
         "full": lambda: setup.patch("full", args.max_rows),
         "attribution": lambda: setup.patch("attribution"),
+        "attribution_plain": lambda: attribution.attribution_patch(
+            lab, setup.sel, per_slot=True, pairs=setup.pairs, qk_fix=False
+        ),
         "tl_batched": setup.tl_batched,
     }
     seconds, out = timed(methods, args.repeat)
     exact, estimate = out["exact"], out["attribution"]
     tl = out["tl_batched"]
     agreement = attribution.agreement(exact, estimate)
+    agreement_plain = attribution.agreement(exact, out["attribution_plain"])
     rows_total = (len(setup.cells) + 1) * setup.n
     passes = {
         "exact": f"1 kept + {-(-rows_total // args.max_rows)}+ resumed (partial)",
         "full": -(-rows_total // args.max_rows),
         "attribution": "2 forward + 1 backward",
+        "attribution_plain": "2 forward + 1 backward",
         "tl_batched": setup.tl_passes(),
     }
     cfg = lab.model.config
@@ -286,9 +341,11 @@ def main(argv=None) -> int:
         "exact_vs_tl_batched_speedup": seconds["tl_batched"] / seconds["exact"],
         "exact_vs_full_speedup": seconds["full"] / seconds["exact"],
         "attribution_speedup_vs_exact": seconds["exact"] / seconds["attribution"],
+        "attribution_speedup_vs_full": seconds["full"] / seconds["attribution"],
         "attribution_speedup_vs_tl_batched": seconds["tl_batched"] / seconds["attribution"],
-        "attribution_spearman": spearman_layers(exact, estimate, 1),
-        "attribution_spearman_all_cells": agreement.to_dict(),
+        "attribution_spearman": agreement.value,
+        "attribution_spearman_interval": agreement.to_dict(),
+        "attribution_plain_spearman_interval": agreement_plain.to_dict(),
         "max_abs_diff_exact_vs_tl": float((torch.tensor(exact.patched) - tl).abs().max()),
         "max_abs_diff_exact_vs_full": float(abs(exact.patched - out["full"].patched).max()),
         "edges": estimate.summary["edges"],
@@ -300,8 +357,9 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
     }
     print(
-        f"Patching every block cell of {summary['model']} ({run}): {setup.n} pairs x {len(setup.cells)} cells "
-        f"(layers 0..{setup.sel.layers[-1]} x {len(setup.sel.blocks)} blocks x {len(setup.sel.slots)} slots), "
+        f"Patching every block cell of {summary['model']} ({run}): {setup.n} pairs x "
+        f"{len(setup.cells)} cells (layers 0..{setup.sel.layers[-1]} x {len(setup.sel.blocks)} blocks x "
+        f"{len(setup.sel.slots)} slots), "
         f"{torch.get_num_threads()} threads, load average {load_start:.1f} at the start (a shared machine)"
     )
     print(f"{'method':34s} {'seconds':>8s} {'vs exact':>9s}  forward passes")
@@ -309,45 +367,36 @@ def main(argv=None) -> int:
         ("exact", "exact (skips unchanged work)"),
         ("full", "full (every row a whole pass)"),
         ("tl_batched", "TransformerLens, batched over pairs"),
-        ("attribution", "attribution patching"),
+        ("attribution", "attribution patching (AtP*)"),
+        ("attribution_plain", "attribution, plain (no QK fix)"),
     ):
         print(f"{label:34s} {seconds[name]:8.3f} {seconds[name] / seconds['exact']:8.2f}x  {passes[name]}")
     print(
         f"exact vs TransformerLens: {summary['exact_vs_tl_batched_speedup']:.1f}x faster, max |diff| "
-        f"{summary['max_abs_diff_exact_vs_tl']:.1e}; vs full: {summary['exact_vs_full_speedup']:.1f}x, max |diff| "
+        f"{summary['max_abs_diff_exact_vs_tl']:.1e}; vs full: {summary['exact_vs_full_speedup']:.1f}x, "
+        "max |diff| "
         f"{summary['max_abs_diff_exact_vs_full']:.1e}"
     )
     print(
-        f"attribution: {summary['attribution_speedup_vs_exact']:.1f}x faster than exact; Spearman with exact "
-        f"over cells of layers >= 1: {summary['attribution_spearman']:.3f} (all cells: {agreement})"
+        f"attribution: {summary['attribution_speedup_vs_exact']:.1f}x faster than exact, "
+        f"{summary['attribution_speedup_vs_full']:.1f}x than full; Spearman with exact over cells: "
+        f"{agreement}"
     )
+    print(f"plain attribution (no QK fix): Spearman {agreement_plain}")
     print(f"edges: {summary['edges']}")
 
+    deep = None
     if args.deep:
-        deep = Setup(untrained_copy(lab, layers=args.deep), args.pairs)
-        deep.warm_up()
-        summary["deep"] = exact_vs_tl(deep, args.repeat, args.max_rows, full=True)
-        d = summary["deep"]
+        summary["deep"] = deep = on_copy(lab, args, layers=args.deep)
         print(
-            f"untrained copy with {args.deep} layers: exact {d['exact_s']:.2f}s, full {d['full_s']:.2f}s, "
-            f"TransformerLens {d['tl_batched_s']:.2f}s: exact {d['exact_vs_tl_batched_speedup']:.1f}x faster than "
-            f"TransformerLens (max |diff| {d['max_abs_diff_exact_vs_tl']:.1e})"
+            f"untrained copy with {args.deep} layers, {deep['pairs']} pairs x {deep['cells']} cells: exact "
+            f"{deep['exact_s']:.2f}s, TransformerLens {deep['tl_batched_s']:.2f}s: exact "
+            f"{deep['exact_vs_tl_batched_speedup']:.1f}x faster "
+            f"(max |diff| {deep['max_abs_diff_exact_vs_tl']:.1e})"
         )
     if args.scaling:
-        rows = []
-        grid = [dict(layers=l) for l in (2, 4, 8, 12)]
-        grid += [dict(K=k) for k in (2, 4, 8) if k != lab.spec.K]
-        grid += [dict(pairs=p) for p in (8, 16, 64)]
-        for g in grid:
-            copy = untrained_copy(lab, layers=g.get("layers"), K=g.get("K"))
-            row = exact_vs_tl(Setup(copy, g.get("pairs", args.pairs)), 1, args.max_rows, full=True)
-            rows.append({"varied": next(iter(g)), **row})
-            print(
-                f"  {row['varied']:6s} layers {row['layers']:2d} K {row['K']} tokens {row['prompt_tokens']:3d} "
-                f"pairs {row['pairs']:3d} cells {row['cells']:4d}: exact {row['exact_s']:6.2f}s full "
-                f"{row['full_s']:6.2f}s TL {row['tl_batched_s']:6.2f}s  exact/TL {row['exact_vs_tl_batched_speedup']:.1f}x"
-            )
-        summary["scaling"] = rows
+        summary["scaling"] = scaling(lab, args, deep)
+        write_scaling(summary["scaling"], Path(args.out).with_name("patching_scaling.md"))
     summary["load_average_1min_start_end"] = [load_start, os.getloadavg()[0]]
     print(f"written {atomic_write_json(args.out, summary)}")
     return 0

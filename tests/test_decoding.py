@@ -5,6 +5,8 @@ LM does (no custom mask), and gives the tokens and logits of the role-masked dec
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -129,3 +131,44 @@ def test_a_tl_backend_leaves_the_model_decoding_as_before(rim, tmp_path):
     assert after.tokens == before.tokens
     for a, b in zip(after_logits, before_logits):
         assert torch.equal(a, b)
+
+
+def test_latency_side_by_side_measures_runs_on_the_same_examples(tiny_runs):
+    """One interleaved measurement of several runs: the same examples for all, each answer decoded
+    as the run's method decodes (tokens and passes as greedy decoding gives them), medians with
+    their quartiles; the comparison table takes its latency columns from it (no timing asserted)."""
+    from rim_lens.analysis.lab import Lab
+    from rim_lens.compare import comparison, latency_side_by_side
+
+    runs = {name: tiny_runs[name] for name in ("direct", "rim", "pause")}
+    measured = latency_side_by_side(runs, n=6, warmup=1, max_new_tokens=8)
+    assert list(measured["runs"]) == ["direct", "rim", "pause"] and len(measured["examples"]) == 6
+    assert measured["threads"] >= 1 and len(measured["load_average"]) == 2
+    for name, r in measured["runs"].items():
+        assert r["n"] == 6 and r["max_new_tokens"] == 8
+        assert 0 < r["ttft_ms"] <= r["latency_ms"]
+        assert r["ttft_iqr_ms"][0] <= r["ttft_ms"] <= r["ttft_iqr_ms"][1]
+        assert r["latency_iqr_ms"][0] <= r["latency_ms"] <= r["latency_iqr_ms"][1]
+        lab = Lab.open(runs[name], n=None)
+        chosen = [ex for ex in lab.examples if ex.id in measured["examples"]]
+        decoded = [
+            greedy_decode(
+                lab.model,
+                [lab.builder.prompt(ex)],
+                eos_id=lab.tokenizer.eos_token_id,
+                pad_id=lab.tokenizer.pad_token_id,
+                max_new_tokens=8,
+                sees_question=lab.spec.readout_sees_question,
+            )
+            for ex in chosen
+        ]
+        assert r["answer_tokens"] == pytest.approx(sum(len(d.tokens[0]) for d in decoded) / 6)
+        assert r["forward_passes"] == pytest.approx(sum(d.forward_passes for d in decoded) / 6)
+    metrics = {name: json.loads((path / "metrics.json").read_text()) for name, path in runs.items()}
+    rows = {row["method"]: row for row in comparison(metrics, measured)}
+    for name, r in measured["runs"].items():
+        assert rows[name]["ttft_ms"] == r["ttft_ms"] and rows[name]["latency_ms"] == r["latency_ms"]
+    timed = measured["runs"]
+    assert rows["rim"]["latency_vs_direct"] == pytest.approx(
+        timed["rim"]["latency_ms"] / timed["direct"]["latency_ms"]
+    )

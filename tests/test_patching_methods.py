@@ -131,12 +131,13 @@ class Toward(Intervention):
 
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_attribution_equals_finite_differences(labs, setting):
-    """Per pair and cell, the attribution score is the derivative of the logit difference along
-    the straight line from the corrupt state to the clean one, at the corrupt end: a central
-    difference gives it (float32: a step of 0.05 keeps rounding noise below the tolerance)."""
+    """Per pair and cell, plain attribution (AtP, no QK fix) is the derivative of the logit
+    difference along the straight line from the corrupt state to the clean one, at the corrupt end:
+    a central difference gives it (float32: a step of 0.05 keeps rounding noise below the
+    tolerance)."""
     lab = labs[setting]
     pairs, sel = pairs_of(lab), lab.select()
-    estimate = causal.patch(lab, sel, per_slot=True, pairs=pairs, method="attribution")
+    estimate = attribution.attribution_patch(lab, sel, per_slot=True, pairs=pairs, qk_fix=False)
     clean = lab.fit(rl.Patch(from_=pairs.clean), pairs.corrupt, sel)
     cells = [Site(r.layer, r.block, r.slot) for r in estimate.table.itertuples()]
     h, metric, seqs = 0.05, causal.logit_diff(pairs), pairs.prompts(lab.builder)
@@ -183,13 +184,7 @@ def test_cells_are_transformer_lens_edges_across_the_layer(labs, setting):
 
     lab = labs[setting]
     pairs, sel = pairs_of(lab).subset([0]), lab.select()
-    ours = causal.patch(
-        lab,
-        sel,
-        per_slot=True,
-        pairs=pairs,
-        method="attribution",
-    )
+    ours = attribution.attribution_patch(lab, sel, per_slot=True, pairs=pairs, edges=False, qk_fix=False)
     bridge, clean, corrupt, metric, batch = tl_pair(lab, pairs, 0)
     edges = attribution_patch(
         bridge, clean, corrupt, metric, EdgeAttributionConfig(granularity="edge")
@@ -223,7 +218,9 @@ def test_block_edges_sum_to_transformer_lens_head_nodes(labs, setting):
 
     lab = labs[setting]
     pairs, sel = pairs_of(lab).subset([1]), lab.select()
-    result = attribution.attribution_patch(lab, sel, per_slot=True, pairs=pairs, with_components=True)
+    result = attribution.attribution_patch(
+        lab, sel, per_slot=True, pairs=pairs, with_components=True, qk_fix=False
+    )
     assert isinstance(result, AttributionResult)
     bridge, clean, corrupt, metric, batch = tl_pair(lab, pairs, 0)
     nodes = attribution_patch(bridge, clean, corrupt, metric).node_scores
@@ -260,7 +257,7 @@ def test_lab_patch_attribution_saves_beside_exact(labs, tmp_path):
     lab = labs["llama-blind"]
     exact = lab.patch(layers=[1], blocks=[2, 3])
     est = lab.patch(layers=[1], blocks=[2, 3], method="attribution")
-    assert est.record["options"]["method"] == "attribution"
+    assert est.record["options"]["method"] == "attribution" and est.record["options"]["qk_fix"]
     assert list(est.table.columns) == list(exact.table.columns) and len(est.table) == len(exact.table) == 2
     edges = est.edges
     assert set(edges["layer"]) == {1}
@@ -276,3 +273,39 @@ def test_lab_patch_attribution_saves_beside_exact(labs, tmp_path):
         "patch_attribution.json",
     } <= written
     assert {"patch_attribution.heatmap.fig.json", "patch_edges.heatmap.fig.json"} <= written
+
+
+@pytest.mark.parametrize("setting", ["gpt2-blind", "llama-visible"])
+def test_qk_fix_computes_the_attention_with_clean_keys_and_values(labs, setting):
+    """AtP*'s QK fix: the hooked queries and keys give the model's attention pattern, and the fix's
+    term is the attention output with the clean keys and values at the cell's positions, recomputed
+    here by brute force (masked softmax over all keys), dotted with the gradient at z."""
+    lab = labs[setting]
+    pairs, sel = pairs_of(lab), lab.select()
+    fix = attribution.QKFix(lab)
+    names = [n for l in sel.layers for n in attribution._attn(l) + fix.names(l)]
+    batch, clean, corrupt, *_ = attribution.gradients(lab, pairs, names, split=True)
+    act, grads = corrupt["activations"], corrupt["gradients"]
+    pos = block_positions(batch)
+    allowed = batch.attention_mask[:, 0] == 0  # [B, q, k]
+    for l in sel.layers:
+        (pattern, v, z), (q, k, *_) = attribution._attn(l), fix.names(l)
+        scale = fix.attention[l].scaling
+        scores = torch.einsum("bqhd,bkhd->bhqk", act[q], act[k]) * scale
+        model_pattern = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+        torch.testing.assert_close(model_pattern, act[pattern], rtol=0, atol=1e-5)
+        at = pos[:, block_index(2), [0, 2]]  # block 2, slots 0 and 2
+        keys, values = act[k].clone(), act[v].clone()
+        for b in range(len(at)):
+            keys[b, at[b]], values[b, at[b]] = clean[k][b, at[b]], clean[v][b, at[b]]
+        scores = torch.einsum("bqhd,bkhd->bhqk", act[q], keys) * scale
+        new = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+        dz = torch.einsum("bhqk,bkhd->bqhd", new, values) - act[z]
+        expected = (dz * grads[z]).sum((1, 2, 3))
+        torch.testing.assert_close(fix.exact_kv(clean, corrupt, l, at), expected, rtol=1e-4, atol=1e-6)
+        if l > 0:
+            assert expected.abs().max() > 1e-5
+    # With clean = corrupt nothing changes: the fixed estimate of a pair with itself is 0.
+    same = causal.Pairs(pairs.corrupt, pairs.corrupt, pairs.prefix, pairs.clean_token, pairs.corrupt_token)
+    none = attribution.attribution_patch(lab, sel, per_slot=True, pairs=same, edges=False, qk_fix=True)
+    np.testing.assert_allclose(none.patched - none.corrupt[None], 0, atol=1e-6)

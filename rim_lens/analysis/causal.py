@@ -51,6 +51,7 @@ from rim_lens.analysis.results import (
     with_intervals,
 )
 from rim_lens.analysis.sites import Selection, Site, block_labels
+from rim_lens.artefacts import PATCH_METHODS
 from rim_lens.data.examples import Example
 from rim_lens.errors import DataError, RunError
 from rim_lens.evaluation import answer_text
@@ -215,9 +216,6 @@ def logit_diff(pairs: Pairs):
         return last[rows, pairs.clean_token[ex_idx]] - last[rows, pairs.corrupt_token[ex_idx]]
 
     return metric
-
-
-PATCH_METHODS = ("exact", "full", "attribution")
 
 
 def patch_method(lab: Lab, method: str | None) -> str:

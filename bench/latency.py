@@ -5,12 +5,13 @@ latency at batch 1 with a KV cache, in ONE interleaved measurement.
 
 Measures every run under --runs that exists among direct, cot, pause, rim and coconut (direct, cot
 and rim are required) with `rim_lens.compare.latency_side_by_side`: the same held-out examples,
-the runs taking turns per example in a rotating order, untimed warm-up answers first, medians
-with interquartile ranges. Each run decodes as its method does: RiM whose readout sees the
-question takes the plain causal path (no mask at all at batch 1), a question-blind RiM keeps the
-role mask, CoT writes its steps. Reported: RiM / direct for TTFT and full latency (goal <= 1.05;
-paper: 126.5 / 126.0 ms), CoT / RiM full latency (paper, Llama-3.2-1B on GSM8K: 8.8x) and, if a
-coconut run exists, Coconut / RiM (paper: 2.4x).
+the runs taking turns per example in a rotating order, untimed warm-up answers first, each
+example's fastest of `--repeats` tries, medians over examples with interquartile ranges. Each
+run decodes as its method does: RiM whose readout sees the question takes the plain causal path
+(no mask at all at batch 1), a question-blind RiM keeps the role mask, CoT writes its steps.
+Reported: RiM / direct for TTFT and full latency (goal <= 1.05; paper: 126.5 / 126.0 ms), CoT / RiM
+full latency (paper, Llama-3.2-1B on GSM8K: 8.8x) and, if a coconut run exists, Coconut / RiM
+(paper: 2.4x).
 
 Writes bench/results/latency.json (or --out). Absolute times depend on the machine and its load;
 the ratios within one measurement are the result.
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--n", type=int, default=50, help="held-out examples to time (default 50)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed answers per run first (default 3)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="tries per example and run, fastest counts (5)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timings)")
     parser.add_argument("--max-new-tokens", type=int, help="decoding limit (default: each run's recipe)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT})")
@@ -86,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             n=args.n,
             warmup=args.warmup,
             max_new_tokens=args.max_new_tokens,
+            repeats=args.repeats,
         )
     except RimLensError as err:
         print(f"bench/latency.py: {err}", file=sys.stderr)

@@ -68,22 +68,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class MaskedBridge:
-    """A TransformerBridge whose forward calls always get one batch's RiM mask and positions."""
-
-    def __init__(self, bridge, attention_mask, position_ids):
-        self._bridge, self._kw = bridge, {"attention_mask": attention_mask, "position_ids": position_ids}
-
-    def __getattr__(self, name):
-        return getattr(self._bridge, name)
-
-    def run_with_hooks(self, tokens, fwd_hooks=(), **kwargs):
-        return self._bridge.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks), **self._kw, **kwargs)
-
-    def run_with_cache(self, tokens, **kwargs):
-        return self._bridge.run_with_cache(tokens, **self._kw, **kwargs)
-
-
 def tl_sweep(bridge, builder, pairs, cells):
     """get_act_patch_resid_pre at the block positions for `pairs` (one batch of equal-length
     prompts): per-pair metric [cells, pairs]."""
@@ -91,6 +75,7 @@ def tl_sweep(bridge, builder, pairs, cells):
     import torch
     from transformer_lens.patching import get_act_patch_resid_pre
 
+    from rim_lens.analysis.attribution import Masked
     from rim_lens.analysis.sites import block_index
     from rim_lens.model.layouts import block_positions
 
@@ -106,11 +91,9 @@ def tl_sweep(bridge, builder, pairs, cells):
         return logits[r, -1, ct] - logits[r, -1, xt]
 
     with torch.no_grad():
-        _, cache = MaskedBridge(bridge, clean.attention_mask, clean.position_ids).run_with_cache(
-            clean.input_ids
-        )
+        _, cache = Masked(bridge, clean).run_with_cache(clean.input_ids)
         result = get_act_patch_resid_pre(
-            MaskedBridge(bridge, corrupt.attention_mask, corrupt.position_ids),
+            Masked(bridge, corrupt),
             corrupt.input_ids,
             cache,
             metric,

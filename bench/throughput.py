@@ -111,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--train-steps", type=int, default=20, help="training steps per run (default 20)")
     parser.add_argument("--repeat", type=int, default=2, help="evaluation repeats, interleaved (default 2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared machine more oversubscribe)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
 
@@ -131,9 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     from rim_lens.fileio import atomic_write_json
 
     hf_logging.disable_progress_bar()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    threads = args.threads
     load_start = os.getloadavg()[0]
     labs = {name: Lab.open(root / name, n=args.n) for name in names}
     evaluation(labs, 16, 1)  # warm-up

@@ -63,7 +63,7 @@ def decode_with_logits(model, tok, prompts, **options):
 def test_plain_causal_decoding_equals_the_role_masked_decoding(rim, batch):
     model, tok, builder, prompts = rim["visible"]
     prompts = prompts[:1] if batch == "one" else prompts
-    assert plain_causal(builder.collate(prompts, side="left"))
+    assert plain_causal(prompts, sees_question=True)
     sees = builder.spec.readout_sees_question
     plain, plain_logits = decode_with_logits(model, tok, prompts, sees_question=sees)
     masked, masked_logits = decode_with_logits(model, tok, prompts, sees_question=sees, causal=False)
@@ -105,8 +105,7 @@ def test_plain_causal_decoding_equals_hf_generate(rim, batch):
 
 def test_question_blind_rim_keeps_the_role_mask(rim):
     model, tok, builder, prompts = rim["blind"]
-    batch = builder.collate(prompts[:1], side="left")
-    assert not plain_causal(batch), "the readout must not see the question"
+    assert not plain_causal(prompts[:1], sees_question=False), "the readout must not see the question"
     auto, auto_logits = decode_with_logits(model, tok, prompts, sees_question=False)
     masked, masked_logits = decode_with_logits(model, tok, prompts, sees_question=False, causal=False)
     assert auto.tokens == masked.tokens

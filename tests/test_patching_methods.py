@@ -302,7 +302,9 @@ def test_qk_fix_computes_the_attention_with_clean_keys_and_values(labs, setting)
         new = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
         dz = torch.einsum("bhqk,bkhd->bqhd", new, values) - act[z]
         expected = (dz * grads[z]).sum((1, 2, 3))
-        torch.testing.assert_close(fix.exact_kv(clean, corrupt, l, at), expected, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            fix.exact_kv(clean, corrupt, l, at[None])[0], expected, rtol=1e-4, atol=1e-6
+        )
         if l > 0:
             assert expected.abs().max() > 1e-5
     # With clean = corrupt nothing changes: the fixed estimate of a pair with itself is 0.

@@ -70,21 +70,29 @@ _BRIDGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> it
 
 
 class Masked:
-    """A TransformerBridge whose calls on tokens get one batch's attention mask and position ids."""
+    """A TransformerBridge whose runs on tokens (a call, `run_with_hooks`, `run_with_cache`) get one
+    batch's attention mask and position ids; everything else is the bridge's."""
 
     def __init__(self, bridge, batch: Batch) -> None:
-        self._bridge, self._batch = bridge, batch
+        self._bridge = bridge
+        self._inputs = {"attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
 
     def __getattr__(self, name: str):
         return getattr(self._bridge, name)
 
     def __call__(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
-        b = self._batch
-        return self._bridge(tokens, attention_mask=b.attention_mask, position_ids=b.position_ids, **kwargs)
+        return self._bridge(tokens, **self._inputs, **kwargs)
+
+    def run_with_hooks(self, tokens: torch.Tensor, fwd_hooks=(), **kwargs):
+        return self._bridge.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks), **self._inputs, **kwargs)
+
+    def run_with_cache(self, tokens: torch.Tensor, **kwargs):
+        return self._bridge.run_with_cache(tokens, **self._inputs, **kwargs)
 
 
 def bridge_of(lab: Lab):
-    """The session's TransformerBridge: the tl backend's, or one booted once per model."""
+    """The session's TransformerBridge: the tl backend's, or one booted once per model (on a copy
+    of its weights as they are then: `backends.TLBackend`)."""
     if isinstance(lab.backend, TLBackend):
         return lab.backend.bridge
     if lab.model not in _BRIDGES:
@@ -185,21 +193,19 @@ def cell_scores(
     else:
         cells = [dict(layer=l, block=k) for l in sel.layers for k in sel.blocks]
     rows = torch.arange(pos.shape[0])[:, None]
-    per_position = {}
+    scores = []
     for l in sel.layers:
         grad = corrupt["gradients"][_resid(l)]
         if fix is not None:  # the first-order path through the keys and values is replaced below
             grad = grad - fix.kv_gradient(corrupt, l)
-        per_position[l] = ((clean[_resid(l)] - corrupt["activations"][_resid(l)]) * grad).sum(-1)  # [B, S]
-    scores = []
-    for c in cells:
-        l = c["layer"]
-        at = pos[:, block_index(c["block"]), [c["slot"]] if per_slot else list(sel.slots)]  # [B, P]
-        score = per_position[l][rows, at].sum(1)
-        if fix is not None:
-            score = score + fix.exact_kv(clean, corrupt, l, at)
-        scores.append(score)
-    return cells, torch.stack(scores).double().numpy()
+        per_position = ((clean[_resid(l)] - corrupt["activations"][_resid(l)]) * grad).sum(-1)  # [B, S]
+        mine = [c for c in cells if c["layer"] == l]
+        at = torch.stack(
+            [pos[:, block_index(c["block"]), [c["slot"]] if per_slot else list(sel.slots)] for c in mine]
+        )  # [cells, B, P]
+        score = per_position[rows, at].sum(-1)  # [cells, B]
+        scores.append(score + fix.exact_kv(clean, corrupt, l, at) if fix is not None else score)
+    return cells, torch.cat(scores).double().numpy()
 
 
 class QKFix:
@@ -211,6 +217,7 @@ class QKFix:
     def __init__(self, lab: Lab) -> None:
         self.attention = [getattr(layer, lab.backend.attn_name) for layer in lab.backend.layers()]
         self.rotary = TOPS[lab.model.config.model_type][1] is not None
+        self._kv: dict[int, tuple] = {}  # layer -> keys and values per query head, corrupt and clean
 
     def names(self, l: int) -> list[str]:
         return _qk(l, self.rotary)
@@ -221,32 +228,33 @@ class QKFix:
         return (corrupt["gradients"][k_in] + corrupt["gradients"][v_in]).sum(2)
 
     def exact_kv(self, clean: dict, corrupt: dict, l: int, at: torch.Tensor) -> torch.Tensor:
-        """[B] the metric's change, first order from z on, when the keys and values of layer l at
-        the positions `at` [B, P] become the clean run's."""
+        """[C, B] the metric's change, first order from z on, when the keys and values of layer l
+        at the positions `at` [C, B, P] (C cells at once) become the clean run's."""
         q_name, k_name, *_ = self.names(l)
         pattern, v_name, z_name = _attn(l)
         act = corrupt["activations"]
         A = act[pattern]  # [B, H, q, k]
-        heads = A.shape[1]
-
-        def per_head(x):  # grouped-query keys and values serve several query heads
-            return x.repeat_interleave(heads // x.shape[2], dim=2)
-
-        k_x, k_c = per_head(act[k_name]), per_head(clean[k_name])  # [B, S, H, d]
-        v_x, v_c = per_head(act[v_name]), per_head(clean[v_name])
-        rows = torch.arange(A.shape[0])[:, None]
-        # Each query's scores at P move by scale * q . (k_clean - k_corrupt), the others stay: the new
-        # pattern is the softmax of log A plus those changes (log 0 = -inf keeps masked keys out).
-        shift = (
-            torch.einsum("bqhd,bphd->bhqp", act[q_name], (k_c - k_x)[rows, at]) * self.attention[l].scaling
-        )
-        logits = A.log()
-        logits[rows, :, :, at] += shift.permute(0, 3, 1, 2)  # [B, P, H, q]
-        A_new = logits.softmax(-1)
-        v_new = v_x.clone()
-        v_new[rows, at] = v_c[rows, at]
-        dz = torch.einsum("bhqk,bkhd->bqhd", A_new, v_new) - act[z_name]
-        return (dz * corrupt["gradients"][z_name]).sum((1, 2, 3))
+        if l not in self._kv:
+            heads = A.shape[1]  # grouped-query keys and values serve several query heads
+            tensors = (act[k_name], clean[k_name], act[v_name], clean[v_name])
+            self._kv[l] = tuple(x.repeat_interleave(heads // x.shape[2], dim=2) for x in tensors)
+        k_x, k_c, v_x, v_c = self._kv[l]  # [B, S, H, d]
+        rows = torch.arange(A.shape[0])[None, :, None]
+        z = act[z_name]  # [B, q, H, d]
+        # Each query's scores at P move by scale * q . (k_clean - k_corrupt); the other keys keep
+        # theirs, so only P's weights and the normaliser change: the new output is
+        #   (rest + sum_P A e^shift v_clean) / (rest mass + sum_P A e^shift),
+        # rest = z - sum_P A v_corrupt, computed in log space (a shift can be large).
+        A_P = A[rows, :, :, at].permute(0, 1, 3, 4, 2)  # [C, B, H, q, P]
+        dk = (k_c - k_x)[rows, at]  # [C, B, P, H, d]
+        shift = torch.einsum("bqhd,cbphd->cbhqp", act[q_name], dk) * self.attention[l].scaling
+        log_P = A_P.log() + shift
+        log_rest = (1 - A_P.sum(-1)).clamp_min(0).log()
+        norm = torch.logsumexp(torch.cat([log_rest[..., None], log_P], -1), -1)  # [C, B, H, q]
+        rest = z - torch.einsum("cbhqp,cbphd->cbqhd", A_P, v_x[rows, at])
+        taken = torch.einsum("cbhqp,cbphd->cbqhd", (log_P - norm[..., None]).exp(), v_c[rows, at])
+        dz = (-norm).exp().transpose(2, 3)[..., None] * rest + taken - z
+        return (dz * corrupt["gradients"][z_name]).sum((2, 3, 4))
 
 
 def position_groups(batch: Batch) -> tuple[list[str], torch.Tensor]:
@@ -356,9 +364,9 @@ def components(lab: Lab, pairs: Pairs, sel: Selection) -> pd.DataFrame:
 def attribution_patch(
     lab: Lab,
     sel: Selection,
+    pairs: Pairs,
     per_slot: bool = False,
     seed: int = 0,
-    pairs: Pairs | None = None,
     edges: bool = True,
     with_components: bool = False,
     qk_fix: bool = True,
@@ -368,9 +376,6 @@ def attribution_patch(
     `with_components` TransformerLens' node scores at block positions; `qk_fix` (default) applies
     AtP*'s QK fix to the cells (`QKFix`), False gives plain attribution (AtP), the gradient's
     first-order estimate."""
-    from rim_lens.analysis.causal import make_pairs
-
-    pairs = make_pairs(lab, seed=seed) if pairs is None else pairs
     layers = list(sel.layers)
     fix = QKFix(lab) if qk_fix else None
     names = [_resid(l) for l in layers]

@@ -61,7 +61,7 @@ class Output:
 
 @dataclass
 class Kept:
-    """An intact run kept for resuming (`HFBackend.resume`): logits [B, S, V], resid[l] [B, S, d]
+    """An intact run kept for resuming (`HFBackend.resume`): logits [B, S or 1, V], resid[l] [B, S, d]
     for every layer l < n_layers, and every layer's attention keys and values [B, heads, S, d_head]."""
 
     logits: torch.Tensor
@@ -193,8 +193,9 @@ class HFBackend(Backend):
         return out
 
     @torch.no_grad()
-    def keep(self, batch: Batch) -> Kept:
-        """One intact forward pass of `batch`, kept: logits, every layer's input and its keys and values."""
+    def keep(self, batch: Batch, last_only: bool = False) -> Kept:
+        """One intact forward pass of `batch`, kept: logits (`last_only`: of the last position only,
+        [B, 1, V]), every layer's input and its keys and values."""
         resid: dict[int, torch.Tensor] = {}
 
         def grab(l):
@@ -209,7 +210,10 @@ class HFBackend(Backend):
         ]
         cache = DynamicCache(config=self.model.config)
         try:
-            logits = self.model(**batch.model_inputs(), cache=cache, use_cache=True).logits
+            keep = 1 if last_only else 0  # 0: every position
+            logits = self.model(
+                **batch.model_inputs(), cache=cache, use_cache=True, logits_to_keep=keep
+            ).logits
         finally:
             for h in handles:
                 h.remove()

@@ -150,7 +150,7 @@ def resume_sweep(
     if any(v.knockout is not None for v in variants):
         raise RunError("resume_sweep takes interventions only: a knockout changes every layer's mask")
     batch = builder.collate(list(seqs), side="left")
-    kept = backend.keep(batch)
+    kept = backend.keep(batch, last_only)
     pos = block_positions(batch) if any(v.sites for v in variants) else None
     # Each row's start: its variant's earliest edited layer, its example's earliest edited position
     # (left padding puts an example's blocks at the same positions in every row of `batch`).
@@ -167,8 +167,7 @@ def resume_sweep(
     intact = [(v, e) for layer, _, v, e in rows if layer is None]
     if intact:
         ex_idx = torch.tensor([e for _, e in intact])
-        logits = kept.logits[ex_idx]
-        out = metric(logits[:, -1:] if last_only else logits, _rows(batch, ex_idx), ex_idx)
+        out = metric(kept.logits[ex_idx], _rows(batch, ex_idx), ex_idx)
         results.update({v * len(seqs) + e: value for (v, e), value in zip(intact, out)})
     # By start layer, then start position: a chunk starts at its first row's position, and takes
     # rows starting later only while they waste little (each computes from the chunk's start).

@@ -8,6 +8,7 @@ the role mask at every step.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from rim_lens.model.layouts import Batch, Layout, Role, additive_mask, collate, visibility
+from rim_lens.model.layouts import Layout, Role, additive_mask, collate, visibility
 
 
 @dataclass
@@ -28,14 +29,26 @@ class Decoded:
     step_times: list[float]
 
 
-def plain_causal(batch: Batch) -> bool:
-    """Whether every row of `batch` is an ordinary causal sequence: each token sees exactly the
-    tokens before it (padding aside) and positions count 0, 1, ... from the first token."""
-    real = batch.roles != Role.PAD
-    allowed = batch.attention_mask[:, 0] == 0
-    causal = torch.ones_like(allowed[0]).tril() & real[:, None, :] & real[:, :, None]
-    counts = real.cumsum(1) - 1
-    return bool((allowed[real] == causal[real]).all() and (batch.position_ids[real] == counts[real]).all())
+def plain_causal(prompts: Seq[Layout], sees_question: bool) -> bool:
+    """Whether every prompt is an ordinary causal sequence: each token sees exactly the tokens
+    before it and positions count 0, 1, ... (decided once per layout: prompts repeat their shape)."""
+    return all(_causal(tuple(p.roles), tuple(p.blocks), tuple(p.positions), sees_question) for p in prompts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _causal(roles: tuple, blocks: tuple, positions: tuple, sees_question: bool) -> bool:
+    S = len(roles)
+    allowed = visibility(torch.tensor([roles]), torch.tensor([blocks]), sees_question)[0]
+    return positions == tuple(range(S)) and bool((allowed == torch.ones(S, S, dtype=torch.bool).tril()).all())
+
+
+def causal_inputs(prompts: Seq[Layout], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded token ids [B, S] and the padding mask (1 at tokens, 0 at padding) of plain
+    causal prompts: all a causal LM needs, without the role mask `collate` builds."""
+    S = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (S - len(p)) + p.ids for p in prompts])
+    mask = torch.tensor([[0] * (S - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
 
 
 @torch.no_grad()
@@ -54,17 +67,21 @@ def greedy_decode(
     `causal`: the plain causal path (default: whenever the prompts are plain causal sequences);
     False forces the role mask at every step."""
     start = time.perf_counter()
-    batch = collate(prompts, pad_id, sees_question, side="left")
-    roles, blocks, positions = batch.roles, batch.blocks, batch.position_ids
-    causal = plain_causal(batch) if causal is None else causal
-    padding = (roles == Role.PAD).long()
-    # Plain causal: no mask without padding, else a 2D padding mask that grows by one per step.
-    padded = causal and bool(padding.any())
-    inputs = batch.model_inputs()
+    causal = plain_causal(prompts, sees_question) if causal is None else causal
     if causal:
-        inputs = dict(input_ids=batch.input_ids)
-        if padded:
-            inputs.update(attention_mask=1 - padding, position_ids=positions)
+        # No mask without padding, else a 2D padding mask that grows by one token per step.
+        ids, mask = causal_inputs(prompts, pad_id)
+        padded = not bool(mask.all())
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        inputs = (
+            dict(input_ids=ids, attention_mask=mask, position_ids=positions)
+            if padded
+            else dict(input_ids=ids)
+        )
+    else:
+        batch = collate(prompts, pad_id, sees_question, side="left")
+        roles, blocks, positions = batch.roles, batch.blocks, batch.position_ids
+        inputs = batch.model_inputs()
     cache = DynamicCache()
     logits = model(**inputs, past_key_values=cache, use_cache=True).logits
     passes, step_times = 1, []
@@ -79,19 +96,17 @@ def greedy_decode(
         done |= nxt == eos_id
         if bool(done.all()) or len(step_times) == max_new_tokens:
             break
-        # The new token is a readout of the last block the prompt holds.
-        roles = torch.cat([roles, torch.full_like(roles[:, :1], Role.READOUT)], 1)
-        blocks = torch.cat([blocks, blocks[:, -1:]], 1)
         positions = torch.cat([positions, positions[:, -1:] + 1], 1)
-        padding = torch.cat([padding, padding[:, -1:] * 0], 1)
         step = dict(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
         if not causal:
-            step.update(
-                position_ids=positions[:, -1:],
-                attention_mask=additive_mask(visibility(roles, blocks, sees_question)[:, -1:]),
-            )
+            # The new token is a readout of the last block the prompt holds.
+            roles = torch.cat([roles, torch.full_like(roles[:, :1], Role.READOUT)], 1)
+            blocks = torch.cat([blocks, blocks[:, -1:]], 1)
+            mask = additive_mask(visibility(roles, blocks, sees_question)[:, -1:])
+            step.update(position_ids=positions[:, -1:], attention_mask=mask)
         elif padded:
-            step.update(position_ids=positions[:, -1:], attention_mask=1 - padding)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            step.update(position_ids=positions[:, -1:], attention_mask=mask)
         logits = model(**step).logits
         passes += 1
     return Decoded(tokens, passes, step_times)

@@ -54,7 +54,7 @@ bench: install
 	$(PY) bench/latency.py --runs $(BENCH_RUNS)
 	$(PY) bench/patching.py --run $(BENCH_RUNS)/rim --scaling
 	$(PY) bench/throughput.py --runs $(BENCH_RUNS)
-	$(PY) bench/capture.py --run $(BENCH_RUNS)/rim --n 2000
+	$(PY) bench/capture.py --run $(BENCH_RUNS)/rim --n 1000
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -103,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         "cot_over_rim_ttft": runs["cot"]["ttft_ms"] / rim["ttft_ms"],
         "cot_over_rim_latency": runs["cot"]["latency_ms"] / rim["latency_ms"],
     }
-    if "coconut" in runs:
+    if "coconut" in runs:  # its prefill is one pass per continuous thought, plus one
         ratios["coconut_over_rim_ttft"] = runs["coconut"]["ttft_ms"] / rim["ttft_ms"]
         ratios["coconut_over_rim_latency"] = runs["coconut"]["latency_ms"] / rim["latency_ms"]
+        ratios["coconut_over_rim_forward_passes"] = runs["coconut"]["forward_passes"] / rim["forward_passes"]
 
     print(
         f"Latency at batch 1, KV cache, {len(measured['examples'])} held-out examples, {args.threads} "

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rim_lens.data.examples import Example
 from rim_lens.data.tasks import get_task
+from rim_lens.methods import Method
 from rim_lens.model.decoding import greedy_decode
 from rim_lens.model.layouts import SequenceBuilder
 from rim_lens.model.memory import MemorySpec
@@ -26,9 +27,10 @@ class Readout:
 
 
 def answer_text(tokenizer: PreTrainedTokenizerBase, ids: list[int], spec: MemorySpec) -> str:
-    """The answer in generated ids: everything after the answer prefix for CoT, else all."""
+    """The answer in generated ids: everything after the answer prefix for methods that write it
+    (CoT, Coconut), else all."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    if spec.method == "cot":
+    if Method(spec.method).decodes_prefix:
         head, sep, tail = text.rpartition(spec.answer_prefix)
         return tail.strip() if sep else ""
     return text.strip()
@@ -70,7 +72,7 @@ def decode_answers(
 
 def _first_answer_step(tokenizer: PreTrainedTokenizerBase, ids: list[int], spec: MemorySpec) -> int:
     """Index of the decoding step that produced the first answer token."""
-    if spec.method != "cot":
+    if not Method(spec.method).decodes_prefix:
         return 0
     prefix = tokenizer.encode(spec.answer_prefix, add_special_tokens=False)
     for i in range(len(ids) - len(prefix) + 1):
@@ -98,8 +100,9 @@ def time_answer(
     max_new_tokens: int = 64,
 ) -> Timing:
     """Decode one answer greedily at batch 1 with a KV cache, timed. TTFT is when the decoding step
-    that produced the first answer token finished, the prefill included (for CoT, the first token
-    after the answer prefix); latency is when the last step finished."""
+    that produced the first answer token finished, the prefill included (for a method that writes
+    the answer prefix itself, CoT and Coconut, the first token after it); latency is when the last
+    step finished."""
     d = greedy_decode(
         model,
         [builder.prompt(example)],
@@ -167,6 +170,7 @@ def evaluate(
         "n_eval": n,
         "K": spec.K if spec.uses_blocks else 0,
         "M": spec.M,
+        "thoughts": spec.thoughts if spec.uses_thoughts else 0,
     }
     _with_interval(metrics, "accuracy", correct)
     per_block: list[list[Readout]] = []
@@ -185,9 +189,10 @@ def evaluate(
         _with_interval(metrics, "any_block_accuracy", [any(col) for col in zip(*block_correct)])
     metrics["chance_accuracy"] = task.chance_accuracy()
     metrics["answer_tokens_mean"] = sum(r.tokens for r in final) / n
-    # One prefill, then one call per generated token after the first (the end token included).
+    # One prefill, then one call per generated token after the first (the end token included);
+    # Coconut's prefill is n + 1 passes, one per continuous thought (see rim_lens.model.coconut).
     metrics["forward_passes_mean"] = (
-        sum(r.tokens + (1 if r.tokens < max_new_tokens else 0) for r in final) / n
+        sum(r.tokens + (1 if r.tokens < max_new_tokens else 0) for r in final) / n + metrics["thoughts"]
     )
     metrics["examples_per_s"] = n / elapsed
     metrics.update(

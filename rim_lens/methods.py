@@ -12,6 +12,7 @@ class Method(StrEnum):
     COT = "cot"  # the steps written out, then the answer
     PAUSE = "pause"  # memory blocks trained on the answer only: RiM without grounding
     RIM = "rim"  # memory blocks grounded on the steps (stage 1), then refined (stage 2)
+    COCONUT = "coconut"  # continuous thoughts fed back as inputs, steps replaced stage by stage
 
     @property
     def uses_blocks(self) -> bool:
@@ -19,9 +20,20 @@ class Method(StrEnum):
         return self in (Method.PAUSE, Method.RIM)
 
     @property
+    def uses_thoughts(self) -> bool:
+        """Whether inference feeds continuous thoughts (last hidden states) back as inputs."""
+        return self is Method.COCONUT
+
+    @property
     def writes_steps(self) -> bool:
         """Whether the model writes its reasoning steps before the answer."""
         return self is Method.COT
+
+    @property
+    def decodes_prefix(self) -> bool:
+        """Whether the model writes the answer prefix itself (after its steps or thoughts), so the
+        answer is what follows it; otherwise the prompt ends with the prefix."""
+        return self in (Method.COT, Method.COCONUT)
 
     @property
     def grounded(self) -> bool:
@@ -34,5 +46,11 @@ class Method(StrEnum):
         return _COLORS[self]
 
 
-_COLORS = {Method.DIRECT: "#7f7f7f", Method.COT: "#1f77b4", Method.PAUSE: "#ff7f0e", Method.RIM: "#2ca02c"}
+_COLORS = {
+    Method.DIRECT: "#7f7f7f",
+    Method.COT: "#1f77b4",
+    Method.PAUSE: "#ff7f0e",
+    Method.RIM: "#2ca02c",
+    Method.COCONUT: "#9467bd",
+}
 METHODS: tuple[str, ...] = tuple(m.value for m in Method)

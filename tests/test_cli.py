@@ -150,7 +150,7 @@ def test_unknown_recipe_key(tmp_path, capsys):
     [
         ("train.steps=abc", "train.steps: expected int"),
         ("train.steps=0", "train.steps: must be >= 1"),
-        ("method=coconut", "method: must be one of"),
+        ("method=icot", "method: must be one of"),
         ("train.steps", "expected KEY=VALUE"),
     ],
 )

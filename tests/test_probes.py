@@ -13,7 +13,9 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from rim_lens.analysis.capture import CaptureStore
 from rim_lens.analysis.probes import (
+    MIN_EXAMPLES_PER_TYPE,
     control_labels,
+    control_types,
     probe_correctness,
     probe_values,
     question_groups,
@@ -97,7 +99,9 @@ def test_value_probe_finds_planted_step_only_there(planted):
     hit = (df["layer"] == 1) & (df["block"] == 2) & (df["step"] == 2)
     cell = df[hit].iloc[0]
     assert cell["score"] > 0.9 and cell["score_lo"] <= cell["score"] <= cell["score_hi"]
-    assert cell["selectivity"] > 0.5
+    # The control (first word: 8 types of 30 examples) has a skewed class balance, so it scores
+    # its majority rate (~0.4) even on noise: selectivity is below score - 1/5.
+    assert cell["selectivity"] > 0.4 and cell["control"] < cell["control_chance"] + 0.15
     rest = df[~hit]
     assert (rest["score"] < rest["chance"] + 0.15).all()
     assert (rest["selectivity"] < 0.2).all()
@@ -224,14 +228,56 @@ def test_best_value_probe_is_chosen_on_some_examples_and_scored_on_others(plante
     first, second = np.arange(N // 2), np.arange(N // 2, N)
     split = result.best(select_on=first, score_on=second)
     assert (split["layer"], split["block"], split["step"]) == (1, 2, 2)
-    rows = hits[(1, 2, 2)][0]
+    rows = hits[(1, 2, "value", 2)][0]
     assert split["selectivity"].n == np.isin(rows, second).sum()
     # Chosen where it looks best, scored where it was not chosen: a cell that wins on the first
     # half only is reported with its (poor) second-half selectivity.
     rows = np.arange(10)
     lucky = (rows, np.r_[np.ones(5), np.zeros(5)], np.zeros(10))
     steady = (rows, np.full(10, 0.6), np.full(10, 0.2))
-    result = ProbeResult(table, hits={(0, 1, 1): lucky, (0, 2, 1): steady}, groups=np.arange(10))
+    result = ProbeResult(
+        table, hits={(0, 1, "value", 1): lucky, (0, 2, "value", 1): steady}, groups=np.arange(10)
+    )
     picked = result.best(select_on=rows[:5], score_on=rows[5:])
     assert (picked["block"], picked["selectivity"].value) == (1, 0.0)
     assert result.best(select_on=rows[5:], score_on=rows[5:])["block"] == 2
+
+
+def test_control_types_recur_often_enough_to_be_learned():
+    examples = [{"question": f"{i % 4} {i % 20} {i}"} for i in range(400)]
+    types = control_types(examples)
+    # Two words give 20 types of 20 examples; three would make every question its own type.
+    assert len(set(types)) == 20 and len(types) / len(set(types)) >= MIN_EXAMPLES_PER_TYPE
+    assert len(set(control_types(examples[:100]))) == 4  # 100 examples: one word, 25 per type
+
+
+def test_control_task_is_learnable_when_states_hold_the_type(tmp_path):
+    """States that encode the control type (the question's first word): the control task is
+    learned out of fold, far above its chance, so a real probe's selectivity is judged against a
+    control the probe could learn."""
+    rng = np.random.default_rng(1)
+    n = 300
+    first = rng.integers(10, size=n)
+    value = rng.integers(5, size=n)
+    resid = rng.normal(size=(n, 1, 1, 2, 8)).astype(np.float32)
+    resid[:, 0, 0, :, :] += 3 * rng.normal(size=(10, 2, 8))[first]  # the first word, readable
+    records = [
+        {
+            "id": f"e{i}",
+            "question": f"w{first[i]} x{i}",
+            "answer": "0",
+            "steps": ["s"],
+            "values": [int(value[i])],
+            "derived": {"running_total": [int(value[i]) + 1]},
+            "readouts": ["0"],
+            "correct": [False],
+        }
+        for i in range(n)
+    ]
+    store = write_capture(tmp_path / "c", resid, records, [0], ["<b>", "</b>"])
+    df = probe_values(store, **FAST)
+    assert set(df["variable"]) == {"value", "running_total"}  # derived values under their own name
+    assert (df["n_types"] == 10).all()
+    row = df[df["variable"] == "value"].iloc[0]
+    assert row["control"] > row["control_chance"] + 0.3  # the control task is learnable here
+    assert row["selectivity"] < 0.2  # and the value, not encoded, is not selectively readable

@@ -1,5 +1,6 @@
-"""`rim-lens demo`: generate the default task, train RiM and its three baselines on the same
-data and budget, evaluate them side by side, then run the causal report on the RiM run."""
+"""`rim-lens demo`: generate the default task, train RiM and its baselines (direct, CoT, pause,
+Coconut) on the same data and budget, evaluate them side by side, then run the causal report on
+the RiM run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Loss weights over readouts: lambda for stage-1 steps, alpha for stage-2 blocks.
+"""Loss weights over readouts: lambda for stage-1 steps, alpha for stage-2 blocks; and Coconut's
+stage curriculum.
 
 lambda_t(s): stage-1 progress s in [0, 1]. Every step weight is held at 1 for s < hold; then,
 with u = (s - hold) / (1 - hold), step t of an example with T steps decays linearly from 1 to 0
@@ -7,6 +8,11 @@ scheduled by its own T. The answer readout keeps weight 1.
 
 alpha_k: stage-2 weight of the answer read after block k of K; `linear` is proportional to k
 (later blocks count more), `uniform` is flat; both sum to 1 over the K blocks.
+
+Coconut stage s of S (c thoughts per step): stage 0 is CoT; stage s <= S replaces the first s
+steps with s x c continuous thoughts (an example with fewer than s steps loses them all and
+still gets s x c thoughts: the reference's `pad_latent_to_max`); stage S + 1 keeps S x c
+thoughts and drops every remaining step, for chains longer than S (the paper's extra stage).
 """
 
 from __future__ import annotations
@@ -42,3 +48,12 @@ def grounding_weights(
 def refinement_weights(target_index: torch.Tensor, K: int, kind: str) -> torch.Tensor:
     """Per-position stage-2 weights: alpha_k for the answer read after block k, 0 elsewhere."""
     return block_weights(target_index, K, kind) * (target_index > 0)
+
+
+def coconut_stage(stage: int, c: int, stages: int) -> tuple[int, int | None]:
+    """(continuous thoughts, steps replaced; None = all) in Coconut's stage `stage` of `stages`."""
+    if not 0 <= stage <= stages + 1:
+        raise ValueError(f"coconut stage {stage} out of range 0..{stages + 1}")
+    if stage <= stages:
+        return stage * c, stage
+    return stages * c, None

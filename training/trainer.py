@@ -2,7 +2,10 @@
 
 RiM trains in two stages (grounding, then refinement) with the optimizer and LR schedule reset
 at the switch; the baselines (direct, cot, pause) run one stage with the same trainer, data and
-step budget. The loop runs unchanged on one process or under `accelerate launch`.
+step budget. Coconut runs its curriculum (CoT, then steps replaced by continuous thoughts stage
+by stage) as stages of the same loop, the optimizer reset at each, with its own loss: the
+thought passes of `rim_lens.model.coconut`. The loop runs unchanged on one process or under
+`accelerate launch` (Coconut's several passes per step are tested on one process only).
 """
 
 from __future__ import annotations
@@ -32,17 +35,19 @@ from rim_lens.evaluation import evaluate
 from rim_lens.fileio import atomic_write_text
 from rim_lens.methods import Method
 from rim_lens.model.checkpoints import build_model, load_pretrained, save_checkpoint, set_dropout
+from rim_lens.model.coconut import thought_forward
 from rim_lens.model.layouts import Batch, Layout, SequenceBuilder, collate
 from rim_lens.model.memory import MemorySpec
 from rim_lens.model.tokenizer import build_word_tokenizer, memory_token_ids
 from rim_lens.runs import Run
 from training.config import RunConfig
-from training.schedules import grounding_weights, refinement_weights
+from training.schedules import coconut_stage, grounding_weights, refinement_weights
 
 
 @dataclass
 class Stage:
-    """One optimisation phase: its layout of examples, loss weights, steps, LR and dropout."""
+    """One optimisation phase: its layout of examples, loss weights, steps, LR and dropout, and
+    its loss if not the one-pass weighted cross-entropy (`_loss`)."""
 
     name: str
     steps: int
@@ -50,10 +55,13 @@ class Stage:
     dropout: float
     layout: Callable[[Example], Layout]
     weights: Callable[[Batch, float], torch.Tensor]  # (batch, progress in [0, 1]) -> [B, S]
+    # (model, batch, weights [B, S]) -> (loss, logits [B, S, V])
+    loss: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def plan_stages(cfg: RunConfig, builder: SequenceBuilder) -> list[Stage]:
-    """RiM: grounding then refinement; pause: refinement only; direct and CoT: one stage."""
+    """RiM: grounding then refinement; pause: refinement only; direct and CoT: one stage;
+    Coconut: stages 0..S of its curriculum then the all-thoughts stage S + 1."""
     t = cfg.train
     refine = lambda b, s: refinement_weights(b.target_index, cfg.memory.K, t.alpha)  # noqa: E731
     plain = lambda b, s: (b.target_index > 0).float()  # noqa: E731
@@ -67,6 +75,8 @@ def plan_stages(cfg: RunConfig, builder: SequenceBuilder) -> list[Stage]:
         return [s for s in stages if s.steps > 0]
     if cfg.method == "pause":
         return [Stage("refinement", t.steps, t.lr, t.dropout, builder.refinement, refine)]
+    if cfg.method == "coconut":
+        return coconut_stages(cfg, builder)
     layout = builder.direct if cfg.method == "direct" else builder.cot
     return [Stage("train", t.steps, t.lr, t.dropout, layout, plain)]
 
@@ -90,6 +100,20 @@ def load_data(cfg: RunConfig, task: Task) -> Splits:
     return splits
 
 
+def run_spec(cfg: RunConfig, task: Task) -> MemorySpec:
+    """The memory spec the run's checkpoint is saved with: the recipe's memory section plus the
+    method, the task and (Coconut) the inference thought count, c x stages."""
+    method = Method(cfg.method)
+    # Without blocks the readout must see the question, whatever the memory section says.
+    return cfg.memory.replace(
+        method=cfg.method,
+        task=task.name,
+        K=cfg.memory.K if method.uses_blocks else 0,
+        readout_sees_question=cfg.memory.readout_sees_question or not method.uses_blocks,
+        thoughts=cfg.coconut.c * cfg.coconut.stages if method.uses_thoughts else 0,
+    )
+
+
 def make_model(cfg: RunConfig, spec: MemorySpec, texts: list[str]):
     """(model, tokenizer): from scratch with a word-level tokenizer, or a pretrained LM (+LoRA)."""
     m = cfg.model
@@ -111,6 +135,24 @@ def make_model(cfg: RunConfig, spec: MemorySpec, texts: list[str]):
             raise ConfigError(f"model.lora: {err}") from None
         model = get_peft_model(model, config)
     return model, tokenizer
+
+
+def coconut_stages(cfg: RunConfig, builder: SequenceBuilder) -> list[Stage]:
+    """Coconut's curriculum as stages (`schedules.coconut_stage`): stage 0 gets
+    `coconut.cot_fraction` of the steps, stages 1..S `coconut.stage_fraction` each, stage S + 1
+    the rest; all use the recipe's LR and dropout, and the loss covers the remaining steps and
+    the answer."""
+    t, co = cfg.train, cfg.coconut
+    per_stage = round(t.steps * co.stage_fraction)
+    cot = per_stage if co.cot_fraction is None else round(t.steps * co.cot_fraction)
+    plain = lambda b, s: (b.target_index > 0).float()  # noqa: E731
+    stages = []
+    for s in range(co.stages + 2):
+        n_thoughts, skip = coconut_stage(s, co.c, co.stages)
+        steps = cot if s == 0 else per_stage if s <= co.stages else t.steps - cot - per_stage * co.stages
+        layout = partial(builder.thoughts, n_thoughts=n_thoughts, skip_steps=skip)
+        stages.append(Stage(f"stage_{s}", steps, t.lr, t.dropout, layout, plain, loss=coconut_loss))
+    return [s for s in stages if s.steps > 0]
 
 
 def all_texts(examples: list[Example]) -> list[str]:
@@ -147,6 +189,15 @@ def _loss(model, batch: Batch, weights: torch.Tensor) -> tuple[torch.Tensor, tor
     return loss, logits
 
 
+def coconut_loss(model, batch: Batch, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_loss` with the continuous thoughts fed back: n + 1 passes sharing a KV cache, gradients
+    through the thoughts (as the reference implementation)."""
+    logits = thought_forward(model, batch).logits
+    ce = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100, reduction="none")
+    loss = (ce.view_as(weights) * weights).sum() / weights.sum().clamp_min(1e-8)
+    return loss, logits
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -167,6 +218,7 @@ def run_stage(
 ) -> dict[str, float]:
     """Train one stage with a fresh optimizer and LR schedule; returns the final monitor accuracy."""
     t = cfg.train
+    compute_loss = stage.loss or _loss
     set_dropout(model, stage.dropout)
     batches = partial(collate, pad_id=pad_id, sees_question=sees_question)
     loader = DataLoader(
@@ -191,7 +243,7 @@ def run_stage(
     def monitor_now(step: int) -> dict[str, float]:
         model.eval()
         with torch.no_grad():
-            _, logits = _loss(model, monitor_batch, stage.weights(monitor_batch, step / stage.steps))
+            _, logits = compute_loss(model, monitor_batch, stage.weights(monitor_batch, step / stage.steps))
         model.train()
         acc = readout_accuracy(logits, monitor_batch, stage.name)
         if accelerator.is_main_process:
@@ -206,7 +258,7 @@ def run_stage(
     while step < stage.steps:
         for batch in loader:
             weights = stage.weights(batch, step / stage.steps)
-            loss, _ = _loss(model, batch, weights)
+            loss, _ = compute_loss(model, batch, weights)
             accelerator.backward(loss)
             if t.grad_clip:
                 accelerator.clip_grad_norm_(params, t.grad_clip)
@@ -281,14 +333,7 @@ def _train(cfg: RunConfig, run: Run, accelerator: Accelerator) -> dict:
     if accelerator.is_main_process:
         for name in SPLITS:
             write_examples(run.path / split_file(name), getattr(splits, name))
-    blocks = Method(cfg.method).uses_blocks
-    # Without blocks the readout must see the question, whatever the memory section says.
-    spec = cfg.memory.replace(
-        method=cfg.method,
-        task=task.name,
-        K=cfg.memory.K if blocks else 0,
-        readout_sees_question=cfg.memory.readout_sees_question or not blocks,
-    )
+    spec = run_spec(cfg, task)
     model, tokenizer = make_model(cfg, spec, all_texts(splits.train + splits.val + splits.test))
     builder = SequenceBuilder(tokenizer, spec.replace(K=cfg.memory.K), task.join_steps)
     model = accelerator.prepare(model)

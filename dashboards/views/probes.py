@@ -57,33 +57,46 @@ def _correctness(corr: pd.DataFrame) -> None:
 
 def _value_probes(values: pd.DataFrame) -> None:
     st.subheader("Which block holds which step's value?")
-    steps = sorted(int(s) for s in values["step"].dropna().unique())
-    left, right = st.columns(2)
+    variables = list(dict.fromkeys(values["variable"])) if "variable" in values else ["value"]
+    left, middle, right = st.columns(3)
     with left:
-        step = st.selectbox("Value target (step t)", steps, key="probes.step")
+        variable = st.selectbox(
+            "Variable",
+            variables,
+            key="probes.variable",
+            help="value: what the step itself writes; the others are derived from the steps (the last "
+            "running sum is the answer)",
+        )
+    of_variable = values[values["variable"] == variable] if "variable" in values else values
+    steps = sorted(int(s) for s in of_variable["step"].dropna().unique())
+    with middle:
+        step = st.selectbox("Step t", steps, key="probes.step")
     with right:
         metric = st.radio("Show", ["score", "selectivity", "control"], horizontal=True, key="probes.metric")
-    part = values[values["step"] == step]
+    part = of_variable[of_variable["step"] == step]
     target = part["target"].dropna().iloc[0] if "target" in part and part["target"].notna().any() else "value"
     if part["score"].notna().any():
-        title = f"Step {step} ({target}) probe {metric}, layer × block"
+        title = f"Step {step} ({target}) probe {metric}, layer × block" + (
+            "" if variable == "value" else f" ({variable})"
+        )
         zmid = 0.0 if metric == "selectivity" else None
         chart(figures.layer_block_heatmap(part, metric, title, zmid=zmid), key="probes.values")
     else:
         st.info(f"No probe could be fitted for step {step}: {'; '.join(part['note'].dropna().unique())}")
-    fitted = values.dropna(subset=["score"])
+    fitted = of_variable.dropna(subset=["score"])
     if fitted.empty:
         return
     layers = sorted(int(l) for l in fitted["layer"].unique())
-    _, best = figures.probe_layer(values, None)
+    _, best = figures.probe_layer(values, None, variable)
     layer = st.selectbox(
         "Layer for the step × block views", layers, index=layers.index(best), key="probes.layer"
     )
     left, right = st.columns(2)
     with left:
-        chart(figures.value_probe_heatmap(values, layer=layer), key="probes.diag")
+        chart(figures.value_probe_heatmap(values, layer=layer, variable=variable), key="probes.diag")
     with right:
-        chart(figures.probe_curves(values, layer=layer).update_xaxes(dtick=1), key="probes.curves")
+        curves = figures.probe_curves(values, layer=layer, variable=variable)
+        chart(curves.update_xaxes(dtick=1), key="probes.curves")
 
 
 def _selection(selection: dict | None) -> None:

@@ -113,6 +113,7 @@ def capture(
                     "answer": ex.answer,
                     "steps": list(ex.steps),
                     "values": list(ex.values),
+                    "derived": {name: list(v) for name, v in task.derived_values(ex).items()},
                     "readouts": texts,
                     "correct": [readouts and task.answers_match(t, ex.answer) for t in texts],
                 }

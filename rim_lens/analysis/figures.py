@@ -352,9 +352,14 @@ def pca_trajectories(
     return fig
 
 
-def probe_layer(values: pd.DataFrame, layer: int | None) -> tuple[pd.DataFrame, int | None]:
-    """The fitted value probes of one layer (default: the layer with the best mean selectivity)."""
+def probe_layer(
+    values: pd.DataFrame, layer: int | None, variable: str = "value"
+) -> tuple[pd.DataFrame, int | None]:
+    """The fitted probes of `variable` at one layer (default: the layer with the best mean
+    selectivity)."""
     v = values.dropna(subset=["score"])
+    if "variable" in v:
+        v = v[v["variable"] == variable]
     if v.empty:
         return v, layer
     if layer is None:
@@ -363,10 +368,10 @@ def probe_layer(values: pd.DataFrame, layer: int | None) -> tuple[pd.DataFrame, 
     return v[v["layer"] == layer], layer
 
 
-def value_probe_heatmap(values: pd.DataFrame, layer: int | None = None) -> go.Figure:
-    """Value-probe score over block x step at one layer (default: the most selective); a
+def value_probe_heatmap(values: pd.DataFrame, layer: int | None = None, variable: str = "value") -> go.Figure:
+    """Probe score of `variable` over block x step at one layer (default: the most selective); a
     diagonal says block k holds step k's value."""
-    v, layer = probe_layer(values, layer)
+    v, layer = probe_layer(values, layer, variable)
     if v.empty:
         return go.Figure().update_layout(title="No value probes could be fitted")
     grid = v.pivot_table(index="step", columns="block", values="score", aggfunc="mean")
@@ -379,7 +384,7 @@ def value_probe_heatmap(values: pd.DataFrame, layer: int | None = None) -> go.Fi
         zmax=1,
         color_continuous_scale="Viridis",
         labels=dict(x="block", y="step", color="probe score"),
-        title=f"Value probes at layer {layer}: score and selectivity",
+        title=f"{variable.replace('_', ' ').capitalize()} probes at layer {layer}: score and selectivity",
     )
     fig.update_traces(text=text.values, texttemplate="%{text}")
     fig.update_xaxes(dtick=1)
@@ -387,9 +392,9 @@ def value_probe_heatmap(values: pd.DataFrame, layer: int | None = None) -> go.Fi
     return fig
 
 
-def probe_curves(values: pd.DataFrame, layer: int | None = None) -> go.Figure:
-    """Probe score (with 95% CI) and control score across blocks, one line per step."""
-    v, layer = probe_layer(values, layer)
+def probe_curves(values: pd.DataFrame, layer: int | None = None, variable: str = "value") -> go.Figure:
+    """Probe score of `variable` (with 95% CI) and control score across blocks, one line per step."""
+    v, layer = probe_layer(values, layer, variable)
     if v.empty:
         return go.Figure().update_layout(title="No value probes could be fitted")
     v = v.sort_values("block")

@@ -1,11 +1,15 @@
 """Linear probes on memory-block states, per (layer, block), with control tasks.
 
 Two targets: (a) whether the readout after block k was correct, (b) the value of reasoning step
-t. Every score is out-of-fold (StratifiedGroupKFold; identical questions share one group, so a
-question never sits in train and test), with a bootstrap 95% interval over question groups.
-Beside it stands the score of the same probe on a Hewitt & Liang (2019) control task, and
-selectivity = score - control: a probe that scores high only because it can read the question
-off the block states scores high on the control task too.
+t: the `value` the step itself writes (a partial product, an equation's result), and each
+quantity the task derives from the steps under its own name (e.g. multiplication's
+`running_sum`; the last one is the answer). Every score is out-of-fold (StratifiedGroupKFold;
+identical questions share one group, so a question never sits in train and test), with a
+bootstrap 95% interval over question groups. Beside it stands the score of the same probe on a
+Hewitt & Liang (2019) control task, and selectivity = score - control: a probe that scores high
+only because it can read the question off the block states scores high on the control task too.
+The control's types recur often enough (`MIN_EXAMPLES_PER_TYPE`) for it to be learnable out of
+fold, and its accuracy is reported beside the probe's.
 
 `transformer_lens.tools.analysis.sparse_probing` is not used: it fits k-sparse *binary* probes
 on one train/test split, while step values are multi-class and every score here is
@@ -34,14 +38,31 @@ from rim_lens.analysis.sites import block_labels
 from rim_lens.errors import RunError
 
 ControlType = Callable[[dict], str]
+VALUE = "value"  # the variable a step writes; others are derived (`Task.derived_values`)
+# A control task must be learnable at the probe's capacity (Hewitt & Liang 2019): out of fold a
+# probe can only learn a type's random label from other examples of the same type, so every
+# type needs this many examples on average.
+MIN_EXAMPLES_PER_TYPE = 10
 
 
 def leading_words(example: dict, k: int = 2) -> str:
-    """The default control type: the question's first two words (e.g. a two-digit operand,
-    or a start value and its first operator). One word gives only ~10 types on the synthetic
-    tasks, and a random map from 10 types is trivially learnable from any state that holds
-    the first digit, which would make every real probe look unselective."""
+    """A control type: the question's first k words (e.g. a start value and its first operator)."""
     return " ".join(example["question"].split()[:k])
+
+
+def control_types(examples: list[dict], min_per_type: int = MIN_EXAMPLES_PER_TYPE) -> np.ndarray:
+    """The default control types: the question's first k words, with the largest k that leaves
+    at least `min_per_type` examples per type on average (at least one word). More words give a
+    harder control, but one whose types are too rare to be learned out of fold: then the control
+    scores near chance whatever the states hold and selectivity is just score minus chance."""
+    longest = max(len(ex["question"].split()) for ex in examples)
+    best = np.array([leading_words(ex, 1) for ex in examples])
+    for k in range(2, longest + 1):
+        types = np.array([leading_words(ex, k) for ex in examples])
+        if len(types) / len(np.unique(types)) < min_per_type:
+            break
+        best = types
+    return best
 
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
@@ -269,7 +290,7 @@ def probe_correctness(
     seed: int = 0,
     n_boot: int = 1000,
     C: float = 0.1,
-    control_type: ControlType = leading_words,
+    control_type: ControlType | None = None,
     min_class: int = 10,
 ) -> pd.DataFrame:
     """Probe each (layer, block)'s states for whether the readout after that block was correct.
@@ -281,7 +302,11 @@ def probe_correctness(
     correct, AUPRC's chance level; AUROC's is 0.5), n, note (why a cell is NaN, else "").
     """
     groups = question_groups(store)
-    types = np.array([control_type(ex) for ex in store.examples])
+    types = (
+        control_types(store.examples)
+        if control_type is None
+        else np.array([control_type(ex) for ex in store.examples])
+    )
     problems: dict[int, _Problem | None] = {}  # per block, made when first needed
     rows = []
     for layer in store.layers if layers is None else layers:
@@ -387,22 +412,29 @@ def select_answers(
 
 
 # -- (b) step values -----------------------------------------------------------------------------
+def variable_values(example: dict, variable: str) -> list:
+    """An example's per-step values of `variable` (`value` or a derived name)."""
+    return example["values"] if variable == VALUE else (example.get("derived") or {}).get(variable, [])
+
+
 def step_labels(
-    store: CaptureStore, t: int, n_digits: int = 3, max_classes: int = 50
+    store: CaptureStore, t: int, n_digits: int = 3, max_classes: int = 50, variable: str = VALUE
 ) -> tuple[str, np.ndarray, list[np.ndarray], str]:
-    """What a probe for step t predicts: (target name, rows = examples that have step t,
-    label columns, note saying why there is nothing to probe, else "").
+    """What a probe for `variable` at step t predicts: (target name, rows = examples that have a
+    value there, label columns, note saying why there is nothing to probe, else "").
 
     At most `max_classes` distinct values (or strings) are one column of classes; larger
-    integers give one column per varying decimal digit among the lowest `n_digits`.
+    integers give one column per varying decimal digit among the lowest `n_digits`. A step whose
+    value is missing (None, e.g. a GSM8K step that is not a number) is skipped.
     """
-    rows = np.array([i for i, ex in enumerate(store.examples) if len(ex["values"]) >= t], dtype=int)
-    values = [store.examples[i]["values"][t - 1] for i in rows]
+    per_example = [variable_values(ex, variable) for ex in store.examples]
+    rows = np.array([i for i, v in enumerate(per_example) if len(v) >= t and v[t - 1] is not None], dtype=int)
+    values = [per_example[i][t - 1] for i in rows]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     if not values:
-        return "value", rows, [], f"no example has step {t}"
+        return "value", rows, [], f"no example has a {variable} at step {t}"
     if len(set(values)) == 1:
-        return "value", rows, [], f"every example has the same value at step {t}"
+        return "value", rows, [], f"every example has the same {variable} at step {t}"
     if len(set(values)) <= max_classes or not numeric:
         return "value", rows, [np.array([str(v) for v in values])], ""
     if not all(float(v).is_integer() for v in values):
@@ -426,7 +458,7 @@ def _majority(labels: list[np.ndarray]) -> float:
     return float(np.mean([np.unique(y, return_counts=True)[1].max() / len(y) for y in labels]))
 
 
-Hits = dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+Hits = dict[tuple[int, int, str, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def probe_values(store: CaptureStore, **options) -> pd.DataFrame:
@@ -446,41 +478,51 @@ def value_probes(
     C: float = 0.1,
     n_digits: int = 3,
     max_classes: int = 50,
-    control_type: ControlType = leading_words,
+    control_type: ControlType | None = None,
 ) -> tuple[pd.DataFrame, Hits]:
-    """Probe each (layer, block)'s states for the value of each step t (examples' `values[t-1]`).
+    """Probe each (layer, block)'s states for each step t's variables: the `value` the step
+    writes, and every quantity the task derives from the steps (e.g. `running_sum`).
 
     Values with at most `max_classes` distinct values (or strings) are classes; larger integers
     are probed one lowest decimal digit at a time (10 classes each, up to `n_digits`) and
     scored by mean digit accuracy (see `step_labels`). Only examples with a step t count for
     step t. Block k holding step k's value shows as a diagonal in the block x step view.
+    The control task's types are `control_type(example)` (default: `control_types`, learnable
+    out of fold).
 
-    Columns: layer, block, (slot if given), step, target ("value" or the digits used), score
-    (accuracy), score_lo, score_hi, control (the control task's accuracy), selectivity
+    Columns: layer, block, (slot if given), variable, step, target ("value" or the digits used),
+    score (accuracy), score_lo, score_hi, control (the control task's accuracy), selectivity
     (score - control), chance and control_chance (majority-class accuracy of the real and the
-    control labels: with few input types the control's class balance can differ), n, note
-    (why a cell is NaN, else "").
+    control labels: with few input types the control's class balance can differ), n_types (of
+    the control task), n, note (why a cell is NaN, else "").
 
-    Also returns the per-example outcomes of every fitted cell, (layer, block, step) -> (rows
-    probed, out-of-fold hits, control hits), from which a best cell can be chosen on some
-    examples and scored on others (`results.ProbeResult.best`).
+    Also returns the per-example outcomes of every fitted cell, (layer, block, variable, step)
+    -> (rows probed, out-of-fold hits, control hits), from which a best cell can be chosen on
+    some examples and scored on others (`results.ProbeResult.best`).
     """
-    n_steps = max(len(ex["values"]) for ex in store.examples)
     groups = question_groups(store)
-    types = np.array([control_type(ex) for ex in store.examples])
+    types = (
+        control_types(store.examples)
+        if control_type is None
+        else np.array([control_type(ex) for ex in store.examples])
+    )
+    variables = [VALUE] + sorted({name for ex in store.examples for name in (ex.get("derived") or {})})
     targets, problems = {}, {}
-    for t in range(1, n_steps + 1) if steps is None else steps:
-        targets[t] = step_labels(store, t, n_digits, max_classes)
-        _, rows, labels, note = targets[t]
-        if not note:
-            problems[t] = _problem(rows, labels, types, groups, folds, seed, (t,))
+    for v_index, variable in enumerate(variables):
+        n_steps = max(len(variable_values(ex, variable)) for ex in store.examples)
+        for t in range(1, n_steps + 1) if steps is None else steps:
+            targets[variable, t] = step_labels(store, t, n_digits, max_classes, variable)
+            _, rows, labels, note = targets[variable, t]
+            if not note:
+                problems[variable, t] = _problem(rows, labels, types, groups, folds, seed, (v_index, t))
     out, per_example = [], {}
     for layer in store.layers if layers is None else layers:
         for k in block_labels(store.K) if blocks is None else blocks:
             X = _features(store, layer, k, slots)
-            for t, (name, rows, labels, note) in targets.items():
+            for (variable, t), (name, rows, labels, note) in targets.items():
                 row = {
                     **_cell(layer, k, slots),
+                    "variable": variable,
                     "step": t,
                     "target": name,
                     "score": np.nan,
@@ -490,11 +532,12 @@ def value_probes(
                     "selectivity": np.nan,
                     "chance": np.nan,
                     "control_chance": np.nan,
+                    "n_types": len(np.unique(types[rows])),
                     "n": len(rows),
                     "note": note,
                 }
-                if t in problems:
-                    pb = problems[t]
+                if (variable, t) in problems:
+                    pb = problems[variable, t]
                     hits = _oof_hits(X[rows], labels, pb.folds, C)
                     row["score"], row["chance"] = float(hits.mean()), _majority(labels)
                     row["score_lo"], row["score_hi"] = bootstrap_ci(
@@ -505,7 +548,7 @@ def value_probes(
                         row["control"] = float(control.mean())
                         row["selectivity"] = row["score"] - row["control"]
                         row["control_chance"] = _majority(pb.control)
-                        per_example[(layer, k, t)] = (rows, hits, control)
+                        per_example[(layer, k, variable, t)] = (rows, hits, control)
                     else:
                         row["note"] = "control labels have one class (one input type)"
                 out.append(row)

@@ -364,11 +364,17 @@ class ProbeResult(Result):
     def tables(self) -> dict[str, pd.DataFrame]:
         return {"probe_correctness": self.correctness, "probe_values": self.table}
 
-    def best(self, select_on: np.ndarray | None = None, score_on: np.ndarray | None = None) -> dict | None:
-        """The (layer, block, step) value probe with the highest selectivity on the examples
-        `select_on` (indices; default all), and its selectivity on `score_on` (default all) with a
-        bootstrap interval over question groups. With the defaults the cell is chosen and scored
-        on the same examples, which is optimistic (the maximum of a grid)."""
+    def best(
+        self,
+        select_on: np.ndarray | None = None,
+        score_on: np.ndarray | None = None,
+        variable: str = "value",
+    ) -> dict | None:
+        """The (layer, block, step) probe of `variable` (default: the value each step writes) with
+        the highest selectivity on the examples `select_on` (indices; default all), and its
+        selectivity on `score_on` (default all) with a bootstrap interval over question groups.
+        With the defaults the cell is chosen and scored on the same examples, which is optimistic
+        (the maximum of a grid)."""
 
         def selectivity(cell, chosen):
             rows, hits, control = self.hits[cell]
@@ -377,6 +383,8 @@ class ProbeResult(Result):
 
         scored = {}
         for cell in self.hits:
+            if cell[2] != variable:
+                continue
             _, diff, _, _ = selectivity(cell, select_on)
             if diff.size:
                 scored[cell] = diff.mean()
@@ -386,10 +394,11 @@ class ProbeResult(Result):
         rows, diff, hits, control = selectivity(cell, score_on)
         if not diff.size:
             return None
-        layer, block, step = cell
+        layer, block, variable, step = cell
         return {
             "layer": layer,
             "block": block,
+            "variable": variable,
             "step": step,
             "score": float(hits.mean()),
             "control": float(control.mean()),

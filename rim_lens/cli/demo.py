@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from rim_lens.methods import METHODS
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "demo", help="train RiM and the direct / CoT / pause baselines on the default task, compare, report"
+        "demo",
+        help="train RiM and its baselines (direct, CoT, pause, Coconut) on the default task, compare, report",
     )
     p.add_argument("--full", action="store_true", help="the longer budget (training/recipes/demo_full.yaml)")
     p.add_argument("--runs-dir", help="where the runs go (default: runs/demo, or runs/demo-full with --full)")
     p.add_argument(
-        "--methods", default="direct,cot,pause,rim", help="comma-separated subset of direct,cot,pause,rim"
+        "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
     )
     p.add_argument("--no-report", action="store_true", help="skip the causal report on the RiM run")
     p.add_argument(
@@ -28,7 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from rim_lens.errors import ConfigError
-    from rim_lens.methods import METHODS
     from training.demo import run_demo
 
     methods = tuple(m for m in args.methods.split(",") if m)

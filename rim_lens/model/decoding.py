@@ -3,20 +3,32 @@
 When every prompt is an ordinary causal sequence (RiM whose readout sees the question, direct,
 CoT), decoding is the plain causal path of any LM: no mask at all when the batch has no padding,
 else a 2D padding mask, and no custom 4D mask per step. Only a readout blind to the question needs
-the role mask at every step.
+the role mask at every step. A prompt holding Coconut thoughts is prefilled by the thought passes
+(`coconut.prefill`): the inputs at its thought positions are hidden states, which one ordinary
+pass cannot compute.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from rim_lens.model.layouts import Layout, Role, additive_mask, collate, visibility
+from rim_lens.model import coconut
+from rim_lens.model.layouts import Batch, Layout, Role, additive_mask, collate, visibility
+
+# (model, batch, cache) -> (logits of the prompt [B, S, V], forward passes run)
+Prefill = Callable[[PreTrainedModel, Batch, DynamicCache], tuple[torch.Tensor, int]]
+
+
+def plain_prefill(model: PreTrainedModel, batch: Batch, cache: DynamicCache) -> tuple[torch.Tensor, int]:
+    """The whole prompt in one forward pass, under its role mask."""
+    return model(**batch.model_inputs(), past_key_values=cache, use_cache=True).logits, 1
 
 
 @dataclass
@@ -60,14 +72,24 @@ def greedy_decode(
     pad_id: int,
     max_new_tokens: int,
     sees_question: bool = True,
+    prefill: Prefill | None = None,
     causal: bool | None = None,
 ) -> Decoded:
-    """Decode greedily from left-padded prompts until every row emits `eos_id` (with a KV cache;
-    decoding under an intervention, on any hook backend, is `rim_lens.analysis.engine.decode`).
-    `causal`: the plain causal path (default: whenever the prompts are plain causal sequences);
-    False forces the role mask at every step."""
+    """Decode greedily from left-padded prompts until every row emits `eos_id`, with a KV cache.
+
+    `causal`: the plain causal path (default: whenever the prompts are plain causal sequences and
+    hold no Coconut thoughts); False forces the role mask at every step. `prefill` runs the prompt
+    on the role-masked path (default: one pass, or Coconut's thought passes if it holds thoughts;
+    pass `partial(coconut.prefill, intervene=...)` to edit thoughts). Decoding under an
+    intervention on block states, on any hook backend, is `rim_lens.analysis.engine.decode`.
+    """
     start = time.perf_counter()
-    causal = plain_causal(prompts, sees_question) if causal is None else causal
+    thoughts = any(Role.THOUGHT in p.roles for p in prompts)
+    if causal is None:
+        causal = prefill is None and not thoughts and plain_causal(prompts, sees_question)
+    elif causal and (prefill is not None or thoughts):
+        raise ValueError("the plain causal path runs a prompt in one pass: not with thoughts or a prefill")
+    cache = DynamicCache()
     if causal:
         # No mask without padding, else a 2D padding mask that grows by one token per step.
         ids, mask = causal_inputs(prompts, pad_id)
@@ -78,13 +100,13 @@ def greedy_decode(
             if padded
             else dict(input_ids=ids)
         )
+        logits, passes = model(**inputs, past_key_values=cache, use_cache=True).logits, 1
     else:
         batch = collate(prompts, pad_id, sees_question, side="left")
         roles, blocks, positions = batch.roles, batch.blocks, batch.position_ids
-        inputs = batch.model_inputs()
-    cache = DynamicCache()
-    logits = model(**inputs, past_key_values=cache, use_cache=True).logits
-    passes, step_times = 1, []
+        prefill = prefill or (coconut.prefill if coconut.has_thoughts(batch) else plain_prefill)
+        logits, passes = prefill(model, batch, cache)
+    step_times: list[float] = []
     tokens: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool)
     for _ in range(max_new_tokens):

@@ -10,6 +10,12 @@ would see in the plain causal sequence `[q][block_1..block_t][readout_t]`:
   its own earlier tokens; never another readout. Its positions continue from its block's end.
 
 Direct and CoT sequences use the same machinery with no blocks, which reduces to a causal mask.
+
+A Coconut sequence is `[q] <bot> <thought> x n <eot> [remaining steps, answer prefix, answer]`:
+thought k is labelled role THOUGHT, block k, slot 0 (`<bot>`: block 0, `<eot>`: block n), so its
+mask is causal too and analyses address thoughts as (layer, block k, slot 0) like RiM's blocks.
+The `<thought>` token is a placeholder: its input embedding is replaced by the previous
+position's last hidden state (`rim_lens.model.coconut` runs those passes).
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ class Role(IntEnum):
     MEMORY = 3
     BLOCK_END = 4
     READOUT = 5
+    BOT = 6  # Coconut: begin of thoughts
+    THOUGHT = 7  # Coconut: a continuous thought (block = its index k, slot 0)
+    EOT = 8  # Coconut: end of thoughts
 
 
 @dataclass
@@ -83,6 +92,7 @@ class SequenceBuilder:
         self.eos = tokenizer.eos_token_id
         self.prefix = self.encode(spec.answer_prefix)
         self.block_ids = self._block_ids(memory_token_ids(tokenizer, spec)) if spec.uses_blocks else []
+        self.thought_ids = memory_token_ids(tokenizer, spec) if spec.uses_thoughts else ()
 
     def _block_ids(self, ids: tuple[int, int, int]) -> list[int]:
         begin, memory, end = ids
@@ -116,6 +126,14 @@ class SequenceBuilder:
             ends.append(idx)
         return ends
 
+    def _add_thoughts(self, seq: Layout, n_thoughts: int) -> None:
+        """Append `<bot>`, n thought placeholders (thought k: block k, slot 0) and `<eot>`."""
+        bot, thought, eot = self.thought_ids
+        seq.add(bot, seq.positions[-1] + 1, Role.BOT, block=0)
+        for k in range(1, n_thoughts + 1):
+            seq.add(thought, seq.positions[-1] + 1, Role.THOUGHT, block=k, slot=0)
+        seq.add(eot, seq.positions[-1] + 1, Role.EOT, block=n_thoughts)
+
     def _add_readout(self, seq: Layout, after: int, target: list[int], t: int, block: int) -> None:
         """Readout target t, predicted from sequence index `after` onwards, positions continuing."""
         seq.targets[after], seq.target_index[after] = target[0], t
@@ -133,6 +151,17 @@ class SequenceBuilder:
         seq = self._question(ex)
         target = self.encode(self.join_steps(ex.steps)) + self.answer_target(ex.answer)
         self._add_readout(seq, len(seq) - 1, target, 1, 0)
+        seq.n_steps = len(ex.steps)
+        return seq
+
+    def thoughts(self, ex: Example, n_thoughts: int, skip_steps: int | None) -> Layout:
+        """Coconut: n continuous thoughts in place of the first `skip_steps` steps (None: all);
+        the remaining steps, the answer prefix and the answer are the target, read after `<eot>`."""
+        seq = self._question(ex)
+        self._add_thoughts(seq, n_thoughts)
+        remaining = () if skip_steps is None else ex.steps[skip_steps:]
+        target = self.encode(self.join_steps(remaining)) + self.answer_target(ex.answer)
+        self._add_readout(seq, len(seq) - 1, target, 1, block=n_thoughts)
         seq.n_steps = len(ex.steps)
         return seq
 
@@ -156,6 +185,8 @@ class SequenceBuilder:
 
     def training(self, ex: Example, method: str, stage: int = 2) -> Layout:
         """The training sequence of `ex` for a method (and RiM stage)."""
+        if method == "coconut":
+            raise ValueError("a Coconut sequence depends on its curriculum stage: use thoughts(ex, n, skip)")
         if method == "direct":
             return self.direct(ex)
         if method == "cot":
@@ -166,16 +197,23 @@ class SequenceBuilder:
 
     def scored(self, ex: Example, answer: str | None = None, n_blocks: int | None = None) -> Layout:
         """Inference prompt followed by `answer` (default: the gold one) and end of sequence,
-        teacher-forced: the targets score exactly what greedy decoding would have to emit."""
+        teacher-forced: the targets score exactly what greedy decoding would have to emit
+        (Coconut: the answer prefix first, as it writes the prefix itself)."""
         seq = self.prompt(ex, n_blocks)
         tokens = self.encode(ex.answer if answer is None else answer) + [self.eos]
+        if self.spec.uses_thoughts:
+            tokens = self.prefix + tokens
         self._add_readout(seq, len(seq) - 1, tokens, 1, block=seq.blocks[-1])
         return seq
 
     def prompt(self, ex: Example, n_blocks: int | None = None) -> Layout:
-        """Inference prompt: question, blocks, answer prefix (CoT: the question alone)."""
+        """Inference prompt: question, blocks, answer prefix (CoT: the question alone; Coconut:
+        question, `<bot>`, n thoughts (`n_blocks`, default spec.thoughts), `<eot>`)."""
         seq = self._question(ex)
         if self.spec.method == "cot":
+            return seq
+        if self.spec.uses_thoughts:
+            self._add_thoughts(seq, self.spec.thoughts if n_blocks is None else n_blocks)
             return seq
         n = (self.spec.K if n_blocks is None else n_blocks) if self.spec.uses_blocks else 0
         self._add_blocks(seq, n)
@@ -222,7 +260,12 @@ def visibility(roles: torch.Tensor, blocks: torch.Tensor, sees_question: bool) -
     S = roles.shape[1]
     q_roles, q_blocks = roles[:, :, None], blocks[:, :, None]
     k_roles, k_blocks = roles[:, None, :], blocks[:, None, :]
-    is_block = lambda r: (r >= Role.BLOCK_BEGIN) & (r <= Role.BLOCK_END)  # noqa: E731
+
+    def is_block(r: torch.Tensor) -> torch.Tensor:
+        # Coconut's <bot>, thoughts and <eot> follow the block rules: a latent position sees those
+        # with a block index up to its own, so with blocks 0, 1..n, n the mask is plainly causal.
+        return ((r >= Role.BLOCK_BEGIN) & (r <= Role.BLOCK_END)) | ((r >= Role.BOT) & (r <= Role.EOT))
+
     q_readout, k_readout = q_roles == Role.READOUT, k_roles == Role.READOUT
     see_question = (k_roles == Role.QUESTION) & (~q_readout | sees_question)
     see_block = is_block(k_roles) & (is_block(q_roles) | q_readout) & (k_blocks <= q_blocks)
@@ -269,8 +312,11 @@ def collate(seqs: Seq[Layout], pad_id: int, sees_question: bool = True, side: st
 
 
 def block_positions(batch: Batch) -> torch.Tensor:
-    """Sequence index of block k, slot j for every row: LongTensor [B, K, M + 2]."""
-    is_block = (batch.roles >= Role.BLOCK_BEGIN) & (batch.roles <= Role.BLOCK_END)
+    """Sequence index of block k, slot j for every row: LongTensor [B, K, M + 2]; for Coconut
+    prompts, of thought k: [B, n, 1]."""
+    is_block = ((batch.roles >= Role.BLOCK_BEGIN) & (batch.roles <= Role.BLOCK_END)) | (
+        batch.roles == Role.THOUGHT
+    )
     counts = is_block.sum(1)
     if (counts != counts[0]).any():
         raise ValueError("rows hold different numbers of block tokens")
@@ -282,5 +328,8 @@ def block_positions(batch: Batch) -> torch.Tensor:
 
 
 def slot_names(spec: MemorySpec) -> list[str]:
-    """Labels of the slots of a block: the begin token, m1..mM, the end token."""
+    """Labels of the slots of a block: the begin token, m1..mM, the end token (Coconut: the
+    thought's one slot)."""
+    if spec.uses_thoughts:
+        return [spec.thought]
     return [spec.begin] + [f"m{j}" for j in range(1, spec.M + 1)] + [spec.end]

@@ -15,8 +15,9 @@ from rim_lens.errors import RunError
 from rim_lens.methods import METHODS, Method
 
 SPEC_FILENAME = "rim_memory.json"
-# Set by training from the recipe's top level, never in its `memory` section.
-TRAINING_FIELDS = ("method", "task")
+# Set by training from the recipe's top level (`thoughts`: from its `coconut` section), never in
+# its `memory` section.
+TRAINING_FIELDS = ("method", "task", "thoughts")
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,11 @@ class MemorySpec:
 
     A block is `begin`, then M copies of `memory`, then `end`. Inference appends K blocks to
     the question, then `answer_prefix`, and decodes the answer. `method` records how the model
-    was trained; direct and CoT models have K = 0. A recipe's `memory` section holds every field
-    but `method` and `task`.
+    was trained; direct, CoT and Coconut models have K = 0. A Coconut model instead appends
+    `bot`, `thoughts` continuous thoughts (`thought` marks their positions; their inputs are
+    hidden states, see `rim_lens.model.coconut`) and `eot`, then writes the answer prefix and
+    the answer. A recipe's `memory` section holds every field but `method`, `task` and
+    `thoughts` (set from the recipe's `coconut` section: c x stages).
     """
 
     method: str = "rim"
@@ -39,19 +43,30 @@ class MemorySpec:
     readout_sees_question: bool = True
     step_offset: int = 0
     task: str = ""
+    bot: str = "<bot>"
+    thought: str = "<thought>"
+    eot: str = "<eot>"
+    thoughts: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise RunError(f"memory spec: method must be one of {METHODS}, got {self.method!r}")
-        if self.M < 0 or self.K < 0 or self.step_offset < 0:
-            raise RunError("memory spec: M, K and step_offset must be >= 0")
+        if self.M < 0 or self.K < 0 or self.step_offset < 0 or self.thoughts < 0:
+            raise RunError("memory spec: M, K, step_offset and thoughts must be >= 0")
 
     @property
     def uses_blocks(self) -> bool:
         return Method(self.method).uses_blocks
 
     @property
+    def uses_thoughts(self) -> bool:
+        return Method(self.method).uses_thoughts
+
+    @property
     def special_tokens(self) -> list[str]:
+        """The method's three added tokens: (bot, thought, eot) for Coconut, else (begin, memory, end)."""
+        if self.uses_thoughts:
+            return [self.bot, self.thought, self.eot]
         return [self.begin, self.memory, self.end]
 
     def block_tokens(self) -> list[str]:

@@ -36,7 +36,7 @@ def build_word_tokenizer(texts: Iterable[str], spec: MemorySpec) -> PreTrainedTo
 
 
 def add_memory_tokens(tokenizer: PreTrainedTokenizerBase, spec: MemorySpec) -> int:
-    """Register the block tokens as special tokens; returns how many were new."""
+    """Register the method's tokens (`spec.special_tokens`) as special tokens; returns how many were new."""
     added = tokenizer.add_special_tokens({"additional_special_tokens": spec.special_tokens})
     if tokenizer.pad_token is None:
         # Pretrained causal LMs often lack a pad token; reuse EOS since padding is always masked.
@@ -45,7 +45,7 @@ def add_memory_tokens(tokenizer: PreTrainedTokenizerBase, spec: MemorySpec) -> i
 
 
 def memory_token_ids(tokenizer: PreTrainedTokenizerBase, spec: MemorySpec) -> tuple[int, int, int]:
-    """Token ids of (begin, memory, end)."""
+    """Token ids of `spec.special_tokens`: (begin, memory, end), or (bot, thought, eot) for Coconut."""
     ids = tokenizer.convert_tokens_to_ids(spec.special_tokens)
     if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
         raise ValueError(f"tokenizer lacks memory tokens {spec.special_tokens}")

@@ -76,10 +76,13 @@ dashboard: install
 screenshot: install chromium  # rewrites docs/dashboard.png
 	RIM_LENS_UPDATE_SCREENSHOT=1 $(PY) -m pytest tests/test_browser.py -q
 
+# Every benchmark on the demo runs (BENCH_RUNS), each writing bench/results/*.json; a few minutes each.
+BENCH_RUNS ?= runs/demo
 bench: install
-	$(PY) bench/latency.py
-	$(PY) bench/patching.py
-	$(PY) bench/capture.py
+	$(PY) bench/latency.py --runs $(BENCH_RUNS)
+	$(PY) bench/patching.py --run $(BENCH_RUNS)/rim --scaling
+	$(PY) bench/throughput.py --runs $(BENCH_RUNS)
+	$(PY) bench/capture.py --run $(BENCH_RUNS)/rim --n 1000
 
 bench-pretrained: model  # SmolLM2 + LoRA on GSM8K: s/step, peak RSS per stage, GPU cost; backends agree
 	$(PY) bench/pretrained.py

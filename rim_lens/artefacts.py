@@ -69,10 +69,20 @@ ANALYSES: dict[str, tuple[str, ...]] = {
     "lens": ("lens", "lens_quality"),
     "ablate": ("ablate",),
     "knockout": ("knockout",),
-    "patch": ("patch",),
+    "patch": (
+        "patch",
+        "patch_attribution",
+        "patch_edges",
+        "patch_components",
+    ),  # the last: --method attribution
     "interchange": ("interchange",),
     "report": (),
 }
+
+
+# How `rim-lens analyze patch --method` patches: exact (skips unchanged work; the hf backend), full
+# (the same numbers, every row a whole pass), attribution (a gradient estimate; patch_attribution.*).
+PATCH_METHODS = ("exact", "full", "attribution")
 
 
 def analysis_of(stem: str) -> str:

@@ -1,13 +1,131 @@
-"""Methods side by side: the comparison table of `rim-lens demo`, the dashboard and the notebooks."""
+"""Methods side by side: the comparison table of `rim-lens demo`, the dashboard and the notebooks,
+and the one latency measurement that may be compared across runs (`latency_side_by_side`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from rim_lens.data.examples import Example
+from rim_lens.errors import RunError
+
+# Latency figures a side-by-side measurement gives each run (comparison() takes them over).
+LATENCY_KEYS = ("ttft_ms", "latency_ms")
 
 
-def comparison(metrics: Mapping[str, dict]) -> list[dict]:
+def latency_side_by_side(
+    runs: Mapping[str, str | Path],
+    examples: Sequence[Example] | None = None,
+    n: int = 30,
+    warmup: int = 3,
+    max_new_tokens: int | None = None,
+    repeats: int = 3,
+) -> dict:
+    """Time to first answer token and full-answer latency of several runs in ONE measurement: at
+    batch 1 with a KV cache (`evaluation.time_answer`), on the same examples, interleaved (for
+    example i the runs take turns in an order rotated by i, so drift and other jobs' load hit
+    them alike), after `warmup` untimed answers each. Each example is answered `repeats` times
+    per run (the turns rotating again) and its fastest time counts: on a shared machine a
+    preempted answer is slower by whatever else ran, never faster. Each run decodes as its method
+    does (its prompt layout and `greedy_decode`'s path: plain causal, role-masked, or any other a
+    method brings), up to `max_new_tokens` (default: its recipe's `eval.max_new_tokens`).
+
+    `runs`: run directories by name, e.g. {"direct": "runs/demo/direct", "rim": ...}; `examples`
+    default to the first `n` test questions every run holds. Returns {"runs": {name: {ttft_ms,
+    latency_ms (medians), ttft_iqr_ms, latency_iqr_ms ([q1, q3]), answer_tokens and
+    forward_passes (means), n}}, "examples": ids, "warmup", "repeats", "threads",
+    "load_average"}. Absolute times depend on the machine and its load; ratios between runs of
+    one measurement are what carry.
+    """
+    import torch
+    import yaml
+
+    from rim_lens import artefacts
+    from rim_lens.analysis.lab import Lab
+    from rim_lens.evaluation import Timing, time_answer
+
+    if not runs:
+        raise RunError("latency_side_by_side: no runs given")
+    labs = {name: Lab.open(path, n=None) for name, path in runs.items()}
+    limits = {}
+    for name, lab in labs.items():
+        config = yaml.safe_load(lab.run.require(artefacts.CONFIG).read_text()) or {}
+        limits[name] = max_new_tokens or (config.get("eval") or {}).get("max_new_tokens", 64)
+    if examples is None:
+        first, *others = labs.values()
+        held = [{ex.question for ex in lab.examples} for lab in others]
+        examples = [ex for ex in first.examples if all(ex.question in h for h in held)][:n]
+    examples = list(examples)
+    if not examples:
+        raise RunError(f"latency_side_by_side: the runs {', '.join(runs)} share no test question")
+    names = list(labs)
+    load_start = os.getloadavg()[0]
+
+    def answer(name: str, ex: Example):
+        lab = labs[name]
+        return time_answer(lab.model, lab.tokenizer, lab.builder, ex, limits[name])
+
+    for i, ex in enumerate(examples[:warmup]):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            answer(name, ex)
+    timings: dict[str, list] = {name: [] for name in names}
+    for i, ex in enumerate(examples):
+        tries: dict[str, list] = {name: [] for name in names}
+        for r in range(repeats):
+            turn = (i + r) % len(names)
+            for name in names[turn:] + names[:turn]:
+                tries[name].append(answer(name, ex))
+        for name, ts in tries.items():  # same tokens every try (greedy); the fastest times
+            timings[name].append(
+                Timing(
+                    min(t.ttft_ms for t in ts),
+                    min(t.latency_ms for t in ts),
+                    ts[0].tokens,
+                    ts[0].forward_passes,
+                )
+            )
+
+    def spread(values: list[float]) -> list[float]:
+        return [float(q) for q in np.percentile(values, [25, 75])]
+
+    out = {}
+    for name, ts in timings.items():
+        ttft, latency = [t.ttft_ms for t in ts], [t.latency_ms for t in ts]
+        out[name] = {
+            "ttft_ms": statistics.median(ttft),
+            "ttft_iqr_ms": spread(ttft),
+            "latency_ms": statistics.median(latency),
+            "latency_iqr_ms": spread(latency),
+            "answer_tokens": statistics.fmean(len(t.tokens) for t in ts),
+            "forward_passes": statistics.fmean(t.forward_passes for t in ts),
+            "max_new_tokens": limits[name],
+            "n": len(ts),
+        }
+    return {
+        "runs": out,
+        "examples": [ex.id for ex in examples],
+        "warmup": warmup,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "load_average": [load_start, os.getloadavg()[0]],
+    }
+
+
+def comparison(metrics: Mapping[str, dict], latency: Mapping | None = None) -> list[dict]:
     """One row per run (metrics.json by name): accuracy with its 95% interval, any-block accuracy,
-    answer tokens, forward passes, latency and its ratios to the run called `direct`."""
+    answer tokens, forward passes, latency and its ratios to the run called `direct`. With
+    `latency` (a `latency_side_by_side` result) the latency columns come from that one interleaved
+    measurement; otherwise from each run's metrics.json (timed alone: not comparable across runs)."""
+    if latency is not None:
+        timed = latency["runs"]
+        metrics = {
+            name: {**m, **{k: timed.get(name, {}).get(k) for k in LATENCY_KEYS}}
+            for name, m in metrics.items()
+        }
     base = metrics.get("direct", {})
     rows = []
     for name, m in metrics.items():

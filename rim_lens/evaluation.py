@@ -99,6 +99,40 @@ def _first_answer_step(tokenizer: PreTrainedTokenizerBase, ids: list[int], spec:
     return max(len(ids), 0)
 
 
+@dataclass
+class Timing:
+    """One greedy answer at batch 1: time to its first answer token and to its end (ms), its
+    generated tokens (end of sequence excluded) and the model calls made."""
+
+    ttft_ms: float
+    latency_ms: float
+    tokens: list[int]
+    forward_passes: int
+
+
+def time_answer(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    builder: SequenceBuilder,
+    example: Example,
+    max_new_tokens: int = 64,
+) -> Timing:
+    """Decode one answer greedily at batch 1 with a KV cache, timed. TTFT is when the decoding step
+    that produced the first answer token finished, the prefill included (for a method that writes
+    the answer prefix itself, CoT and Coconut, the first token after it); latency is when the last
+    step finished."""
+    d = greedy_decode(
+        model,
+        [builder.prompt(example)],
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        max_new_tokens=max_new_tokens,
+        sees_question=builder.spec.readout_sees_question,
+    )
+    first = min(_first_answer_step(tokenizer, d.tokens[0], builder.spec), len(d.step_times) - 1)
+    return Timing(d.step_times[first] * 1e3, d.step_times[-1] * 1e3, d.tokens[0], d.forward_passes)
+
+
 def measure_latency(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -107,26 +141,17 @@ def measure_latency(
     max_new_tokens: int = 64,
     warmup: int = 2,
 ) -> dict[str, float]:
-    """Median time to first answer token and full-answer latency (ms) at batch 1, KV cache."""
-    ttft, total = [], []
+    """Median time to first answer token and full-answer latency (ms) at batch 1, KV cache, of one
+    model alone (several models side by side: `rim_lens.compare.latency_side_by_side`)."""
     warm = list(examples[:warmup])
-    for i, ex in enumerate(warm + list(examples)):
-        d = greedy_decode(
-            model,
-            [builder.prompt(ex)],
-            eos_id=tokenizer.eos_token_id,
-            pad_id=tokenizer.pad_token_id,
-            max_new_tokens=max_new_tokens,
-            sees_question=builder.spec.readout_sees_question,
-        )
-        if i < len(warm):
-            continue
-        first = min(_first_answer_step(tokenizer, d.tokens[0], builder.spec), len(d.step_times) - 1)
-        ttft.append(d.step_times[first] * 1e3)
-        total.append(d.step_times[-1] * 1e3)
-    if not ttft:
+    timings = [time_answer(model, tokenizer, builder, ex, max_new_tokens) for ex in warm + list(examples)]
+    timings = timings[len(warm) :]
+    if not timings:
         return {}
-    return {"ttft_ms": statistics.median(ttft), "latency_ms": statistics.median(total)}
+    return {
+        "ttft_ms": statistics.median(t.ttft_ms for t in timings),
+        "latency_ms": statistics.median(t.latency_ms for t in timings),
+    }
 
 
 def evaluate(

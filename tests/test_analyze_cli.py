@@ -150,6 +150,23 @@ def test_analyze_options(runs, capsys):
 
     assert analyze(capsys, "patch", run, "--n", N, "--per-slot", "--slots", "0,2")[0] == 0
     assert set(load_result(run, "patch")["slot"]) == {0, 2}
+    assert load_summary(run, "patch")["record"]["options"]["method"] == "exact"
+
+    # Attribution patching writes beside exact patching: the same table, plus the block edges.
+    assert (
+        analyze(capsys, "patch", run, "--n", N, "--per-slot", "--slots", "0,2", "--method", "attribution")[0]
+        == 0
+    )
+    estimate = load_result(run, "patch_attribution")
+    assert list(estimate.columns) == list(load_result(run, "patch").columns) and set(estimate["slot"]) == {
+        0,
+        2,
+    }
+    assert load_summary(run, "patch_attribution")["record"]["options"]["method"] == "attribution"
+    assert set(load_result(run, "patch_edges")["layer"]) == {0, 1}
+    assert (run / "analysis" / "patch_edges.heatmap.fig.json").exists()
+    code, _, err = analyze(capsys, "patch", run, "--n", N, "--method", "exact", "--backend", "tl")
+    assert code == 2 and err.count("\n") == 1 and "backend hf only" in err
 
 
 def test_backends_give_the_same_ablation_from_the_command_line(runs, capsys):

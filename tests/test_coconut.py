@@ -466,7 +466,14 @@ def test_coconut_reasons_in_its_thoughts_on_a_two_step_chain(tmp_path):
             "task": {"name": "modchain", "options": options},
             "data": {"train": 4000, "val": 300, "test": 300, "seed": 1},
             "model": {"arch": "gpt2", "preset": "tiny", "max_positions": 64},
-            "train": {"steps": 900, "batch_size": 64, "lr": 3e-3, "threads": 1, "eval_every": 900},
+            "train": {
+                "steps": 900,
+                "batch_size": 64,
+                "lr": 3e-3,
+                "threads": 1,
+                "eval_every": 900,
+                "length_bucketing": False,
+            },
             # A CoT stage long enough to learn the task first (the reference's GSM8K protocol).
             "coconut": {"c": 1, "stages": 2, "stage_fraction": 0.2, "cot_fraction": 0.6},
             "eval": {"latency_examples": 0, "score_test": False},

@@ -370,6 +370,10 @@ def test_causal_report_from_the_page_then_probes(monkeypatch, fresh_root):
         assert any(t.startswith(name) and t.endswith("<sup>control: demo/pause</sup>") for t in titles), (
             titles
         )
+    # Attribution patching beside exact patching: its estimate, the cells ranked by both, the edges.
+    for name in ("Attribution patching: estimated recovery", "Exact vs attribution", "Edge attribution"):
+        assert any(t.startswith(name) for t in titles), (name, titles)
+    assert "Agreement with exact patching (Spearman over cells" in messages(at, "caption")
 
     at.sidebar.radio(key="page").set_value("Probes").run()
     assert_no_exception(at)

@@ -286,9 +286,11 @@ class MetaModel(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.empty(1, device="meta"))
         self.vocab, self.script, self.calls, self.step = vocab, script, [], 0
 
-    def forward(self, input_ids, position_ids, attention_mask, cache, use_cache, logits_to_keep=0):
+    def forward(self, input_ids, cache, use_cache, position_ids=None, attention_mask=None, logits_to_keep=0):
         for name, t in (("input_ids", input_ids), ("position_ids", position_ids), ("mask", attention_mask)):
-            assert t.device.type == "meta", f"{name} built on {t.device}, not on the model's device"
+            assert t is None or t.device.type == "meta", (
+                f"{name} built on {t.device}, not on the model's device"
+            )
         self.calls.append((tuple(input_ids.shape), logits_to_keep))
         self.step = 0 if logits_to_keep == 1 else self.step + 1  # a prefill starts the script again
         logits = torch.zeros(input_ids.shape[0], 1, self.vocab)

@@ -94,6 +94,15 @@ def test_report_card_values_are_in_range(report, which):
     peak = card["patching_peak"]
     assert 0 <= peak["layer"] < 2 and 1 <= peak["block"] <= 2  # tiny preset: 2 layers; K = 2
     assert math.isfinite(card["patching_peak_recovery"]["value"])
+    # Attribution patching beside it, saved, with its rank agreement over cells (a percentile
+    # bootstrap interval of a correlation need not contain the point value).
+    rho = card["patching_attribution_spearman"]
+    if rho is None:  # tiny preset: 2 layers x 2 blocks, and layer 0 cannot change the metric
+        assert "a rank correlation needs 3" in card["patching_attribution_note"]
+    else:
+        assert -1 <= rho["lo"] <= rho["hi"] <= 1 and -1 <= rho["value"] <= 1 and rho["n"] > 0
+    analysis = runs["rim" if which == "run" else "pause"] / "analysis"
+    assert (analysis / "patch_attribution.parquet").exists() and "patch_attribution" in card["done"]
     # Intact accuracy is teacher-forced; it equals greedy decoding on the same examples.
     run = runs["rim" if which == "run" else "pause"]
     expected = sum(p["correct"] for p in predictions(run, N)) / N

@@ -11,7 +11,7 @@ from dashboards.core import RunInfo, command, missing, section
 from dashboards.ui import Context, chart, choose
 from rim_lens import artefacts
 from rim_lens.analysis import figures
-from rim_lens.analysis.report import CARD, REPORT_JSON, card_value, control_of, sibling
+from rim_lens.analysis.report import CARD, REPORT_JSON, card_value, control_of, percent, sibling
 from rim_lens.analysis.verdict import SUPPORTED, Finding
 from rim_lens.methods import Method
 
@@ -65,6 +65,8 @@ def page(ctx: Context) -> None:
             (st.success if finding.outcome == SUPPORTED else st.info)(finding.detail)
             _intervals(finding)
         _figures(ctx, pairs, *spec)
+        if name == "location":
+            _attribution(ctx, run, report)
     if control is None:
         st.caption(
             "No control run found (a `pause` run beside this one); train one with "
@@ -120,6 +122,56 @@ def _figures(ctx: Context, pairs: list[tuple[str, RunInfo]], title: str, stem: s
             if stem in ("patch", "interchange"):  # "0", "1", "all": categories, not numbers
                 fig.update_xaxes(type="category").update_yaxes(type="category")
             chart(fig, key=f"causal.{stem}.{who}")
+
+
+def _attribution(ctx: Context, run: RunInfo, report: dict | None) -> None:
+    """Attribution patching beside exact patching on the run: its estimate, how the two rank the
+    cells, and which block reads which (edge attribution)."""
+    st.markdown(
+        "**Attribution patching** (a gradient estimate: 2 forward passes and 1 backward for every cell)"
+    )
+    with section(f"attribution patching of {run.shown}"):
+        estimate = core.read(ctx.root, run, f"{artefacts.ANALYSIS}/patch_attribution.parquet")
+        exact = core.read(ctx.root, run, f"{artefacts.ANALYSIS}/patch.parquet")
+        if estimate is None:
+            missing(
+                run,
+                f"attribution patching ({artefacts.ANALYSIS}/patch_attribution.parquet)",
+                f"rim-lens analyze patch {run.shown} --method attribution",
+            )
+            return
+        card = (report or {}).get("run") or {}
+        rho = card_value(card, "patching_attribution_spearman")
+        note = card.get("patching_attribution_note")
+        st.caption(
+            f"Agreement with exact patching (Spearman over cells, 95% interval): {rho}"
+            + (f" ({note})" if note and rho == "–" else "")
+        )
+        cols = st.columns(2)
+        with cols[0]:
+            chart(
+                figures.layer_block_heatmap(
+                    estimate, "recovery", "Attribution patching: estimated recovery", zmid=0
+                ).update_xaxes(type="category"),
+                key="causal.attribution.heatmap",
+            )
+        keys = [c for c in ("layer", "block", "slot") if c in estimate]
+        same_cells = exact is not None and sorted(exact.columns) == sorted(estimate.columns)
+        with cols[1]:
+            if same_cells and len(exact.merge(estimate, on=keys)) == len(estimate):
+                title = "Exact vs attribution, one point per cell"
+                chart(figures.patching_agreement(exact, estimate, title), key="causal.attribution.agreement")
+            else:
+                st.caption("The saved exact patching covers other cells: run both with the same options.")
+        edges = core.read(ctx.root, run, f"{artefacts.ANALYSIS}/patch_edges.parquet")
+        if edges is not None:
+            share = card.get("patching_attribution_edges") or {}
+            if share:
+                st.caption(
+                    f"Of what blocks take from earlier blocks, {percent(share.get('previous_block_share'))} "
+                    f"comes from the block just before (evenly spread: {percent(share.get('even_share'))})."
+                )
+            chart(figures.block_edges_heatmap(edges), key="causal.attribution.edges")
 
 
 def _report_button(ctx: Context, run: RunInfo) -> None:

@@ -8,10 +8,13 @@ at chosen (row, position) pairs before layer l reads it, so one forward pass can
 different interventions, one per batch row.
 
 Every backend runs every analysis: `forward` (capture and edits) is all an analysis asks of it.
+The hf backend can also resume a kept run from a layer and a position (`HFBackend.keep` and
+`resume`): what exact patching uses to skip the work a patch leaves unchanged.
 """
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from rim_lens.errors import RunError
 from rim_lens.model.layouts import Batch
@@ -27,6 +30,10 @@ from rim_lens.model.layouts import Batch
 BACKENDS = ("hf", "tl", "nnsight")
 # Where each supported architecture keeps its decoder layers and their attention module.
 LAYOUTS = {"gpt2": ("transformer.h", "attn"), "llama": ("model.layers", "self_attn")}
+# What running the layers by hand (`HFBackend.resume`) needs besides them: the final norm, the
+# rotary position embedding if the architecture has one (GPT-2 adds its positions at layer 0), and
+# the name of a layer's MLP.
+TOPS = {"gpt2": ("transformer.ln_f", None, "mlp"), "llama": ("model.norm", "model.rotary_emb", "mlp")}
 
 
 @dataclass
@@ -50,6 +57,17 @@ class Output:
     logits: torch.Tensor
     resid: dict[int, torch.Tensor] = field(default_factory=dict)
     attn: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Kept:
+    """An intact run kept for resuming (`HFBackend.resume`): logits [B, S or 1, V], resid[l] [B, S, d]
+    for every layer l < n_layers, and every layer's attention keys and values [B, heads, S, d_head]."""
+
+    logits: torch.Tensor
+    resid: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
 
 
 def _first(x):
@@ -94,8 +112,12 @@ class Backend:
         self.d_model = model.config.hidden_size
 
     def layers(self) -> torch.nn.ModuleList:
+        return self.module(self.layers_path)
+
+    def module(self, path: str) -> torch.nn.Module:
+        """The HF model's submodule at a dotted path, e.g. `transformer.ln_f`."""
         module = self.model
-        for part in self.layers_path.split("."):
+        for part in path.split("."):
             module = getattr(module, part)
         return module
 
@@ -170,6 +192,97 @@ class HFBackend(Backend):
                 h.remove()
         return out
 
+    @torch.no_grad()
+    def keep(self, batch: Batch, last_only: bool = False) -> Kept:
+        """One intact forward pass of `batch`, kept: logits (`last_only`: of the last position only,
+        [B, 1, V]), every layer's input and its keys and values."""
+        resid: dict[int, torch.Tensor] = {}
+
+        def grab(l):
+            def hook(module, args, kwargs):
+                resid[l] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+            return hook
+
+        handles = [
+            layer.register_forward_pre_hook(grab(l), with_kwargs=True)
+            for l, layer in enumerate(self.layers())
+        ]
+        cache = DynamicCache(config=self.model.config)
+        try:
+            keep = 1 if last_only else 0  # 0: every position
+            logits = self.model(
+                **batch.model_inputs(), cache=cache, use_cache=True, logits_to_keep=keep
+            ).logits
+        finally:
+            for h in handles:
+                h.remove()
+        layers = range(self.n_layers)
+        return Kept(
+            logits,
+            [resid[l] for l in layers],
+            [cache.layers[l].keys for l in layers],
+            [cache.layers[l].values for l in layers],
+        )
+
+    @torch.no_grad()
+    def resume(
+        self,
+        kept: Kept,
+        rows: torch.Tensor,
+        batch: Batch,
+        layer: int,
+        offset: int,
+        edits: Seq[Edit] = (),
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [len(rows), S - offset, V] of rows `rows` of the kept run with `edits` applied, run from
+        resid[layer] at positions offset.. only: below `layer`, and at every layer before `offset`, the
+        rows equal the kept run, so its states, keys and values stand in (exact when no edit is
+        earlier; attention is causal). `batch` holds the rows' inputs (its mask and positions).
+        `last_only`: the logits of the last position alone [len(rows), 1, V]; the last layer's MLP
+        then runs there only (nothing reads its other positions)."""
+        by_layer = _by_layer(edits, self.n_layers)
+        early = [
+            e for e in edits if e.layer < layer or (len(e.positions) and int(e.positions.min()) < offset)
+        ]
+        if early:
+            raise RunError(
+                f"resume from layer {layer}, position {offset}: an edit at layer {early[0].layer} is earlier"
+            )
+        # The kept keys and values of positions before `offset`, at every layer from `layer` on.
+        prefix = [
+            (kept.keys[l][rows, :, :offset], kept.values[l][rows, :, :offset])
+            if l >= layer and offset
+            else (None, None)
+            for l in range(self.n_layers)
+        ]
+        cache = DynamicCache(prefix, config=self.model.config)
+        hidden = kept.resid[layer][rows, offset:]
+        positions = batch.position_ids[:, offset:]
+        kwargs = dict(attention_mask=batch.attention_mask[:, :, offset:], position_ids=positions)
+        norm, rotary, mlp = TOPS[self.model.config.model_type]
+        if rotary:
+            kwargs["position_embeddings"] = self.module(rotary)(hidden, positions)
+        handles = []
+        if last_only:
+            # The MLP is position-wise and the residual add broadcasts its one position: the last
+            # position's output is exact, the others (read by nobody) are not computed.
+            last_mlp = getattr(self.layers()[-1], mlp)
+            handles.append(
+                last_mlp.register_forward_pre_hook(lambda module, args: (args[0][:, -1:], *args[1:]))
+            )
+        try:
+            for l in range(layer, self.n_layers):
+                shifted = [Edit(e.layer, e.rows, e.positions - offset, e.values) for e in by_layer.get(l, [])]
+                hidden = _first(
+                    self.layers()[l](_apply(hidden, shifted), cache=cache, use_cache=True, **kwargs)
+                )
+        finally:
+            for h in handles:
+                h.remove()
+        return self.model.lm_head(self.module(norm)(hidden[:, -1:] if last_only else hidden))
+
 
 class TLBackend(Backend):
     """TransformerLens 4.x TransformerBridge hook points (`blocks.{l}.hook_resid_pre`, ...)."""
@@ -183,8 +296,12 @@ class TLBackend(Backend):
         from transformer_lens.model_bridge import TransformerBridge
 
         try:
+            # On a copy: booting replaces the HF model's modules with bridge components in place, and
+            # their attention ignores transformers 5's KV cache (`cache=`; TransformerLens 4.3 looks
+            # for `past_key_values`), so greedy decoding and `HFBackend.resume` on the same model
+            # object would silently attend to nothing before the new tokens.
             self.bridge = TransformerBridge.boot_transformers(
-                str(model_dir), hf_model=model, tokenizer=tokenizer, device="cpu"
+                str(model_dir), hf_model=copy.deepcopy(model), tokenizer=tokenizer, device="cpu"
             )
         except Exception as err:  # noqa: BLE001 - any boot failure means the architecture is unsupported
             raise RunError(

@@ -5,7 +5,10 @@ one signature, `f(lab, selection, **options) -> Result` (TransformerLens style).
   blocks 1..k, all blocks, and optionally every (layer, block).
 - `knockout`: attention edges removed: the answer cannot see block k, block k cannot see earlier
   blocks (every layer: the attention mask is shared by all layers).
-- `patch`: clean states patched into a minimally corrupted run, per (layer, block[, slot]).
+- `patch`: clean states patched into a minimally corrupted run, per (layer, block[, slot]):
+  `exact` skips the work a patch leaves unchanged (`engine.resume_sweep`, hf backend), `full`
+  runs every row as a whole pass (any backend; the same numbers), `attribution` estimates every
+  cell from gradients (`attribution`: two forward passes and one backward for all cells).
 - `interchange`: example B given example A's states: does B's output become A's answer?
 - `decode` / `effect`: greedy answers under an intervention, and per-block readouts of one
   example intact vs intervened.
@@ -26,7 +29,17 @@ import pandas as pd
 import torch
 
 from rim_lens.analysis import fingerprint
-from rim_lens.analysis.engine import KNOCKOUTS, Knockout, Variant, answer_scores, decode, score, sweep
+from rim_lens.analysis.backends import HFBackend
+from rim_lens.analysis.engine import (
+    KNOCKOUTS,
+    Knockout,
+    Variant,
+    answer_scores,
+    decode,
+    resume_sweep,
+    score,
+    sweep,
+)
 from rim_lens.analysis.interventions import Intervention, Patch, ablation
 from rim_lens.analysis.results import (
     AblationResult,
@@ -38,6 +51,7 @@ from rim_lens.analysis.results import (
     with_intervals,
 )
 from rim_lens.analysis.sites import Selection, Site, block_labels
+from rim_lens.artefacts import PATCH_METHODS
 from rim_lens.data.examples import Example
 from rim_lens.errors import DataError, RunError
 from rim_lens.evaluation import answer_text
@@ -204,6 +218,20 @@ def logit_diff(pairs: Pairs):
     return metric
 
 
+def patch_method(lab: Lab, method: str | None) -> str:
+    """The patching method to run: `method`, or by default `exact` on the hf backend and `full` on
+    the others; RunError (one line) for an unknown one or `exact` where it cannot run."""
+    method = method or ("exact" if isinstance(lab.backend, HFBackend) else "full")
+    if method not in PATCH_METHODS:
+        raise RunError(f"unknown patch method {method!r}; choose one of {', '.join(PATCH_METHODS)}")
+    if method == "exact" and not isinstance(lab.backend, HFBackend):
+        raise RunError(
+            f"patch method 'exact' runs the hf model's layers from where each patch starts: backend hf "
+            f"only; with backend {lab.backend.name} use method 'full' (the same numbers, whole passes)"
+        )
+    return method
+
+
 def patch(
     lab: Lab,
     sel: Selection,
@@ -211,15 +239,22 @@ def patch(
     seed: int = 0,
     pairs: Pairs | None = None,
     max_rows: int = 256,
+    method: str | None = None,
 ) -> PatchResult:
     """Patch clean block states into the corrupt run for every (layer, block) — or
     (layer, block, slot) with `per_slot` — batched: many cells per forward pass.
 
     The table holds the mean logit difference and the normalised recovery
     (LD_patched - LD_corrupt) / (LD_clean - LD_corrupt) per cell; the summary the clean/corrupt
-    baselines and the peak (with a bootstrap interval over pairs).
+    baselines and the peak (with a bootstrap interval over pairs). `method` (`patch_method`):
+    `exact` and `full` give the same numbers, `attribution` estimates them from gradients.
     """
+    method = patch_method(lab, method)
     pairs = make_pairs(lab, seed=seed) if pairs is None else pairs
+    if method == "attribution":
+        from rim_lens.analysis.attribution import attribution_patch
+
+        return attribution_patch(lab, sel, per_slot=per_slot, seed=seed, pairs=pairs)
     intervention = lab.fit(Patch(from_=pairs.clean), pairs.corrupt, sel)
     if per_slot:
         cells = [dict(layer=l, block=k, slot=j) for l in sel.layers for k in sel.blocks for j in sel.slots]
@@ -229,9 +264,11 @@ def patch(
         variants = [Variant(sel.sites(blocks=[c["block"]], layers=[c["layer"]]), intervention) for c in cells]
     metric = logit_diff(pairs)
     clean = sweep(lab.backend, lab.builder, pairs.prompts(lab.builder, "clean"), [Variant()], metric)[0]
-    out = sweep(
-        lab.backend, lab.builder, pairs.prompts(lab.builder), [Variant(), *variants], metric, max_rows
-    )
+    seqs, every = pairs.prompts(lab.builder), [Variant(), *variants]
+    if method == "exact":  # the metric reads the last position only
+        out = resume_sweep(lab.backend, lab.builder, seqs, every, metric, max_rows, last_only=True)
+    else:
+        out = sweep(lab.backend, lab.builder, seqs, every, metric, max_rows)
     corrupt, patched = out[0], out[1:]
     denom = (clean.mean() - corrupt.mean()).item()
     rows = [
@@ -256,7 +293,7 @@ def patch(
         "peak": result.peak(),
     }
     result.record = lab.record(
-        "patch", sel, intervention, per_slot=per_slot, seed=seed, pairs=len(pairs.clean)
+        "patch", sel, intervention, per_slot=per_slot, seed=seed, pairs=len(pairs.clean), method=method
     )
     return result
 

@@ -6,6 +6,11 @@ many rows per forward pass as fit, and returns a metric per pair. Ablation, knoc
 and interchange (`causal`) are specialisations of it, as is greedy decoding under a variant
 (`decode`), which works on every backend.
 
+`resume_sweep` computes the same thing with less work (hf backend): a row whose earliest edit is
+at layer l, position p equals the intact run below layer l and before position p, so it starts
+from the intact run's resid[l] at positions p.. and reuses its keys and values for positions < p.
+Exact patching uses it: a patch at a late layer or a late block costs a fraction of a pass.
+
 Scores are teacher-forced: the prompt is followed by an answer and the end token, and a readout
 counts as that answer when the argmax at every answer position is the answer's token, which is
 exactly when greedy decoding emits it.
@@ -18,15 +23,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rim_lens.analysis.backends import Backend, Edit
+from rim_lens.analysis.backends import Backend, Edit, HFBackend
 from rim_lens.analysis.interventions import Intervention
 from rim_lens.analysis.sites import Site, block_index
 from rim_lens.data.examples import Example
+from rim_lens.errors import RunError
 from rim_lens.model.layouts import IGNORE, Batch, Layout, Role, SequenceBuilder, block_positions
 
 # metric(logits, batch, example indices) -> one value (or vector) per row
 Metric = Callable[[torch.Tensor, Batch, torch.Tensor], torch.Tensor]
 KNOCKOUTS = ("answer->block", "block->earlier")
+# resume_sweep: a row joins a forward pass that starts earlier than it would only while that costs
+# it at most this share of the positions it needs (fewer, fuller passes against wasted positions).
+WASTE = 0.125
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,90 @@ def sweep(
         results.append(metric(backend.forward(batch, edits=edits).logits, batch, ex_idx))
     flat = torch.cat(results)
     return flat.view(len(variants), n, *flat.shape[1:])
+
+
+def resume_sweep(
+    backend: Backend,
+    builder: SequenceBuilder,
+    seqs: Sequence[Layout],
+    variants: Sequence[Variant],
+    metric: Metric,
+    max_rows: int = 256,
+    last_only: bool = False,
+) -> torch.Tensor:
+    """`sweep` (same arguments, same result) skipping the work the variants leave unchanged: one
+    intact pass of every example is kept; each (variant, example) row resumes it from its earliest
+    edit's layer and position (`HFBackend.resume`), rows grouped by that layer and ordered by that
+    position, so a forward pass starts where its rows start to differ. Interventions only: a
+    knockout changes the mask of every layer (use `sweep`). The hf backend only: the others run
+    whole passes through their own hooks. `last_only`: the metric reads the last position only
+    (e.g. `causal.logit_diff`), which then is all it gets (logits [rows, 1, V]), and the last layer
+    computes no more than that needs."""
+    if not isinstance(backend, HFBackend):
+        raise RunError(
+            f"resuming from a layer and position needs the hf backend (it runs the model's layers by hand); "
+            f"backend {backend.name} runs whole passes: use the full sweep"
+        )
+    if any(v.knockout is not None for v in variants):
+        raise RunError("resume_sweep takes interventions only: a knockout changes every layer's mask")
+    batch = builder.collate(list(seqs), side="left")
+    kept = backend.keep(batch, last_only)
+    pos = block_positions(batch) if any(v.sites for v in variants) else None
+    # Each row's start: its variant's earliest edited layer, its example's earliest edited position
+    # (left padding puts an example's blocks at the same positions in every row of `batch`).
+    rows = []
+    for v, variant in enumerate(variants):
+        sites = [s for s in variant.sites if s.block <= (pos.shape[1] if pos is not None else 0)]
+        for e in range(len(seqs)):
+            if variant.intervention is None or not sites:
+                rows.append((None, 0, v, e))
+                continue
+            first = min(int(pos[e, block_index(s.block), s.slot]) for s in sites)
+            rows.append((min(s.layer for s in sites), first, v, e))
+    results: dict[int, torch.Tensor] = {}
+    intact = [(v, e) for layer, _, v, e in rows if layer is None]
+    if intact:
+        ex_idx = torch.tensor([e for _, e in intact])
+        out = metric(kept.logits[ex_idx], _rows(batch, ex_idx), ex_idx)
+        results.update({v * len(seqs) + e: value for (v, e), value in zip(intact, out)})
+    # By start layer, then start position: a chunk starts at its first row's position, and takes
+    # rows starting later only while they waste little (each computes from the chunk's start).
+    S = batch.input_ids.shape[1]
+    chunks: list[list] = []
+    for row in sorted(r for r in rows if r[0] is not None):
+        start = chunks[-1][0] if chunks else None
+        if (
+            start is None
+            or len(chunks[-1]) == max_rows
+            or row[0] != start[0]
+            or row[1] - start[1] > (S - start[1]) * WASTE
+        ):
+            chunks.append([])
+        chunks[-1].append(row)
+    for chunk in chunks:
+        layer, offset = chunk[0][0], chunk[0][1]
+        var_idx = torch.tensor([r[2] for r in chunk])
+        ex_idx = torch.tensor([r[3] for r in chunk])
+        sub = _rows(batch, ex_idx)
+        edits = []
+        for v in var_idx.unique().tolist():
+            mine = (var_idx == v).nonzero()[:, 0]
+            edits += variants[v].edits(sub, mine, ex_idx[mine])
+        resumed = backend.resume(kept, ex_idx, sub, layer, offset, edits, last_only)
+        if last_only:
+            logits = resumed
+        else:
+            logits = kept.logits[ex_idx].clone()
+            logits[:, offset:] = resumed
+        out = metric(logits, sub, ex_idx)
+        results.update({r[2] * len(seqs) + r[3]: value for r, value in zip(chunk, out)})
+    flat = torch.stack([results[i] for i in range(len(variants) * len(seqs))])
+    return flat.view(len(variants), len(seqs), *flat.shape[1:])
+
+
+def _rows(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The batch's rows `rows` (repeats allowed), in that order."""
+    return Batch(**{k: v[rows] for k, v in batch.__dict__.items()})
 
 
 def knock_out(batch: Batch, knockouts: Sequence[Knockout | None]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 
+import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
@@ -39,6 +40,51 @@ def layer_block_heatmap(df: pd.DataFrame, value: str, title: str, zmid: float | 
     )
     fig.update_yaxes(dtick=1)
     fig.update_xaxes(dtick=1)
+    return fig
+
+
+def block_edges_heatmap(edges: pd.DataFrame, value: str = "recovery") -> go.Figure:
+    """Which block reads which (edge attribution): one panel per layer, reader (rows) x source
+    (columns), in the order the table lists them (question, blocks, answer)."""
+    order = list(dict.fromkeys(edges["reader"]))
+    layers = sorted(edges["layer"].unique())
+    grids = [
+        edges[edges["layer"] == l].pivot(index="reader", columns="source", values=value).loc[order, order]
+        for l in layers
+    ]
+    fig = px.imshow(
+        np.stack([g.values for g in grids]),
+        facet_col=0,
+        facet_col_wrap=min(4, len(layers)),
+        x=order,
+        y=order,
+        color_continuous_scale="RdBu_r",
+        color_continuous_midpoint=0,
+        labels=dict(x="source (resid[layer] there)", y="reader", color=value),
+        title="Edge attribution: what each block reads, per layer (share of the clean - corrupt gap)",
+    )
+    for i, annotation in enumerate(fig.layout.annotations):
+        annotation.text = f"layer {layers[i]}"
+    return fig
+
+
+def patching_agreement(exact: pd.DataFrame, estimate: pd.DataFrame, title: str) -> go.Figure:
+    """Exact patching's recovery against attribution patching's, one point per cell."""
+    keys = [c for c in ("layer", "block", "slot") if c in exact and c in estimate]
+    both = exact.merge(estimate, on=keys, suffixes=(" exact", " attribution"))
+    both["cell"] = both[keys].astype(str).agg(", ".join, axis=1)
+    fig = px.scatter(
+        both,
+        x="recovery exact",
+        y="recovery attribution",
+        color=both["layer"].astype(str),
+        hover_name="cell",
+        labels={"color": "layer"},
+        title=title,
+    )
+    lo = float(min(both["recovery exact"].min(), both["recovery attribution"].min()))
+    hi = float(max(both["recovery exact"].max(), both["recovery attribution"].max()))
+    fig.add_shape(type="line", x0=lo, y0=lo, x1=hi, y1=hi, line=dict(dash="dot", color="grey"))
     return fig
 
 

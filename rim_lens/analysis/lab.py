@@ -369,10 +369,16 @@ class Lab:
         slots: Layers = None,
         per_slot: bool = False,
         seed: int = 0,
+        method: str | None = None,
     ) -> PatchResult:
         """Clean block states patched into minimally corrupted runs, per (layer, block[, slot]):
-        how much of the clean answer's logit difference comes back."""
-        return causal.patch(self, self.select(layers, blocks, slots), per_slot=per_slot, seed=seed)
+        how much of the clean answer's logit difference comes back. `method`: `exact` (default on
+        the hf backend: skips the work a patch leaves unchanged), `full` (the same numbers, whole
+        passes; the default on tl and nnsight) or `attribution` (AtP* with its QK fix: a gradient
+        estimate of every cell from two forward passes and one backward, with block-to-block edges;
+        `AttributionResult`)."""
+        sel = self.select(layers, blocks, slots)
+        return causal.patch(self, sel, per_slot=per_slot, seed=seed, method=method)
 
     def interchange(
         self,

@@ -10,6 +10,7 @@ how each is measured) and the verdict as four findings (`verdict`).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,12 @@ CARD = (
         "patching_peak_recovery",
         "patching: peak recovery",
         "peak (layer, block) chosen on half the pairs, recovery on the other; bootstrap over pairs",
+    ),
+    Row(
+        "patching_attribution_spearman",
+        "attribution patching: agreement with exact",
+        "Spearman over (layer, block) cells, attribution (2 forward + 1 backward passes) vs exact patching "
+        "on the same pairs; cells both leave unchanged left out; bootstrap over pairs",
     ),
     Row(
         "test_accuracy",
@@ -176,16 +183,19 @@ def measure(lab: Lab, seed: int = 0) -> dict:
         "patching_peak": None,
         "patching_peak_recovery": None,
         "patching_note": "",
+        "patching_attribution_spearman": None,
     }
     select, score = halves(probe.groups)
     best = probe.best(select_on=select, score_on=score)
     card["best_value_probe"] = {k: v for k, v in best.items() if k != "selectivity"} if best else None
     card["best_value_probe_selectivity"] = best["selectivity"] if best else None
+    start = time.perf_counter()
     try:
         patched = lab.patch(seed=seed)
     except RimLensError as err:  # e.g. GSM8K: only synthetic tasks can corrupt their questions
         card["patching_note"] = str(err)
     else:
+        card["patching_seconds"] = time.perf_counter() - start
         patched.save(lab.out)
         done["patch"] = _cited(patched.record)
         pairs = np.arange(len(patched.clean))
@@ -196,6 +206,7 @@ def measure(lab: Lab, seed: int = 0) -> dict:
         card["patching_logit_gap"] = (
             patched.summary["logit_diff_clean"] - patched.summary["logit_diff_corrupt"]
         )
+        card.update(_attribution(lab, patched, seed, done))
     if lab.run and lab.run.exists(artefacts.METRICS):
         metrics = lab.run.read_json(artefacts.METRICS)
         ci = metrics.get("accuracy_ci")
@@ -206,6 +217,29 @@ def measure(lab: Lab, seed: int = 0) -> dict:
     card["done"] = done
     card["record"] = {"model": lab.model_fingerprint}
     return plain(card)
+
+
+def _attribution(lab: Lab, exact, seed: int, done: dict) -> dict:
+    """Attribution patching beside exact patching (`exact`, on the same pairs): saved, and the card's
+    figures of their agreement and of its time (a first call includes booting the bridge)."""
+    from rim_lens.analysis.attribution import agreement
+
+    start = time.perf_counter()
+    try:
+        estimate = lab.patch(seed=seed, method="attribution")
+    except RimLensError as err:  # e.g. no checkpoint directory to boot a TransformerBridge from
+        return {"patching_attribution_note": str(err)}
+    out = {
+        "patching_attribution_seconds": time.perf_counter() - start,
+        "patching_attribution_edges": estimate.summary["edges"],
+    }
+    estimate.save(lab.out)
+    done["patch_attribution"] = _cited(estimate.record)
+    try:
+        out["patching_attribution_spearman"] = agreement(exact, estimate)
+    except RimLensError as err:  # too few cells that change the metric to rank
+        out["patching_attribution_note"] = str(err)
+    return out
 
 
 def _cited(record: dict) -> dict:

@@ -168,12 +168,14 @@ class PatchResult(Result):
         `pairs` (default all), with a bootstrap interval over those pairs."""
         pairs = np.arange(len(self.clean)) if pairs is None else np.asarray(pairs, dtype=int)
 
-        def stat(idx: np.ndarray) -> float:
+        def stat(idx: np.ndarray) -> np.ndarray:  # [resamples, pairs] -> [resamples]
             i = pairs[idx.astype(int)]
-            gap = self.clean[i].mean() - self.corrupt[i].mean()
-            return float((self.patched[cell, i].mean() - self.corrupt[i].mean()) / gap) if gap else math.nan
+            corrupt = self.corrupt[i].mean(-1)
+            gap = self.clean[i].mean(-1) - corrupt
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return np.where(gap != 0, (self.patched[cell, i].mean(-1) - corrupt) / gap, math.nan)
 
-        return bootstrap(np.arange(len(pairs)), statistic=stat)
+        return bootstrap(np.arange(len(pairs)), statistic=stat, vectorized=True)
 
     def peak(self, select_on: np.ndarray | None = None, score_on: np.ndarray | None = None) -> dict:
         """The cell with the highest recovery on the pairs `select_on`, and its recovery on the
@@ -195,6 +197,31 @@ class PatchResult(Result):
                 self.table, "recovery", "Patching: recovery of the clean answer", zmid=0
             )
         }
+
+
+@dataclass(repr=False)
+class AttributionResult(PatchResult):
+    """Attribution patching (`attribution`): exact patching's table and per-pair arrays, estimated
+    from gradients; `edges` which block reads which per layer, `components` TransformerLens' node
+    scores at block positions (either may be empty)."""
+
+    edges: pd.DataFrame = field(default_factory=pd.DataFrame)
+    components: pd.DataFrame = field(default_factory=pd.DataFrame)
+    name: ClassVar[str] = "patch_attribution"
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        extra = {"patch_edges": self.edges, "patch_components": self.components}
+        return {self.name: self.table, **{stem: t for stem, t in extra.items() if len(t)}}
+
+    def figures(self) -> dict[str, go.Figure]:
+        figs = {
+            "patch_attribution.heatmap": figures.layer_block_heatmap(
+                self.table, "recovery", "Attribution patching: estimated recovery of the clean answer", zmid=0
+            )
+        }
+        if len(self.edges):
+            figs["patch_edges.heatmap"] = figures.block_edges_heatmap(self.edges)
+        return figs
 
 
 @dataclass(repr=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rim_lens.artefacts import ANALYSES, SPLITS
+from rim_lens.artefacts import ANALYSES, PATCH_METHODS, SPLITS
 from rim_lens.cli.args import positive_int
 
 WHATS = tuple(ANALYSES)
@@ -47,6 +47,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--grid", action="store_true", help="ablate: also every single (layer, block)")
     p.add_argument("--per-slot", action="store_true", help="patch: one cell per (layer, block, slot)")
+    p.add_argument(
+        "--method",
+        choices=PATCH_METHODS,
+        default=None,
+        help="patch: exact (skips unchanged work; hf backend, the default there), full (the same numbers, "
+        "whole passes; the default on tl and nnsight), attribution (gradient estimate of every cell and "
+        "block-to-block edges, from two forward passes and one backward; writes patch_attribution.*)",
+    )
     p.add_argument("--attn", action="store_true", help="capture: also attention outputs")
     p.add_argument("--control", help="report: control run (default: the sibling 'pause' run)")
     p.add_argument("--direct", help="report: direct-answer run for the baseline (default: sibling 'direct')")
@@ -64,7 +72,7 @@ def _options(args: argparse.Namespace) -> dict:
         "lens": where,
         "ablate": {**where, "mode": args.mode, "grid": args.grid, "seed": args.seed},
         "knockout": where,
-        "patch": {**where, "per_slot": args.per_slot, "seed": args.seed},
+        "patch": {**where, "per_slot": args.per_slot, "seed": args.seed, "method": args.method},
         "interchange": {**where, "seed": args.seed},
     }[args.what]
 

@@ -69,6 +69,7 @@ ANALYSES: dict[str, tuple[str, ...]] = {
     "knockout": ("knockout",),
     "patch": ("patch",),
     "interchange": ("interchange",),
+    "abstraction": ("abstraction", "abstraction_pairs"),
     "report": (),
 }
 

@@ -28,9 +28,10 @@ Controls, trained and scored exactly like the real thing (same pairs, rank, budg
 Pairs. Bases and sources are examples the intact model answers correctly. The examples are split
 by the task's canonical key: DAS is fitted, probes are fitted, and sites and slots are chosen on
 pairs within the training part (a `verdict.SELECT_FRACTION` share of the keys); IIA is scored on
-pairs within the other part (Wilson intervals over pairs). Pairs whose counterfactual answer equals
-the base's answer are uninformative (no intervention is needed to "succeed") and are left out;
-the summary reports what share of pairs they were.
+pairs within the other part (Wilson intervals over pairs; a base or source example serves in a few
+pairs, so the intervals are somewhat narrower than independent pairs would give). Pairs whose
+counterfactual answer equals the base's answer are uninformative (no intervention is needed to
+"succeed") and are left out; the summary reports what share of pairs they were.
 
 Defaults (the module's constants; the report uses them): `PAIRS` pairs per part and variable, at
 most `ceil(PAIRS / bases)` per base example; the map scores the probe basis (rank 1), its placebo

@@ -346,8 +346,9 @@ def text(run: dict, found: list[Finding]) -> str:
     lines.append(
         "What this does not show: probes are correlational; ablation, patching and interchange show that "
         "block "
-        "states carry information the answer uses, not that the computation inside them follows the "
-        f"chain-of-thought steps; these numbers come from {run.get('n')} held-out examples of one task and "
+        "states carry information the answer uses; causal abstraction tests one variable at one site at a "
+        "time, not that the whole computation inside the blocks follows the chain-of-thought steps; these "
+        f"numbers come from {run.get('n')} held-out examples of one task and "
         "model."
     )
     return "\n".join(lines)

@@ -34,11 +34,13 @@ counterfactual answer equals the base's answer are uninformative (no interventio
 "succeed") and are left out; the summary reports what share of pairs they were.
 
 Defaults (the module's constants; the report uses them): `PAIRS` pairs per part and variable, at
-most `ceil(PAIRS / bases)` per base example; the map scores the probe basis (rank 1), its placebo
-and the full state on held-out pairs at every (layer, block), at the slot best on training pairs;
-DAS (rank 1) is fitted at the `DAS_SITES` sites most promising on training pairs (by the probe's
-and the full state's IIA there); the best DAS site (on training pairs) gets the arbitrary-target
-and untrained controls.
+most `ceil(PAIRS / bases)` per base example. Every site is screened on half the training pairs
+along the probe basis (rank 1) and the full state; the map scores the probe basis, its placebo and
+the full state on held-out pairs at every (layer, block), at the slot best in screening. DAS
+(rank 1; `DAS_EPOCHS` epochs of `DAS_BATCH` pairs, Adam at `DAS_LR`) is fitted at the `DAS_SITES`
+most promising sites (by IIA in screening, then by how far the interchange raises the
+counterfactual answer's log-prob, among sites whose state varies with the question); the best of
+them on training pairs gets the placebo, arbitrary-target and untrained controls.
 
 TransformerLens' interchange functions take a model with hook points and one position per
 example. `_SiteModel` presents one (layer, block, slot) site of a session that way: its hook
@@ -89,7 +91,7 @@ if TYPE_CHECKING:
 # -- the analysis' choices, in one place ----------------------------------------------------------
 METHODS = ("das", "probe", "random")
 PAIRS = 128  # pairs per part (training, held-out) and variable
-DAS_SITES = 3  # sites per variable DAS is fitted at: the most promising on training pairs
+DAS_SITES = 2  # sites per variable DAS is fitted at: the most promising on training pairs
 DAS_EPOCHS = 20  # as TransformerLens' fit_das
 DAS_BATCH = 32  # pairs per DAS step: 4 steps per epoch over PAIRS pairs (80 steps in all)
 DAS_LR = 1e-2  # Adam, as TransformerLens' fit_das
@@ -228,11 +230,25 @@ class Interchange(Patch):
         return step(base, source)
 
 
+@dataclass
+class Outcome:
+    """What an interchange did to each pair: whether the output became the counterfactual answer
+    (`hits`), and how far the counterfactual answer's log-prob rose over the intact run (`gain`:
+    graded where hits are rare)."""
+
+    hits: np.ndarray
+    gain: np.ndarray
+
+    def promise(self) -> tuple[float, float]:
+        """How promising the site looks: IIA, then the mean gain."""
+        return float(self.hits.mean()), float(self.gain.mean())
+
+
 def iia(
     lab: Lab, sel: Selection, pairs: Pairs, bases: SiteBases, matched: SiteBases | None = None
-) -> dict[Site, np.ndarray]:
-    """Per site of `bases`, whether each pair's output equals its counterfactual answer under the
-    interchange along `bases[site]`, in one sweep (every basis None: the whole state, a `Patch`)."""
+) -> dict[Site, Outcome]:
+    """Per site of `bases`, what interchanging along `bases[site]` does to each pair (every basis
+    None: the whole state, a `Patch`), in one sweep with the intact run."""
     sources = [lab.examples[s] for s in pairs.source]
     targets = [lab.examples[b] for b in pairs.base]
     sites = list(bases)
@@ -241,8 +257,10 @@ def iia(
     else:
         swap = Interchange(sources, bases, matched)
     swap = lab.fit(swap, targets, sel)
-    hits, _ = score(lab.backend, lab.builder, targets, [Variant([s], swap) for s in sites], pairs.answers)
-    return {site: h.numpy() for site, h in zip(sites, hits)}
+    variants = [Variant(), *(Variant([s], swap) for s in sites)]
+    hits, logprob = score(lab.backend, lab.builder, targets, variants, pairs.answers)
+    gain = (logprob[1:] - logprob[0]).numpy()
+    return {site: Outcome(h.numpy(), g) for site, h, g in zip(sites, hits[1:], gain)}
 
 
 # -- bases ----------------------------------------------------------------------------------------
@@ -374,16 +392,19 @@ class _Variable:
     test: Pairs
     rows: list[dict] = field(default_factory=list)
 
-    def row(self, basis: str, site: Site, rank: int, *, train=None, test=None, chosen=False, note="") -> dict:
-        """Add a table row: IIA on held-out pairs (`test` hits) with its Wilson interval, and on
-        training pairs (`train` hits); None: not scored there."""
+    def row(
+        self, basis: str, site: Site, rank: int, *, train: Outcome | None = None, test: Outcome | None = None,
+        chosen: bool = False, note: str = "",
+    ) -> dict:  # fmt: skip
+        """Add a table row: IIA and mean log-prob gain on held-out pairs (`test`; IIA with its
+        Wilson interval) and on training pairs (`train`); None: not scored there."""
         row = {"variable": self.var.name, "basis": basis, "rank": rank, **site._asdict()}
-        row["iia"], row["iia_lo"], row["iia_hi"], row["n"] = np.nan, np.nan, np.nan, 0
+        row.update(iia=np.nan, iia_lo=np.nan, iia_hi=np.nan, n=0, gain=np.nan)
         if test is not None:
-            with_intervals([row], [test], key="iia")
-            row["n"] = len(test)
-        row["iia_train"] = float(np.mean(train)) if train is not None and len(train) else np.nan
-        row["n_train"] = 0 if train is None else len(train)
+            with_intervals([row], [test.hits], key="iia")
+            row["n"], row["gain"] = len(test.hits), float(test.gain.mean())
+        row["iia_train"], row["gain_train"] = train.promise() if train is not None else (np.nan, np.nan)
+        row["n_train"] = 0 if train is None else len(train.hits)
         row["chosen"], row["note"] = chosen, note
         self.rows.append(row)
         return row
@@ -397,9 +418,9 @@ class _Variable:
         on training pairs; `pairs`: these two instead of the variable's own) and add its row."""
         train_pairs, test_pairs = pairs or (self.train, self.test)
         bases, match = {site: directions}, None if matched is None else {site: matched}
-        hits = iia(lab, sel, train_pairs, bases, match)[site] if train else None
+        on_train = iia(lab, sel, train_pairs, bases, match)[site] if train else None
         test = iia(lab, sel, test_pairs, bases, match)[site]
-        return self.row(basis, site, directions.shape[1], train=hits, test=test, chosen=chosen, note=note)
+        return self.row(basis, site, directions.shape[1], train=on_train, test=test, chosen=chosen, note=note)
 
 
 def abstraction(
@@ -444,12 +465,14 @@ def abstraction(
     for job in work:
         if job.var.name in notes:
             continue
-        screen = {}
+        promise = {}
         if grid or fixed.get(job.var.name) is None:
-            screen = _map(lab, sel, states, model, job, train_idx, method, ranks[0], grid, seed)
-        if method == DAS:
-            chosen = fixed.get(job.var.name) or _promising(screen)
+            promise = _map(lab, sel, states, model, job, train_idx, method, ranks[0], grid, seed)
+        chosen = fixed.get(job.var.name) or _promising(promise)
+        if method == DAS and chosen:
             _das(lab, sel, model, job, chosen, ranks, controls, seed)
+        elif method == DAS:
+            notes[job.var.name] = "no site's state varies with the question: nothing to interchange"
     table = pd.DataFrame([row for job in work for row in job.rows], columns=_COLUMNS)
     table = table.astype({"rank": "int64", "layer": "int64", "block": "int64", "slot": "int64"})
     pairs = pd.DataFrame(
@@ -493,8 +516,8 @@ def abstraction(
 
 
 _COLUMNS = [
-    "variable", "basis", "rank", "layer", "block", "slot", "iia", "iia_lo", "iia_hi", "n",
-    "iia_train", "n_train", "chosen", "note",
+    "variable", "basis", "rank", "layer", "block", "slot", "iia", "iia_lo", "iia_hi", "n", "gain",
+    "iia_train", "gain_train", "n_train", "chosen", "note",
 ]  # fmt: skip
 
 
@@ -534,10 +557,11 @@ def _map(
     rank: int,
     grid: bool,
     seed: int,
-) -> dict[Site, float]:
+) -> dict[Site, tuple[float, float]]:
     """Score the map bases (probe and its placebo, or random; and the full state) for one
     variable: on training pairs at every site, on held-out pairs (with `grid`) at every
-    (layer, block)'s slot best on training pairs. Returns the screening score of every site."""
+    (layer, block)'s slot best on training pairs. Returns how promising every site whose state
+    varies with the question looks (an interchange elsewhere changes nothing)."""
     primary = RANDOM if method == RANDOM else PROBE
     bases, notes = {}, {}
     values = [model.values(lab.examples[i]).get(job.var.name) for i in train_idx]
@@ -553,9 +577,11 @@ def _map(
             basis = random_directions(states.d_model, rank, site, seed)
             note = f"{note}; a random basis stands in" if note else ""
         bases[site], notes[site] = basis, note
-    whole = dict.fromkeys(bases)
-    train = {primary: iia(lab, sel, job.train, bases), FULL: iia(lab, sel, job.train, whole)}
-    score_of = {s: max(float(train[b][s].mean()) for b in train) for s in bases}
+    # Sites are screened on every other training pair: half the cost, and still chosen in training.
+    screen = job.train.keep(range(0, len(job.train), 2))
+    train = {primary: iia(lab, sel, screen, bases), FULL: iia(lab, sel, screen, dict.fromkeys(bases))}
+    varies = {s for s in bases if float(states.at(*s).float().std(0).max()) > 1e-6}
+    promise = {s: max(train[b][s].promise() for b in train) for s in bases if s in varies}
     chosen = _best_slots(sel, train[primary], train[FULL])
     test = {}
     if grid:
@@ -587,23 +613,25 @@ def _map(
                 chosen=True,
                 note=f"norm-matched to {primary}",
             )
-    return score_of
+    return promise
 
 
-def _best_slots(sel: Selection, primary: dict[Site, np.ndarray], full: dict[Site, np.ndarray]) -> dict:
-    """Per (layer, block), the site whose slot is best on training pairs (the primary basis' IIA,
-    then the full state's, then the earlier slot)."""
-    chosen = {}
-    for l in sel.layers:
-        for k in sel.blocks:
-            candidates = [Site(l, k, j) for j in sel.slots]
-            chosen[(l, k)] = max(candidates, key=lambda s: (primary[s].mean(), full[s].mean(), -s.slot))
-    return chosen
+def _best_slots(sel: Selection, primary: dict[Site, Outcome], full: dict[Site, Outcome]) -> dict:
+    """Per (layer, block), the site whose slot is best on training pairs (the primary basis' IIA
+    and gain, then the full state's, then the earlier slot)."""
+    return {
+        (l, k): max(
+            (Site(l, k, j) for j in sel.slots),
+            key=lambda s: (primary[s].promise(), full[s].promise(), -s.slot),
+        )
+        for l in sel.layers
+        for k in sel.blocks
+    }
 
 
-def _promising(screen: dict[Site, float]) -> list[Site]:
-    """The `DAS_SITES` sites with the highest screening score (ties: earlier layer, block, slot)."""
-    return sorted(screen, key=lambda s: (-screen[s], s))[:DAS_SITES]
+def _promising(promise: dict[Site, tuple[float, float]]) -> list[Site]:
+    """The `DAS_SITES` most promising sites (IIA, then log-prob gain; ties: earlier sites)."""
+    return sorted(promise, key=lambda s: (tuple(-x for x in promise[s]), s))[:DAS_SITES]
 
 
 def _das(
@@ -673,7 +701,7 @@ def _best(result: AbstractionResult, job: _Variable, note: str) -> dict:
     if not rows:
         return entry
     das = [r for r in rows if r["basis"] == DAS]
-    best = max(das or rows, key=lambda r: (r["iia_train"], -r["rank"]))
+    best = max(das or rows, key=_better)
     site = {k: int(best[k]) for k in ("layer", "block", "slot")}
     entry.update(
         site=site,
@@ -690,6 +718,11 @@ def _best(result: AbstractionResult, job: _Variable, note: str) -> dict:
         if row["basis"] in controls and same and row["n"]:
             entry[controls[row["basis"]]] = _estimate(row)
     return entry
+
+
+def _better(row: dict) -> tuple:
+    """How a best row is chosen: IIA on training pairs, then log-prob gain, then the lower rank."""
+    return row["iia_train"], row["gain_train"], -row["rank"]
 
 
 def _share(job: _Variable) -> float | None:

@@ -34,13 +34,13 @@ counterfactual answer equals the base's answer are uninformative (no interventio
 "succeed") and are left out; the summary reports what share of pairs they were.
 
 Defaults (the module's constants; the report uses them): `PAIRS` pairs per part and variable, at
-most `ceil(PAIRS / bases)` per base example. Every site is screened on half the training pairs
-along the probe basis (rank 1) and the full state; the map scores the probe basis, its placebo and
-the full state on held-out pairs at every (layer, block), at the slot best in screening. DAS
-(rank 1; `DAS_EPOCHS` epochs of `DAS_BATCH` pairs, Adam at `DAS_LR`) is fitted at the `DAS_SITES`
-most promising sites (by IIA in screening, then by how far the interchange raises the
-counterfactual answer's log-prob, among sites whose state varies with the question); the best of
-them on training pairs gets the placebo, arbitrary-target and untrained controls.
+most `ceil(PAIRS / bases)` per base example. Every site is screened with the full state on half
+the training pairs. The map fits the probe basis (rank 1) at each (layer, block)'s slot most
+promising there and scores it, its placebo and the full state on held-out pairs. DAS (rank 1;
+`DAS_EPOCHS` epochs of `DAS_BATCH` pairs, Adam at `DAS_LR`) is fitted at the `DAS_SITES` most
+promising sites (by IIA in screening, then by how far the interchange raises the counterfactual
+answer's log-prob, among sites whose state varies with the question); the best of them on the
+training pairs gets the placebo, arbitrary-target and untrained controls.
 
 TransformerLens' interchange functions take a model with hook points and one position per
 example. `_SiteModel` presents one (layer, block, slot) site of a session that way: its hook
@@ -558,16 +558,71 @@ def _map(
     grid: bool,
     seed: int,
 ) -> dict[Site, tuple[float, float]]:
-    """Score the map bases (probe and its placebo, or random; and the full state) for one
-    variable: on training pairs at every site, on held-out pairs (with `grid`) at every
-    (layer, block)'s slot best on training pairs. Returns how promising every site whose state
-    varies with the question looks (an interchange elsewhere changes nothing)."""
+    """The map of one variable. Every site is screened with the full state on half the training
+    pairs; per (layer, block) the slot most promising there is chosen, and the map basis (the
+    probe, or random) is fitted and scored there on the training pairs and (with `grid`) on the
+    held-out pairs, with its placebo and the full state. Returns how promising every site whose
+    state varies with the question looks (an interchange elsewhere changes nothing)."""
+    # Screening on every other training pair: half the cost, and still chosen in training.
+    screen = job.train.keep(range(0, len(job.train), 2))
+    full_train = iia(lab, sel, screen, dict.fromkeys(sel.sites()))
+    varies = {s for s in full_train if float(states.at(*s).float().std(0).max()) > 1e-6}
+    promise = {s: full_train[s].promise() for s in varies}
+    chosen = {
+        (l, k): max((Site(l, k, j) for j in sel.slots), key=lambda s: (full_train[s].promise(), -s.slot))
+        for l in sel.layers
+        for k in sel.blocks
+    }
+    sites = list(chosen.values())
     primary = RANDOM if method == RANDOM else PROBE
-    bases, notes = {}, {}
-    values = [model.values(lab.examples[i]).get(job.var.name) for i in train_idx]
+    bases, notes = _map_bases(states, model, job, lab.examples, train_idx, sites, primary, rank, seed)
+    train = iia(lab, sel, job.train, bases)
+    test = {}
+    if grid:
+        test[primary] = iia(lab, sel, job.test, bases)
+        test[FULL] = iia(lab, sel, job.test, dict.fromkeys(sites))
+        if primary == PROBE:
+            placebo = {s: random_directions(states.d_model, bases[s].shape[1], s, seed + 1) for s in sites}
+            test[PLACEBO] = iia(lab, sel, job.test, placebo, matched=bases)
+    for site in sel.sites():
+        picked = site in bases
+        job.row(
+            FULL,
+            site,
+            states.d_model,
+            train=full_train[site],
+            test=test.get(FULL, {}).get(site),
+            chosen=picked,
+        )
+        if not picked:
+            continue
+        rank_here = bases[site].shape[1]
+        job.row(
+            primary,
+            site,
+            rank_here,
+            train=train[site],
+            test=test.get(primary, {}).get(site),
+            chosen=True,
+            note=notes[site],
+        )
+        if PLACEBO in test:
+            note = f"norm-matched to {primary}"
+            job.row(PLACEBO, site, rank_here, test=test[PLACEBO][site], chosen=True, note=note)
+    return promise
+
+
+def _map_bases(
+    states: BlockStates, model: CausalModel, job: _Variable, examples: Sequence[Example],
+    train_idx: np.ndarray, sites: list[Site], primary: str, rank: int, seed: int,
+) -> tuple[dict[Site, torch.Tensor], dict[Site, str]]:  # fmt: skip
+    """The map basis at each site, with a note where it is not what was asked: the probe's top
+    `rank` directions (fitted on the training part's examples), or a random subspace."""
+    values = [model.values(examples[i]).get(job.var.name) for i in train_idx]
     fitted = [i for i, v in zip(train_idx, values) if v is not None]
     labels = [v for v in values if v is not None]
-    for site in sel.sites():
+    bases, notes = {}, {}
+    for site in sites:
         basis, note = None, ""
         if primary == PROBE:
             basis, note = probe_directions(states.at(*site)[fitted].float().numpy(), labels, rank)
@@ -577,56 +632,7 @@ def _map(
             basis = random_directions(states.d_model, rank, site, seed)
             note = f"{note}; a random basis stands in" if note else ""
         bases[site], notes[site] = basis, note
-    # Sites are screened on every other training pair: half the cost, and still chosen in training.
-    screen = job.train.keep(range(0, len(job.train), 2))
-    train = {primary: iia(lab, sel, screen, bases), FULL: iia(lab, sel, screen, dict.fromkeys(bases))}
-    varies = {s for s in bases if float(states.at(*s).float().std(0).max()) > 1e-6}
-    promise = {s: max(train[b][s].promise() for b in train) for s in bases if s in varies}
-    chosen = _best_slots(sel, train[primary], train[FULL])
-    test = {}
-    if grid:
-        sites = list(chosen.values())
-        test[primary] = iia(lab, sel, job.test, {s: bases[s] for s in sites})
-        test[FULL] = iia(lab, sel, job.test, dict.fromkeys(sites))
-        if primary == PROBE:
-            placebo = {s: random_directions(states.d_model, bases[s].shape[1], s, seed + 1) for s in sites}
-            test[PLACEBO] = iia(lab, sel, job.test, placebo, matched={s: bases[s] for s in sites})
-    for site in bases:
-        picked, rank_here = site in chosen.values(), bases[site].shape[1]
-        test_of = {name: hits.get(site) for name, hits in test.items()}
-        job.row(
-            primary,
-            site,
-            rank_here,
-            train=train[primary][site],
-            test=test_of.get(primary),
-            chosen=picked,
-            note=notes[site],
-        )
-        job.row(FULL, site, states.d_model, train=train[FULL][site], test=test_of.get(FULL), chosen=picked)
-        if test_of.get(PLACEBO) is not None:
-            job.row(
-                PLACEBO,
-                site,
-                rank_here,
-                test=test_of[PLACEBO],
-                chosen=True,
-                note=f"norm-matched to {primary}",
-            )
-    return promise
-
-
-def _best_slots(sel: Selection, primary: dict[Site, Outcome], full: dict[Site, Outcome]) -> dict:
-    """Per (layer, block), the site whose slot is best on training pairs (the primary basis' IIA
-    and gain, then the full state's, then the earlier slot)."""
-    return {
-        (l, k): max(
-            (Site(l, k, j) for j in sel.slots),
-            key=lambda s: (primary[s].promise(), full[s].promise(), -s.slot),
-        )
-        for l in sel.layers
-        for k in sel.blocks
-    }
+    return bases, notes
 
 
 def _promising(promise: dict[Site, tuple[float, float]]) -> list[Site]:

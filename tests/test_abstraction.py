@@ -453,7 +453,7 @@ def test_das_learns_the_same_basis_through_every_backend(runs):
 def test_report_measures_the_control_at_the_runs_best_sites(runs):
     lab, control = Lab.open(runs["rim"], n=24), Lab.open(runs["pause"], n=24)
     run_card, control_card = measure_variables(lab, control)
-    assert set(run_card["variables"]) == {"step1", "step2", "answer"}
+    assert set(run_card["variables"]) == {"step1", "step2"}  # the ones the finding judges
     for name, e in run_card["variables"].items():
         if e["site"] is None:
             continue

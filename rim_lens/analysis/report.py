@@ -20,7 +20,8 @@ from rim_lens import artefacts
 from rim_lens.analysis import verdict
 from rim_lens.analysis.lab import Lab
 from rim_lens.analysis.results import plain
-from rim_lens.errors import RimLensError
+from rim_lens.data.causal import STEP
+from rim_lens.errors import RimLensError, RunError
 from rim_lens.fileio import atomic_write_json, atomic_write_text
 from rim_lens.methods import Method
 from rim_lens.runs import open_run
@@ -210,13 +211,18 @@ def measure(lab: Lab, seed: int = 0) -> dict:
 
 
 def measure_variables(lab: Lab, control: Lab | None, seed: int = 0) -> tuple[dict, dict | None]:
-    """The figures of the variables finding: causal abstraction of the run (`Lab.abstraction` with
-    its defaults: the probe map, DAS at the most promising sites and its controls), and DAS on the
-    control model at the run's best sites; each saved under its run's analysis/. Returns the
-    entries of the run's card and the control's (`variables`: per variable, the best site's IIA and
-    its controls'; `variables_note`: why there are none)."""
+    """The figures of the variables finding: causal abstraction of the run's step variables (the
+    ones the finding judges; `rim-lens analyze abstraction` also covers derived ones and the answer)
+    with `Lab.abstraction`'s defaults (the probe map, DAS at the most promising sites, its
+    controls), and DAS on the control model at the run's best sites; each saved under its run's
+    analysis/. Returns the entries of the run's card and the control's (`variables`: per variable,
+    the best site's IIA and its controls'; `variables_note`: why there are none)."""
     try:
-        result = lab.abstraction(seed=seed)
+        found = lab.task.causal_model().variables(lab.examples)
+        steps = [v.name for v in found if v.kind == STEP]
+        if not steps:
+            raise RunError("the task's causal model has no step variables on these examples")
+        result = lab.abstraction(steps, seed=seed)
     except RimLensError as err:  # e.g. a task without a causal model
         return {"variables": None, "variables_note": str(err)}, None
     result.save(lab.out)

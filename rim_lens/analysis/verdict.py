@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rim_lens.data.causal import STEP
 from rim_lens.stats import Estimate
 
 SUPPORTED, NOT_SUPPORTED, NOT_TESTABLE = "supported", "not supported", "not testable here"
@@ -261,7 +262,7 @@ VARIABLE_CONTROLS = ("placebo", "arbitrary", "untrained")
 
 
 def variables(run: dict, control: dict | None) -> Finding:
-    steps = {n: e for n, e in (run.get("variables") or {}).items() if e.get("kind") == "step"}
+    steps = {n: e for n, e in (run.get("variables") or {}).items() if e.get("kind") == STEP}
     c_steps = (control or {}).get("variables") or {}
     measured = {n: estimate(e, "iia") for n, e in steps.items()}
     against = {

@@ -459,6 +459,7 @@ def test_report_measures_the_control_at_the_runs_best_sites(runs):
             continue
         assert control_card["variables"][name]["site"] == e["site"], name
         assert e["iia"]["n"] == e["pairs_test"] and e["untrained"] is not None
+        assert set(e["gain"]) == {"iia", "placebo", "arbitrary", "untrained"}
     assert (runs["pause"] / "analysis" / "abstraction.parquet").exists()
 
 

@@ -681,7 +681,7 @@ def _untrained_lab(lab: Lab, seed: int) -> Lab:
 
 def _best(job: _Variable, note: str) -> dict:
     """The summary of one variable: its best site (chosen on training pairs) with its held-out IIA
-    and its controls' at the same site."""
+    and its controls' at the same site, and the mean log-prob gain of each there (`gain`)."""
     var = job.var
     entry = {
         "label": var.label,
@@ -696,6 +696,7 @@ def _best(job: _Variable, note: str) -> dict:
         "iia": None,
         "iia_train": None,
         **{name: None for name in CONTROLS},
+        "gain": {},
         "note": note,
     }
     rows = [r for r in job.rows if r["chosen"] and r["basis"] in (DAS, PROBE, RANDOM) and r["n"]]
@@ -710,6 +711,7 @@ def _best(job: _Variable, note: str) -> dict:
         rank=int(best["rank"]),
         iia=_estimate(best),
         iia_train=float(best["iia_train"]),
+        gain={"iia": float(best["gain"])},
     )
     controls = {v: k for k, v in CONTROLS.items()}
     if best["basis"] == PROBE:
@@ -718,6 +720,7 @@ def _best(job: _Variable, note: str) -> dict:
         same = all(int(row[k]) == v for k, v in site.items()) and row["rank"] == best["rank"]
         if row["basis"] in controls and same and row["n"]:
             entry[controls[row["basis"]]] = _estimate(row)
+            entry["gain"][controls[row["basis"]]] = float(row["gain"])
     return entry
 
 

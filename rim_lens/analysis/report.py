@@ -330,11 +330,13 @@ def variables_table(run: dict, control: dict | None) -> list[str]:
     lines += [
         "IIA: how often the output becomes the causal model's answer with the variable taken from the "
         "other question, interchanging a DAS subspace at the variable's best site (chosen on training "
-        "pairs), on held-out pairs; 95% Wilson intervals. Controls at the same site and rank.",
+        "pairs), on held-out pairs; 95% Wilson intervals. Controls at the same site and rank. Gain: how far "
+        "the interchange raises the counterfactual answer's mean log-prob (nats), graded where IIA is 0.",
         "",
         "| variable | best site (layer, block, slot) | rank | IIA | placebo | arbitrary targets "
-        "| untrained copy | control model | pairs (training / held-out) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| untrained copy | control model | gain: DAS / placebo / arbitrary / untrained / control "
+        "| pairs (training / held-out) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in entries.items():
         site = e.get("site")
@@ -343,9 +345,11 @@ def variables_table(run: dict, control: dict | None) -> list[str]:
         figures = [format_value(e.get(k)) for k in ("iia", *verdict.VARIABLE_CONTROLS)] + [
             format_value(pause.get("iia"))
         ]
+        gains = {**(e.get("gain") or {}), "control": (pause.get("gain") or {}).get("iia")}
+        gain = " / ".join(format_value(gains.get(k)) for k in ("iia", *verdict.VARIABLE_CONTROLS, "control"))
         lines.append(
             f"| {name} ({e.get('label')}) | {where} | {e.get('rank') or '–'} | {' | '.join(figures)} "
-            f"| {e.get('pairs_train')} / {e.get('pairs_test')} |"
+            f"| {gain} | {e.get('pairs_train')} / {e.get('pairs_test')} |"
         )
     return [*lines, ""]
 

@@ -76,6 +76,7 @@ ANALYSES: dict[str, tuple[str, ...]] = {
         "patch_components",
     ),  # the last: --method attribution
     "interchange": ("interchange",),
+    "abstraction": ("abstraction", "abstraction_pairs"),
     "report": (),
 }
 

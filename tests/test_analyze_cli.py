@@ -46,6 +46,13 @@ FILES = {
     "knockout": ["knockout.parquet", "knockout.json", "knockout.bars.fig.json"],
     "patch": ["patch.parquet", "patch.json", "patch.heatmap.fig.json"],
     "interchange": ["interchange.parquet", "interchange.json", "interchange.matrix.fig.json"],
+    "abstraction": [
+        "abstraction.parquet",
+        "abstraction.json",
+        "abstraction_pairs.parquet",
+        "abstraction.step1.fig.json",
+        "abstraction.best.fig.json",
+    ],
     "report": ["report.json", "report.md"],
 }
 

@@ -375,6 +375,17 @@ def test_causal_report_from_the_page_then_probes(monkeypatch, fresh_root):
         assert any(t.startswith(name) for t in titles), (name, titles)
     assert "Agreement with exact patching (Spearman over cells" in messages(at, "caption")
 
+    # The variables finding: a heat map of IIA per variable for the run; the control was tested
+    # at the run's best sites only (no map), and the page says how to make its map.
+    variables = [v for v in report["run"]["variables"] if report["run"]["variables"][v]["site"]]
+    for variable in variables:
+        assert any(
+            t.startswith(f"{variable}: interchange-intervention accuracy")
+            and t.endswith("<sup>rim: demo/rim</sup>")
+            for t in titles
+        ), titles
+    assert f"rim-lens analyze abstraction {pause}" in messages(at, "code")
+
     at.sidebar.radio(key="page").set_value("Probes").run()
     assert_no_exception(at)
     correctness = root / "demo/rim/analysis/probe_correctness.parquet"

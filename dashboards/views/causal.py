@@ -1,5 +1,6 @@
-"""Causal: the report's verdict as four findings (necessity, sufficiency, decodability, location),
-each with its intervals, the control's, its figures for both runs, and the card behind them."""
+"""Causal: the report's verdict as five findings (necessity, sufficiency, decodability, location,
+variables), each with its intervals, the control's, its figures for both runs, and the card behind
+them."""
 
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def page(ctx: Context) -> None:
         _figures(ctx, pairs, *spec)
         if name == "location":
             _attribution(ctx, run, report)
+    _variables(ctx, pairs, found.get("variables"))
     if control is None:
         st.caption(
             "No control run found (a `pause` run beside this one); train one with "
@@ -172,6 +174,37 @@ def _attribution(ctx: Context, run: RunInfo, report: dict | None) -> None:
                     f"comes from the block just before (evenly spread: {percent(share.get('even_share'))})."
                 )
             chart(figures.block_edges_heatmap(edges), key="causal.attribution.edges")
+
+
+def _variables(ctx: Context, pairs: list[tuple[str, RunInfo]], finding: Finding | None) -> None:
+    """The variables finding, then per variable the heat maps of IIA over layer x block: the run's
+    (its basis, the placebo beside it, the full state) and the control's."""
+    st.subheader(f"Variables: {finding.outcome}" if finding else "Causal abstraction")
+    if finding:
+        (st.success if finding.outcome == SUPPORTED else st.info)(finding.detail)
+        _intervals(finding)
+    stem = f"{artefacts.ANALYSIS}/abstraction.parquet"
+    tables = {}
+    for who, r in pairs:
+        with section(f"abstraction of {r.shown}"):
+            tables[who] = core.read(ctx.root, r, stem)
+    first, run = pairs[0]
+    if tables.get(first) is None:
+        missing(run, f"causal abstraction results ({stem})", f"rim-lens analyze abstraction {run.shown}")
+        return
+    # Imported here: it loads TransformerLens (about 1.5 s), which only this section needs.
+    from rim_lens.analysis.abstraction import iia_maps, map_rows
+
+    for variable in tables[first]["variable"].unique():
+        for who, r in pairs:
+            table = tables.get(who)
+            if table is None or map_rows(table, variable).empty:
+                st.caption(f"{who}: {r.name} has no map of {variable}. Produce it with:")
+                command(f"rim-lens analyze abstraction {r.shown}")
+                continue
+            fig = iia_maps(table, variable)
+            fig.update_layout(title=f"{fig.layout.title.text}<br><sup>{who}: {r.name}</sup>", height=320)
+            chart(fig, key=f"causal.abstraction.{variable}.{who}")
 
 
 def _report_button(ctx: Context, run: RunInfo) -> None:

@@ -18,9 +18,10 @@ written under the run's `analysis/capture` and reused only while its record matc
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -45,7 +46,7 @@ from rim_lens.analysis.results import (
     ProbeResult,
     plain,
 )
-from rim_lens.analysis.sites import BlockStates, Selection, block_labels
+from rim_lens.analysis.sites import BlockStates, Selection, Site, block_labels
 from rim_lens.data import Example, read_examples
 from rim_lens.data.tasks import Task, get_task
 from rim_lens.errors import RunError
@@ -55,6 +56,9 @@ from rim_lens.model.layouts import SequenceBuilder, slot_names
 from rim_lens.model.memory import MemorySpec
 from rim_lens.runs import Run, open_run
 from rim_lens.stats import Estimate, proportion
+
+if TYPE_CHECKING:
+    from rim_lens.analysis.abstraction import AbstractionResult
 
 Layers = Sequence[int] | None
 
@@ -390,6 +394,40 @@ class Lab:
     ) -> InterchangeResult:
         """Example B given example A's block states: how often B's output becomes A's answer."""
         return causal.interchange(self, self.select(layers, blocks, slots), seed=seed, grid=grid)
+
+    def abstraction(
+        self,
+        variable: str | Sequence[str] | None = None,
+        method: str = "das",
+        rank: int | Sequence[int] = 1,
+        layers: Layers = None,
+        blocks: Layers = None,
+        slots: Layers = None,
+        sites: Sequence[Site] | Mapping[str, Sequence[Site]] | None = None,
+        grid: bool = True,
+        controls: bool = True,
+        seed: int = 0,
+    ) -> AbstractionResult:
+        """Causal abstraction: how often interchanging a subspace of a block state between two
+        questions gives the answer the task's causal model predicts for that one variable (a step's
+        value, the answer) taken from the other question (IIA), per (layer, block, slot). `method`:
+        "das" (a learned basis of rank `rank` at the most promising sites, or at `sites`, with
+        placebo, arbitrary-target and untrained-model controls), "probe" or "random" (the map over
+        every site); see `abstraction`."""
+        from rim_lens.analysis import abstraction
+
+        sel = self.select(layers, blocks, slots)
+        return abstraction.abstraction(
+            self,
+            sel,
+            variable,
+            method=method,
+            rank=rank,
+            sites=sites,
+            grid=grid,
+            controls=controls,
+            seed=seed,
+        )
 
     def decode(
         self,

@@ -421,30 +421,40 @@ def step_labels(
     store: CaptureStore, t: int, n_digits: int = 3, max_classes: int = 50, variable: str = VALUE
 ) -> tuple[str, np.ndarray, list[np.ndarray], str]:
     """What a probe for `variable` at step t predicts: (target name, rows = examples that have a
-    value there, label columns, note saying why there is nothing to probe, else "").
-
-    At most `max_classes` distinct values (or strings) are one column of classes; larger
-    integers give one column per varying decimal digit among the lowest `n_digits`. A step whose
-    value is missing (None, e.g. a GSM8K step that is not a number) is skipped.
-    """
+    value there, label columns, note saying why there is nothing to probe, else "") (see
+    `value_columns`). A step whose value is missing (None, e.g. a GSM8K step that is not a
+    number) is skipped."""
     per_example = [variable_values(ex, variable) for ex in store.examples]
     rows = np.array([i for i, v in enumerate(per_example) if len(v) >= t and v[t - 1] is not None], dtype=int)
     values = [per_example[i][t - 1] for i in rows]
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     if not values:
         return "value", rows, [], f"no example has a {variable} at step {t}"
     if len(set(values)) == 1:
         return "value", rows, [], f"every example has the same {variable} at step {t}"
+    name, columns, note = value_columns(values, n_digits, max_classes)
+    return name, rows, columns, note
+
+
+def value_columns(values: Seq, n_digits: int = 3, max_classes: int = 50) -> tuple[str, list[np.ndarray], str]:
+    """How a probe predicts `values`: (target name, label columns, note saying why there is
+    nothing to probe, else "").
+
+    At most `max_classes` distinct values (or strings) are one column of classes; larger
+    integers give one column per varying decimal digit among the lowest `n_digits`.
+    """
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if len(set(values)) == 1:
+        return "value", [], "every example has the same value"
     if len(set(values)) <= max_classes or not numeric:
-        return "value", rows, [np.array([str(v) for v in values])], ""
+        return "value", [np.array([str(v) for v in values])], ""
     if not all(float(v).is_integer() for v in values):
-        return "value", rows, [], f"non-integer values with > {max_classes} distinct"
+        return "value", [], f"non-integer values with > {max_classes} distinct"
     ints = np.array([abs(int(v)) for v in values])
     digits = [ints // 10**i % 10 for i in range(n_digits)]
     # A digit that never varies would be predicted perfectly and inflate the mean.
     kept = [i for i in range(n_digits) if len(np.unique(digits[i])) > 1]
     name = f"digits {','.join(map(str, kept))} (mean acc)"
-    return name, rows, [digits[i] for i in kept], "" if kept else f"lowest {n_digits} digits constant"
+    return name, [digits[i] for i in kept], "" if kept else f"lowest {n_digits} digits constant"
 
 
 def _oof_hits(X: np.ndarray, labels: list[np.ndarray], folds: list[list], C: float) -> np.ndarray:

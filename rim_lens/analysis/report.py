@@ -2,9 +2,10 @@
 
 `build_report` measures a RiM run and its control (the `pause` run beside it by default) the same
 way on the same examples: ablation, knockout, interchange, patching and probes, plus the direct
-run's accuracy on those examples. It saves every analysis under each run's `analysis/` and
-writes `analysis/report.json` and `report.md`: a card of figures with 95% intervals (`CARD` says
-how each is measured) and the verdict as four findings (`verdict`).
+run's accuracy on those examples, and causal abstraction (the control at the run's best sites).
+It saves every analysis under each run's `analysis/` and writes `analysis/report.json` and
+`report.md`: a card of figures with 95% intervals (`CARD` says how each is measured) and the
+verdict as five findings (`verdict`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from rim_lens import artefacts
 from rim_lens.analysis import verdict
 from rim_lens.analysis.lab import Lab
 from rim_lens.analysis.results import plain
-from rim_lens.errors import RimLensError
+from rim_lens.data.causal import STEP
+from rim_lens.errors import RimLensError, RunError
 from rim_lens.fileio import atomic_write_json, atomic_write_text
 from rim_lens.methods import Method
 from rim_lens.runs import open_run
@@ -242,6 +244,38 @@ def _attribution(lab: Lab, exact, seed: int, done: dict) -> dict:
     return out
 
 
+def measure_variables(lab: Lab, control: Lab | None, seed: int = 0) -> tuple[dict, dict | None]:
+    """The figures of the variables finding: causal abstraction of the run's step variables (the
+    ones the finding judges; `rim-lens analyze abstraction` also covers derived ones and the answer)
+    with `Lab.abstraction`'s defaults (the probe map, DAS at the most promising sites, its
+    controls), and DAS on the control model at the run's best sites; each saved under its run's
+    analysis/. Returns the entries of the run's card and the control's (`variables`: per variable,
+    the best site's IIA and its controls'; `variables_note`: why there are none)."""
+    try:
+        found = lab.task.causal_model().variables(lab.examples)
+        steps = [v.name for v in found if v.kind == STEP]
+        if not steps:
+            raise RunError("the task's causal model has no step variables on these examples")
+        result = lab.abstraction(steps, seed=seed)
+    except RimLensError as err:  # e.g. a task without a causal model
+        return {"variables": None, "variables_note": str(err)}, None
+    result.save(lab.out)
+    run = {
+        "variables": plain(result.summary["variables"]),
+        "variables_note": "",
+        "done": {"abstraction": _cited(result.record)},
+    }
+    sites = result.sites()
+    if control is None or not sites:
+        return run, None
+    found = control.abstraction(list(sites), sites=sites, grid=False, controls=False, seed=seed)
+    found.save(control.out)
+    return run, {
+        "variables": plain(found.summary["variables"]),
+        "done": {"abstraction": _cited(found.record)},
+    }
+
+
 def _cited(record: dict) -> dict:
     """What a report cites of an analysis: its selection, intervention and options."""
     options = {k: v for k, v in record.get("options", {}).items() if k not in ("examples",)}
@@ -269,6 +303,10 @@ def build_report(
     if control_lab is not None:
         report["control"] = measure(control_lab, seed)
         report["control"]["examples"] = f"the same {len(lab.examples)} examples as the run"
+    for card, found in zip((report["run"], report["control"]), measure_variables(lab, control_lab, seed)):
+        if card is not None and found is not None:
+            card["done"].update(found.pop("done", {}))
+            card.update(found)
     if direct_dir is not None:
         direct_lab = Lab.open(direct_dir, backend=backend, examples=lab.examples)
         report["run"]["accuracy_direct_baseline"] = direct_lab.accuracy().to_dict()
@@ -285,7 +323,7 @@ def build_report(
 
 
 def markdown(report: dict) -> str:
-    """report.md: the four findings, the card with how each figure was measured, what was done."""
+    """report.md: the findings, the card with how each figure was measured, the variables, what was done."""
     r, c = report["run"], report["control"]
     lines = ["# Do the memory blocks carry the reasoning?", ""]
     lines += ["## Verdict", "", "| finding | outcome | run | control |", "|---|---|---|---|"]
@@ -306,12 +344,48 @@ def markdown(report: dict) -> str:
             f"| {row.key} | {row.how} | {card_value(r, row.key)} |"
             + (f" {card_value(c, row.key)} |" if c else "")
         )
-    lines += ["", f"Examples: {r.get('examples')}; backend {r.get('backend')}.", "", "## What was done", ""]
+    lines += ["", f"Examples: {r.get('examples')}; backend {r.get('backend')}.", ""]
+    lines += variables_table(r, c)
+    lines += ["## What was done", ""]
     for who, card in (("run", r), ("control", c)):
         for analysis, options in ((card or {}).get("done") or {}).items():
             cited = ", ".join(f"{k} `{_short(v)}`" for k, v in options.items() if v is not None)
             lines.append(f"- {who}, {analysis}: {cited}")
     return "\n".join(lines) + "\n"
+
+
+def variables_table(run: dict, control: dict | None) -> list[str]:
+    """report.md's section on the variables finding: per variable its best site, its IIA and its
+    controls' (`abstraction`)."""
+    entries = run.get("variables")
+    lines = ["## Variables: causal abstraction", ""]
+    if not entries:
+        return [*lines, f"Not run: {run.get('variables_note') or 'no variables'}.", ""]
+    lines += [
+        "IIA: how often the output becomes the causal model's answer with the variable taken from the "
+        "other question, interchanging a DAS subspace at the variable's best site (chosen on training "
+        "pairs), on held-out pairs; 95% Wilson intervals. Controls at the same site and rank. Gain: how far "
+        "the interchange raises the counterfactual answer's mean log-prob (nats), graded where IIA is 0.",
+        "",
+        "| variable | best site (layer, block, slot) | rank | IIA | placebo | arbitrary targets "
+        "| untrained copy | control model | gain: DAS / placebo / arbitrary / untrained / control "
+        "| pairs (training / held-out) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in entries.items():
+        site = e.get("site")
+        where = f"{site['layer']}, {site['block']}, {site['slot']}" if site else "–"
+        pause = ((control or {}).get("variables") or {}).get(name) or {}
+        figures = [format_value(e.get(k)) for k in ("iia", *verdict.VARIABLE_CONTROLS)] + [
+            format_value(pause.get("iia"))
+        ]
+        gains = {**(e.get("gain") or {}), "control": (pause.get("gain") or {}).get("iia")}
+        gain = " / ".join(format_value(gains.get(k)) for k in ("iia", *verdict.VARIABLE_CONTROLS, "control"))
+        lines.append(
+            f"| {name} ({e.get('label')}) | {where} | {e.get('rank') or '–'} | {' | '.join(figures)} "
+            f"| {gain} | {e.get('pairs_train')} / {e.get('pairs_test')} |"
+        )
+    return [*lines, ""]
 
 
 def _short(value):

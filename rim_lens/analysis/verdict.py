@@ -1,4 +1,4 @@
-"""The verdict: do the memory blocks carry the reasoning? Four findings, each decided by intervals.
+"""The verdict: do the memory blocks carry the reasoning? Five findings, each decided by intervals.
 
 Each finding compares 95% interval bounds, never points (`stats.Estimate.above / below`): the RiM
 run against its equal control (the `pause` run: the same model, blocks and visibility, minus the
@@ -20,6 +20,15 @@ measured the same way on the same examples (see `report.CARD`). Outcomes:
   its lower bound exceeds MIN_RECOVERY: one (layer, block) carries most of what tells the clean
   answer from the corrupt one. The control's peak is shown beside it.
 
+- **variables**: causal abstraction (`abstraction`): for each variable a step of the task's
+  causal model computes, a DAS subspace at the site (layer, block, slot) best on training pairs,
+  its interchange-intervention accuracy (IIA: how often the output becomes the causal model's
+  answer with that variable taken from the other question) on held-out pairs (Wilson). A variable
+  is supported if its IIA's lower bound exceeds MIN_IIA AND the upper bound of every control at
+  the same site: the norm-matched random placebo, DAS on arbitrary targets, DAS on an untrained
+  copy, and DAS on the control (pause) model. The finding is supported when every step variable
+  is; whether step t sits in block t (RiM's grounding claim) is stated beside each.
+
 "Not testable here" when the test cannot tell: the model is not above chance, there is no
 control to compare with, the analysis could not run (e.g. a task that cannot corrupt its
 questions), or, for necessity and sufficiency, the readout cannot see the question
@@ -31,16 +40,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rim_lens.data.causal import STEP
 from rim_lens.stats import Estimate
 
 SUPPORTED, NOT_SUPPORTED, NOT_TESTABLE = "supported", "not supported", "not testable here"
 OUTCOMES = (SUPPORTED, NOT_SUPPORTED, NOT_TESTABLE)
-FINDINGS = ("necessity", "sufficiency", "decodability", "location")
+FINDINGS = ("necessity", "sufficiency", "decodability", "location", "variables")
 
 # -- every threshold of the verdict ---------------------------------------------------------------
 MIN_RECOVERY = 0.5  # location: the peak's recovery must exceed this beyond its interval
 MIN_LOGIT_GAP = 0.5  # location: clean and corrupt runs must differ this much (nats) to be told apart
-SELECT_FRACTION = 0.5  # decodability, location: the share of examples / pairs the best cell is chosen on
+SELECT_FRACTION = 0.5  # decodability, location, variables: the share the best cell is chosen on
+MIN_IIA = 0.5  # variables: the best site's IIA must exceed this beyond its interval
 
 
 @dataclass
@@ -246,13 +257,79 @@ def location(run: dict, control: dict | None) -> Finding:
     return f
 
 
+# The controls of the variables finding: the run card's entries at the best site, and the control card's.
+VARIABLE_CONTROLS = ("placebo", "arbitrary", "untrained")
+
+
+def variables(run: dict, control: dict | None) -> Finding:
+    steps = {n: e for n, e in (run.get("variables") or {}).items() if e.get("kind") == STEP}
+    c_steps = (control or {}).get("variables") or {}
+    measured = {n: estimate(e, "iia") for n, e in steps.items()}
+    against = {
+        n: {
+            **{which: estimate(e, which) for which in VARIABLE_CONTROLS},
+            "pause": estimate(c_steps.get(n), "iia"),
+        }
+        for n, e in steps.items()
+    }
+    f = Finding(
+        "variables",
+        NOT_TESTABLE,
+        "causal abstraction: IIA of a DAS subspace at each step variable's best site (chosen on training "
+        "pairs) on held-out pairs, against the same site's placebo, arbitrary-target and untrained DAS, "
+        "and the control model's DAS",
+        {n: e for n, e in measured.items() if e},
+        {f"{n} {which}": e for n, c in against.items() for which, e in c.items() if e},
+        {"bar": MIN_IIA},
+    )
+    if not any(measured.values()):
+        note = run.get("variables_note") or "no step variable had informative pairs"
+        f.detail = f"causal abstraction was not run or found nothing to test ({note})."
+        return f
+    lines, outcomes = [], []
+    for name, iia in measured.items():
+        entry, controls = steps[name], against[name]
+        if iia is None:
+            lines.append(f"{name}: not testable ({entry.get('note') or 'no informative pairs'})")
+            continue
+        site = entry.get("site") or {}
+        step, block = entry.get("step"), site.get("block")
+        where = f"layer {site.get('layer')}, block {block}, slot {site.get('slot')}"
+        grounded = "in block t = step t" if block == step else f"not in block {step}"
+        shown = ", ".join(f"{k} {v}" for k, v in controls.items() if v)
+        line = f"{name} ({entry.get('label', name)}) is best at {where} ({grounded}): IIA {iia}; {shown}"
+        missing = [k for k, v in controls.items() if v is None]
+        if missing:
+            lines.append(f"{line}: not testable (no {', '.join(missing)} figure)")
+            continue
+        beaten = [k for k, v in controls.items() if not iia.above(v)]
+        held = iia.above(MIN_IIA) and not beaten
+        outcomes.append(held)
+        why = (
+            "supported"
+            if held
+            else f"not above {MIN_IIA} beyond its interval"
+            if not iia.above(MIN_IIA)
+            else f"not above {', '.join(beaten)} beyond both intervals"
+        )
+        lines.append(f"{line}: {why}")
+    why = _untestable(run, control, needs_question=False)
+    if why or not outcomes:
+        f.detail = "; ".join(lines) + (f"; but {why}." if why else ".")
+        return f
+    f.outcome = SUPPORTED if all(outcomes) and len(outcomes) == len(measured) else NOT_SUPPORTED
+    f.detail = "; ".join(lines) + "."
+    return f
+
+
 def findings(run: dict, control: dict | None) -> list[Finding]:
-    """The four findings of a RiM run's card against its control's card (None: no control)."""
+    """The five findings of a RiM run's card against its control's card (None: no control)."""
     return [
         necessity(run, control),
         sufficiency(run, control),
         decodability(run, control),
         location(run, control),
+        variables(run, control),
     ]
 
 
@@ -270,8 +347,9 @@ def text(run: dict, found: list[Finding]) -> str:
     lines.append(
         "What this does not show: probes are correlational; ablation, patching and interchange show that "
         "block "
-        "states carry information the answer uses, not that the computation inside them follows the "
-        f"chain-of-thought steps; these numbers come from {run.get('n')} held-out examples of one task and "
+        "states carry information the answer uses; causal abstraction tests one variable at one site at a "
+        "time, not that the whole computation inside the blocks follows the chain-of-thought steps; these "
+        f"numbers come from {run.get('n')} held-out examples of one task and "
         "model."
     )
     return "\n".join(lines)

@@ -56,6 +56,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "block-to-block edges, from two forward passes and one backward; writes patch_attribution.*)",
     )
     p.add_argument("--attn", action="store_true", help="capture: also attention outputs")
+    p.add_argument("--variable", help="abstraction: one variable, e.g. step1 (default: every one)")
+    p.add_argument(
+        "--basis",
+        choices=("das", "probe", "random"),
+        default="das",
+        help="abstraction: the subspace to interchange along (default: das, with the probe map)",
+    )
+    p.add_argument(
+        "--rank", type=_int_list, default=[1], help="abstraction: subspace rank(s), e.g. 1,2 (default: 1)"
+    )
     p.add_argument("--control", help="report: control run (default: the sibling 'pause' run)")
     p.add_argument("--direct", help="report: direct-answer run for the baseline (default: sibling 'direct')")
     p.add_argument("--seed", type=int, default=0)
@@ -74,6 +84,13 @@ def _options(args: argparse.Namespace) -> dict:
         "knockout": where,
         "patch": {**where, "per_slot": args.per_slot, "seed": args.seed, "method": args.method},
         "interchange": {**where, "seed": args.seed},
+        "abstraction": {
+            **where,
+            "variable": args.variable,
+            "method": args.basis,
+            "rank": args.rank or [1],
+            "seed": args.seed,
+        },
     }[args.what]
 
 

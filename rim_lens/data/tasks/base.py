@@ -16,6 +16,7 @@ from typing import ClassVar
 
 from tqdm import tqdm
 
+from rim_lens.data.causal import CausalModel
 from rim_lens.data.examples import Example
 from rim_lens.errors import ConfigError, DataError, RimLensError, clip
 
@@ -105,6 +106,13 @@ class Task:
         multiplication's running sums. Probes report them under these names, apart from the
         values the steps write."""
         return {}
+
+    def causal_model(self) -> CausalModel:
+        """The high-level causal model of the task's reasoning (`rim_lens.data.causal`): its
+        variables and the answer under an interchange of one of them."""
+        raise RimLensError(
+            f"task {self.name} has no causal model of its reasoning (mult, modchain and gsm8k have one)"
+        )
 
     def key(self, question: str) -> str:
         """The question's canonical key: questions with one key are one problem (e.g. a x b and

@@ -9,7 +9,8 @@ from __future__ import annotations
 import operator
 import re
 
-from rim_lens.data.examples import Example
+from rim_lens.data.causal import ANSWER, STEP, CausalModel, Variable
+from rim_lens.data.examples import Example, Value
 from rim_lens.data.tasks.base import SyntheticTask, int_option
 from rim_lens.errors import ConfigError, clip
 
@@ -89,6 +90,14 @@ class ModChain(SyntheticTask):
             values.append(value)
         return Example(question, tuple(map(str, values)), str(value), tuple(values), self.name)
 
+    def operations(self, question: str) -> list[tuple[str, int]]:
+        """The operations of a valid question, in order: [(operator, operand), ...]."""
+        self.parse_question(question)  # checks it
+        return [(op, int(x)) for op, x in _OPERATION.findall(_QUESTION.fullmatch(question)[2])]
+
+    def causal_model(self) -> ModChainModel:
+        return ModChainModel(self)
+
     def _question(self, start: int, operations: list[tuple[str, int]]) -> str:
         return " ".join([str(start), *(f"{op}{x}" for op, x in operations), "mod", str(self.modulus)])
 
@@ -120,3 +129,23 @@ class ModChain(SyntheticTask):
                 if str(v) != operand
             ]
         return variants
+
+
+class ModChainModel(CausalModel):
+    """A chain as chain-of-thought computes it: the running value after each operation but the
+    last (step1..step{T-1}; after the last it is the answer) and the answer. Setting step t's value
+    continues the chain from it with the base's own operations t+1..T."""
+
+    task: ModChain
+
+    def values(self, ex: Example) -> dict[str, Value]:
+        return {**{f"{STEP}{t}": v for t, v in enumerate(ex.values[:-1], 1)}, ANSWER: ex.values[-1]}
+
+    def _answer(self, ex: Example, var: Variable, value: Value) -> str | None:
+        m = self.task.modulus
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < m:
+            return None
+        if var.kind == STEP:
+            for op, operand in self.task.operations(ex.question)[var.step :]:
+                value = _APPLY[op](value, operand) % m
+        return str(value)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import itertools
 import re
 
-from rim_lens.data.examples import Example
+from rim_lens.data.causal import ANSWER, DERIVED, STEP, CausalModel, Variable
+from rim_lens.data.examples import Example, Value
 from rim_lens.data.tasks.base import SyntheticTask, int_option
 
 _QUESTION = re.compile(r"(\d(?: \d)*) \* (\d(?: \d)*)")
@@ -69,6 +70,9 @@ class Mult(SyntheticTask):
         """The running sums S_t = P_0 + ... + P_t (the last one is the answer)."""
         return {"running_sum": tuple(itertools.accumulate(ex.values))}
 
+    def causal_model(self) -> MultModel:
+        return MultModel(self)
+
     def key(self, question: str) -> str:
         """The unordered operand pair: a x b and b x a are one problem (same steps' products, same answer)."""
         left, _, right = question.partition(" * ")
@@ -96,3 +100,39 @@ class Mult(SyntheticTask):
             for d in "0123456789"
             if d != token and not (d == "0" and i in leading)
         ]
+
+
+class MultModel(CausalModel):
+    """A x B as chain-of-thought computes it: the partial products P_t = A * b_t * 10^(t-1) (the
+    steps' values, step1..stepn), the running sums S_t = P_1 + ... + P_t for 1 < t < n
+    (running_sum2, ...; S_1 is P_1 and S_n the answer), and the answer S_n."""
+
+    task: Mult
+
+    def values(self, ex: Example) -> dict[str, Value]:
+        n = self.task.n
+        sums = self.task.derived_values(ex)["running_sum"]
+        return {
+            **{f"{STEP}{t}": p for t, p in enumerate(ex.values, 1)},
+            **{f"running_sum{t}": sums[t - 1] for t in range(2, n)},
+            ANSWER: sums[-1],
+        }
+
+    def _answer(self, ex: Example, var: Variable, value: Value) -> str | None:
+        partials = list(ex.values)
+        if var.kind == STEP:
+            partials[var.step - 1] = value
+            total = sum(partials)
+        elif var.kind == DERIVED:
+            total = value + sum(partials[var.step :])
+        else:
+            total = value
+        n = self.task.n
+        if isinstance(total, bool) or not isinstance(total, int) or not 0 <= total < 10 ** (2 * n):
+            return None
+        return digits(total, 2 * n)
+
+    def variable(self, name: str) -> Variable:
+        v = super().variable(name)
+        labels = {STEP: f"P{v.step}, partial product {v.step}", DERIVED: f"S{v.step}, running sum {v.step}"}
+        return Variable(v.name, v.kind, v.step, labels.get(v.kind, v.label))

@@ -54,7 +54,11 @@ def latency_side_by_side(
     limits = {}
     for name, lab in labs.items():
         config = yaml.safe_load(lab.run.require(artefacts.CONFIG).read_text()) or {}
-        limits[name] = max_new_tokens or (config.get("eval") or {}).get("max_new_tokens", 64)
+        # The recipe's limit, else the one training resolved from the data (metrics.json).
+        limit = (config.get("eval") or {}).get("max_new_tokens") or lab.run.read_json("metrics.json").get(
+            "max_new_tokens"
+        )
+        limits[name] = max_new_tokens or limit or 64
     if examples is None:
         first, *others = labs.values()
         held = [{ex.question for ex in lab.examples} for lab in others]

@@ -102,7 +102,7 @@ def test_chunked_held_out_check_equals_one_batch(tiny_modchain_runs):
     examples = read_examples(run / "data" / "test.jsonl")[0]
     builder = SequenceBuilder(tok, spec, get_task("modchain", **OPTIONS).join_steps)
     batches = partial(collate, pad_id=tok.pad_token_id, sees_question=spec.readout_sees_question)
-    sizes = []
+    sizes, seen = [], []
     hook = model.register_forward_pre_hook(
         lambda m, a, kw: sizes.append(len(kw["input_ids"])), with_kwargs=True
     )
@@ -113,7 +113,7 @@ def test_chunked_held_out_check_equals_one_batch(tiny_modchain_runs):
                 batch = batches(layouts)
                 hits = readout_hits(model(**batch.model_inputs()).logits.argmax(-1), batch, stage)
             one_batch = {name: sum(v) / len(v) for name, v in hits.items()}
-            assert any(0 < v < 1 for v in one_batch.values()), one_batch
+            seen += one_batch.values()
             for chunk in (1, 7, len(layouts)):
                 sizes.clear()
                 model.train()
@@ -124,6 +124,7 @@ def test_chunked_held_out_check_equals_one_batch(tiny_modchain_runs):
             steps = sorted((n for n in chunked if n.startswith("step_")), key=lambda n: int(n[5:]))
             blocks = [f"block_{k}" for k in range(1, spec.K + 1)]
             assert list(chunked) == (steps + ["answer"] if stage == "grounding" else blocks)
+        assert any(0 < v < 1 for v in seen), seen  # some readout neither always right nor wrong
     finally:
         hook.remove()
 

@@ -1,25 +1,98 @@
 """`rim-lens demo`: generate the default task, train RiM and its baselines (direct, CoT, pause,
-Coconut) on the same data and budget, evaluate them side by side, then run the causal report on
-the RiM run."""
+Coconut) on the same data and budget, score them side by side, time them in one interleaved
+measurement, then run the causal report on the RiM run.
+
+Runs: runs_dir/<method> (seed 0: the table, the latency and the report) and, with several seeds,
+runs_dir/seed<s>/<method>. A completed run whose recipe is unchanged is reused, an interrupted
+one resumes, so a killed demo picks up where it stopped.
+"""
 
 from __future__ import annotations
 
+import os
+import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
+from multiprocessing import get_context
 from pathlib import Path
 
+from rim_lens import artefacts
 from rim_lens.artefacts import SPLITS, split_file
-from rim_lens.compare import comparison, render
+from rim_lens.compare import comparison, latency_side_by_side, render
 from rim_lens.data import write_examples
 from rim_lens.data.tasks import get_task
 from rim_lens.fileio import atomic_write_json, atomic_write_text
-from rim_lens.methods import METHODS
+from rim_lens.methods import METHODS, Method
+from rim_lens.runs import Run
 
 RECIPES = Path(str(resources.files("training") / "recipes"))
+# Longest first, so that parallel jobs finish together.
+TRAINING_ORDER = (Method.RIM, Method.PAUSE, Method.COCONUT, Method.COT, Method.DIRECT)
 
 
 def recipe_path(full: bool) -> Path:
     return RECIPES / ("demo_full.yaml" if full else "demo.yaml")
+
+
+def run_dir(runs_dir: Path, method: str, seed: int) -> Path:
+    """Where the demo trains `method` with seed offset `seed`."""
+    return runs_dir / method if seed == 0 else runs_dir / f"seed{seed}" / method
+
+
+def _train_one(recipe: Path, overrides: list[str], path: Path, quiet: bool) -> dict:
+    """Train (or reuse, or resume) one run; its metrics. Top level: parallel jobs pickle it."""
+    from training.config import differences, load_config
+    from training.trainer import train
+
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # parallel jobs would interleave their progress bars
+    cfg = load_config(recipe, overrides)
+    run = Run(path)
+    if run.status().get("status") == "completed" and (run.path / artefacts.CONFIG).exists():
+        if not differences(cfg, load_config(run.path / artefacts.CONFIG)):
+            print(f"demo: {path} is complete with this recipe; reusing it")
+            return run.read_json("metrics.json")
+    return train(cfg, path, overwrite=True).read_json("metrics.json")
+
+
+def gap_closure(metrics: dict[str, dict]) -> dict | None:
+    """How much of the direct -> CoT gap RiM closes, and the demo's bar on intervals: RiM's lower
+    bound above the gap's midpoint and above pause's upper bound (None without those runs)."""
+    if not {"rim", "direct", "cot"} <= set(metrics):
+        return None
+    rim, direct, cot = (metrics[m]["accuracy"] for m in ("rim", "direct", "cot"))
+    rim_lo = metrics["rim"]["accuracy_ci"][0]
+    midpoint = (direct + cot) / 2
+    out = {
+        "closed": (rim - direct) / (cot - direct) if cot != direct else None,
+        "midpoint": midpoint,
+        "rim_lo_above_midpoint": rim_lo > midpoint,
+    }
+    if "pause" in metrics:
+        out["pause_hi"] = metrics["pause"]["accuracy_ci"][1]
+        out["rim_lo_above_pause_hi"] = rim_lo > out["pause_hi"]
+    return out
+
+
+def k_curve(metrics: dict) -> str:
+    """RiM's test accuracy reading the answer after block k = 1..K, as one table row each. With
+    the question visible and causal attention, the answer after block k sees exactly what a model
+    given only k blocks sees, so this is the accuracy at budget K = k."""
+    rows = ["| K | test accuracy [95% CI] |", "|---|---|"]
+    for k, (value, (lo, hi)) in enumerate(
+        zip(metrics["per_block_accuracy"], metrics["per_block_accuracy_ci"]), 1
+    ):
+        rows.append(f"| {k} | {value:.3f} [{lo:.3f}, {hi:.3f}] |")
+    return "\n".join(rows)
+
+
+def seed_table(per_seed: dict[str, list[float]]) -> str:
+    rows = ["| method | test accuracy, mean ± sd over seeds | seeds |", "|---|---|---|"]
+    for method, values in per_seed.items():
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(f"| {method} | {statistics.mean(values):.3f} ± {sd:.3f} | {len(values)} |")
+    return "\n".join(rows)
 
 
 def run_demo(
@@ -29,43 +102,86 @@ def run_demo(
     report: bool = True,
     overrides: list[str] | None = None,
     recipe: str | Path | None = None,
+    seeds: int = 1,
+    jobs: int = 1,
+    latency_examples: int = 30,
 ) -> dict:
-    """Train and compare the methods of the demo recipe (or `recipe`); returns the summary written
-    to runs_dir."""
+    """Train and compare the methods of the demo recipe (or `recipe`) over `seeds` training seeds,
+    `jobs` runs at a time; returns the summary written to runs_dir."""
     from training.config import load_config
-    from training.trainer import load_data, train
+    from training.trainer import load_data
 
     start = time.perf_counter()
     runs_dir = Path(runs_dir)
     recipe = Path(recipe) if recipe else recipe_path(full)
+    overrides = list(overrides or [])
     base = load_config(recipe, overrides)
     task = get_task(base.task.name, **base.task.options)
     splits = load_data(base, task)
     files = {name: runs_dir / split_file(name) for name in SPLITS}
     for name, path in files.items():
         write_examples(path, getattr(splits, name))
+    space = task.question_space_size() if hasattr(task, "question_space_size") else None
+    coverage = len(splits.train) / space if space else None
     sizes = ", ".join(f"{len(getattr(splits, name))} {name}" for name in SPLITS)
-    print(f"demo: task {task!r}, {sizes} examples, recipe {recipe.name}")
+    covered = f" ({coverage:.0%} of the {space} questions)" if coverage else ""
+    print(f"demo: task {task!r}, {sizes} examples{covered}, recipe {recipe.name}")
 
-    metrics = {}
-    for method in methods:
-        cfg = load_config(
-            recipe,
-            (overrides or [])
-            + [
-                f"method={method}",
-                *(f"data.{name}={path}" for name, path in files.items()),
-            ],
+    data = [f"data.{name}={path}" for name, path in files.items()]
+    planned = [
+        (str(method), s, [*overrides, f"method={method}", f"seed={base.seed + s}", *data])
+        for s in range(seeds)
+        for method in TRAINING_ORDER
+        if method in methods
+    ]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            futures = {
+                (m, s): pool.submit(_train_one, recipe, o, run_dir(runs_dir, m, s), True)
+                for m, s, o in planned
+            }
+            results = {key: f.result() for key, f in futures.items()}
+    else:
+        results = {(m, s): _train_one(recipe, o, run_dir(runs_dir, m, s), False) for m, s, o in planned}
+    seconds_training = time.perf_counter() - start
+    metrics = {m: results[(m, 0)] for m in methods if (m, 0) in results}
+
+    latency = None
+    if latency_examples and len(metrics) > 1:
+        print(f"demo: timing {', '.join(metrics)} side by side on {latency_examples} test questions")
+        latency = latency_side_by_side({m: runs_dir / m for m in metrics}, n=latency_examples)
+    rows = comparison(metrics, latency)
+    sections = [render(rows)]
+    per_seed = {m: [results[(m, s)]["accuracy"] for s in range(seeds)] for m in metrics}
+    if seeds > 1:
+        sections.append(seed_table(per_seed))
+    if "rim" in metrics and metrics["rim"].get("per_block_accuracy"):
+        sections.append(
+            "RiM's accuracy by memory budget K (answer read after block K):\n\n" + k_curve(metrics["rim"])
         )
-        run = train(cfg, runs_dir / method, overwrite=True)
-        metrics[method] = run.read_json("metrics.json")
-    rows = comparison(metrics)
-    table = render(rows)
+    gap = gap_closure(metrics)
+    if gap:
+        closed = "none" if gap["closed"] is None else f"{gap['closed']:.0%}"
+        line = f"RiM closes {closed} of the direct -> CoT gap; its lower bound is "
+        line += ("above" if gap["rim_lo_above_midpoint"] else "NOT above") + " the gap's midpoint"
+        if "pause_hi" in gap:
+            line += (
+                " and " + ("above" if gap["rim_lo_above_pause_hi"] else "NOT above") + " pause's upper bound"
+            )
+        sections.append(line + ".")
+    table = "\n\n".join(sections)
     summary = {
         "recipe": recipe.name,
         "task": repr(task),
+        "splits": {name: len(getattr(splits, name)) for name in SPLITS},
+        "question_space": space,
+        "train_coverage": coverage,
+        "seeds": seeds,
         "rows": rows,
-        "seconds_training": time.perf_counter() - start,
+        "per_seed_accuracy": per_seed,
+        "gap": gap,
+        "latency": latency,
+        "seconds_training": seconds_training,
     }
     print("\n" + table)
     if report and "rim" in metrics:

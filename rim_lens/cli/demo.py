@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from rim_lens.cli.args import number, positive_int
 from rim_lens.methods import METHODS
 
 
@@ -20,6 +21,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--recipe",
         help="compare on this recipe instead (e.g. training/recipes/gsm8k_lora.yaml; see make gsm8k)",
+    )
+    p.add_argument("--seeds", type=positive_int, default=1, help="training seeds per method (mean ± sd)")
+    p.add_argument(
+        "--jobs", type=positive_int, default=1, help="runs trained at a time (each with train.threads)"
+    )
+    p.add_argument(
+        "--latency-examples",
+        type=number(int, 0, name="count"),
+        default=30,
+        help="test questions timed side by side, interleaved, after training (0: skip)",
     )
     p.add_argument("--no-report", action="store_true", help="skip the causal report on the RiM run")
     p.add_argument(
@@ -49,5 +60,8 @@ def _demo(args: argparse.Namespace) -> int:
         report=not args.no_report,
         overrides=args.overrides,
         recipe=args.recipe,
+        seeds=args.seeds,
+        jobs=args.jobs,
+        latency_examples=args.latency_examples,
     )
     return 0

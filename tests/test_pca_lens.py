@@ -137,3 +137,26 @@ def test_bridge_unembedding_matches_hf(tiny, tmp_path):
     bridge.eval()
     states = torch.from_numpy(store.resid(layer=1)[:4])
     torch.testing.assert_close(unembedding(bridge)(states), unembedding(model)(states), atol=1e-5, rtol=1e-5)
+
+
+def test_input_share_of_block_states():
+    """0 when every question gives each block the same state, 1 when the blocks' mean states
+    coincide, and the variance ratio in between; measured after each training stage."""
+    from rim_lens.model.spread import input_share
+
+    rng = np.random.default_rng(0)
+    blocks = rng.normal(size=(1, 1, 4, 2, 8))  # [layers, n, K, slots, d]: one state per block slot
+    same_for_all = np.repeat(blocks, 10, axis=1)
+    assert input_share(same_for_all) == [0.0]
+    only_input = np.repeat(rng.normal(size=(1, 10, 1, 2, 8)), 4, axis=2)
+    assert input_share(only_input) == [1.0]
+    noise = rng.normal(scale=0.5, size=(1, 10, 4, 2, 8))
+    both = same_for_all + noise
+    per_slot = []
+    for slot in range(2):
+        states = both[0, :, :, slot]  # [n, K, d]
+        within = np.mean([states[:, k].var(axis=0).sum() for k in range(4)])
+        between = states.mean(0).var(axis=0).sum()
+        per_slot.append(within / (within + between))
+    assert input_share(both)[0] == pytest.approx(np.mean(per_slot))
+    assert 0 < input_share(both)[0] < 1

@@ -43,6 +43,7 @@ from rim_lens.errors import ConfigError, RimLensError, RunError, clip
 from rim_lens.evaluation import decode_budget, evaluate
 from rim_lens.fileio import atomic_write_text, replace_dir
 from rim_lens.methods import Method
+from rim_lens.model import spread
 from rim_lens.model.checkpoints import build_model, load_pretrained, save_checkpoint, set_dropout
 from rim_lens.model.coconut import thought_forward
 from rim_lens.model.layouts import IGNORE, Batch, Layout, SequenceBuilder, collate
@@ -65,6 +66,7 @@ from training.schedules import coconut_stage, grounding_weights, refinement_weig
 
 # train.precision -> accelerate's mixed_precision: autocast in bf16 / fp16, weights kept in fp32.
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+SPREAD_EXAMPLES = 64  # validation questions the input share of block states is measured on
 
 
 # (model, batch) -> logits [N, V] at the batch's N target positions, in row-major order
@@ -706,6 +708,12 @@ def _train(
     main = accelerator.is_main_process
     model, tokenizer, spec, splits = setup.model, setup.tokenizer, setup.spec, setup.splits
     at = ckpt.state.position if ckpt else resumption.Position()
+    # The paper's PCA finding, measured on the same validation questions before training and
+    # after each stage. Before: the freshly built model (deterministic from the seed, so a
+    # resumed run measures the same), or the pretrained base (LoRA starts as the identity).
+    spread_prompts = [setup.builder.prompt(ex) for ex in splits.val[:SPREAD_EXAMPLES]]
+    if spec.uses_blocks and main:
+        before = spread.measure(model, spread_prompts, tokenizer.pad_token_id, spec.readout_sees_question)
     if ckpt is not None:
         ckpt.restore_model(model)
     model = accelerator.prepare(model)
@@ -745,6 +753,13 @@ def _train(
             stop,
             resume,
         )
+        if spec.uses_blocks and main:
+            summary["stages"][stage.name]["input_share"] = spread.measure(
+                accelerator.unwrap_model(model),
+                spread_prompts,
+                tokenizer.pad_token_id,
+                spec.readout_sees_question,
+            )
         # Each stage starts afresh (new optimizer and schedule), so its end is a checkpoint too.
         if cfg.train.checkpoint_every or stop.requested is not None:
             checkpoint(resumption.Position(index + 1))
@@ -769,6 +784,13 @@ def _train(
         train_steps=cfg.train.steps,
         splits=splits.summary(setup.task),
     )
+    if spec.uses_blocks:
+        stages = summary["stages"].items()
+        shares = {"init": before} | {name: st["input_share"] for name, st in stages if "input_share" in st}
+        metrics["input_share"] = {name: share["mean"] for name, share in shares.items()}
+        metrics["input_share_by_layer"] = {name: share["by_layer"] for name, share in shares.items()}
+        shown = ", ".join(f"{name} {value:.3f}" for name, value in metrics["input_share"].items())
+        print(f"[{cfg.method}] input share of block-state variance (rim_lens/model/spread.py): {shown}")
     write_results(run, metrics, predictions)
     summary["accuracy"] = metrics["accuracy"]
     return summary

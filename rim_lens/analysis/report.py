@@ -87,6 +87,13 @@ CARD = (
         "on the same pairs; cells both leave unchanged left out; bootstrap over pairs",
     ),
     Row(
+        "input_share",
+        "input share of block-state variance: before training -> after each stage",
+        "input variance / (input + between-block variance) of block states, mean over layers, on 64 "
+        "validation questions (the paper's PCA finding: collapsed by grounding, then spread; "
+        "rim_lens/model/spread.py)",
+    ),
+    Row(
         "test_accuracy",
         "test accuracy (metrics.json)",
         "greedy decoding on the whole test split, `rim-lens eval`",
@@ -216,6 +223,9 @@ def measure(lab: Lab, seed: int = 0) -> dict:
         card["test_accuracy"] = (
             Estimate(metrics["accuracy"], *ci, n_test, "wilson") if ci else metrics.get("accuracy")
         )
+        shares = metrics.get("input_share")
+        if shares:
+            card["input_share"] = " -> ".join(f"{name} {value:.3f}" for name, value in shares.items())
     card["done"] = done
     card["record"] = {"model": lab.model_fingerprint}
     return plain(card)

@@ -61,7 +61,7 @@ def main() -> None:
         )
         core.command(f"rim-lens demo --runs-dir {root.shown}/demo")
         return
-    ctx = Context(root, runs, picked)
+    ctx = Context(root, runs, picked, read_only=core.read_only_argument())
     with core.section(page):
         PAGES[page](ctx)
 

@@ -12,12 +12,17 @@ from dashboards import core
 from dashboards.core import Root, RunInfo, command, section
 from rim_lens.errors import RimLensError
 
+READ_ONLY = (
+    "Read-only dashboard (served beyond this machine without --allow-actions): run the command instead."
+)
+
 
 @dataclass
 class Context:
     root: Root
     runs: list[RunInfo]
     picked: RunInfo | None = None  # a run named by path (sidebar or ?run=)
+    read_only: bool = False  # `rim-lens dashboard` on a non-loopback host: no analysis may be started
 
     def block_runs(self) -> list[RunInfo]:
         runs = [r for r in self.runs if core.uses_blocks(self.root, r)]
@@ -110,7 +115,9 @@ def analysis_button(ctx: Context, run: RunInfo, what: str, label: str) -> None:
     n = st.number_input(
         "Held-out examples to use", min_value=8, max_value=5000, value=200, step=8, key=f"{what}.n.{run.name}"
     )
-    if st.button(label, key=f"{what}.go.{run.name}"):
+    if ctx.read_only:
+        st.caption(READ_ONLY)
+    if st.button(label, key=f"{what}.go.{run.name}", disabled=ctx.read_only):
         from rim_lens.analysis.lab import Lab
 
         with (

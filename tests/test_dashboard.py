@@ -11,6 +11,7 @@ metrics.json, report.json), not against accuracies the tiny models may or may no
 from __future__ import annotations
 
 import json
+import sys
 import os
 import shutil
 from pathlib import Path
@@ -571,3 +572,14 @@ def test_dashboard_command_starts_streamlit_on_the_app(monkeypatch, tmp_path, ca
 
     assert main(["dashboard", "--port", "70000"]) == 2
     assert "--port 70000" in capsys.readouterr().err
+
+
+def test_a_read_only_dashboard_starts_no_analysis(monkeypatch, sample_root):
+    """`rim-lens dashboard` served beyond this machine without --allow-actions passes --read-only:
+    the buttons that run and save analyses are disabled and say why."""
+    monkeypatch.setattr(sys, "argv", ["app.py", "--read-only"])
+    at = open_app(monkeypatch, sample_root, "Causal")
+    button = at.button(key="report.go.demo/rim")
+    assert button.disabled and "Read-only dashboard" in messages(at, "caption")
+    monkeypatch.setattr(sys, "argv", ["app.py"])
+    assert not open_app(monkeypatch, sample_root, "Causal").button(key="report.go.demo/rim").disabled

@@ -9,7 +9,7 @@ import streamlit as st
 
 from dashboards import core
 from dashboards.core import RunInfo, command, missing, section
-from dashboards.ui import Context, chart, choose
+from dashboards.ui import READ_ONLY, Context, chart, choose
 from rim_lens import artefacts
 from rim_lens.analysis import figures
 from rim_lens.analysis.report import CARD, REPORT_JSON, card_value, control_of, percent, sibling
@@ -224,7 +224,9 @@ def _report_button(ctx: Context, run: RunInfo) -> None:
     )
     st.caption(f"Writes {run.shown}/{artefacts.ANALYSIS}/{REPORT_JSON} and report.md ({note}). Same as:")
     command(f"rim-lens analyze report {run.shown} --n {int(n)}")
-    if st.button("Run causal report", key=f"report.go.{run.name}"):
+    if ctx.read_only:
+        st.caption(READ_ONLY)
+    if st.button("Run causal report", key=f"report.go.{run.name}", disabled=ctx.read_only):
         from rim_lens.analysis.report import build_report
 
         with (

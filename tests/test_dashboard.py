@@ -11,9 +11,9 @@ metrics.json, report.json), not against accuracies the tiny models may or may no
 from __future__ import annotations
 
 import json
-import sys
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd

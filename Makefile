@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/rim-lens demo --jobs 2 --methods direct,cot,pause,rim
+	$(VENV)/bin/rim-lens demo --jobs 2
 
 demo-full: install
 	$(VENV)/bin/rim-lens demo --full --seeds 3 --jobs 2

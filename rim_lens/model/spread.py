@@ -37,7 +37,8 @@ def block_states(
     n, K = len(prompts), int(batch.blocks[is_block].max())
     slots = int(is_block[0].sum()) // K
     # Row-major over (example, position): each row's block slots in order, block by block.
-    states = torch.stack(hidden)[:, is_block].float()  # [layers + 1, n * K * slots, d]
+    # detach: with gradient checkpointing the embeddings' output is marked as requiring grad.
+    states = torch.stack(hidden)[:, is_block].detach().float()  # [layers + 1, n * K * slots, d]
     return states.reshape(len(hidden), n, K, slots, -1).cpu().numpy().astype(np.float64)
 
 

@@ -1,0 +1,36 @@
+"""The demo's verdict on the comparison: the gap check on intervals, the K curve and the seeds table."""
+
+from __future__ import annotations
+
+import pytest
+
+from training.demo import gap_closure, k_curve, seed_table
+
+
+def _m(accuracy: float, lo: float, hi: float, **more) -> dict:
+    return {"accuracy": accuracy, "accuracy_ci": [lo, hi], **more}
+
+
+@pytest.mark.parametrize(
+    ("rim", "pause", "closed", "above_mid", "above_pause"),
+    [
+        (_m(0.33, 0.29, 0.37), _m(0.24, 0.20, 0.28), 0.24, False, True),  # the demo: beats pause only
+        (_m(0.80, 0.76, 0.84), _m(0.30, 0.26, 0.34), 0.86, True, True),  # clears both bars
+        (_m(0.60, 0.55, 0.65), _m(0.58, 0.53, 0.63), 0.60, True, False),  # RiM = control: not evidence
+    ],
+)
+def test_gap_closure_compares_interval_bounds(rim, pause, closed, above_mid, above_pause):
+    metrics = {"direct": _m(0.15, 0.12, 0.18), "cot": _m(0.90, 0.87, 0.93), "rim": rim, "pause": pause}
+    gap = gap_closure(metrics)
+    assert gap["closed"] == pytest.approx((rim["accuracy"] - 0.15) / 0.75, abs=0.01)
+    assert gap["closed"] == pytest.approx(closed, abs=0.01)
+    assert gap["midpoint"] == pytest.approx(0.525)
+    assert gap["rim_lo_above_midpoint"] is above_mid and gap["rim_lo_above_pause_hi"] is above_pause
+    assert gap_closure({"rim": rim, "pause": pause}) is None  # nothing to close without direct and CoT
+
+
+def test_k_curve_and_seed_table():
+    curve = k_curve({"per_block_accuracy": [0.2, 0.3], "per_block_accuracy_ci": [[0.1, 0.3], [0.2, 0.4]]})
+    assert curve.splitlines()[2:] == ["| 1 | 0.200 [0.100, 0.300] |", "| 2 | 0.300 [0.200, 0.400] |"]
+    table = seed_table({"rim": [0.3, 0.5, 0.4], "direct": [0.1]})
+    assert "| rim | 0.400 ± 0.100 | 3 |" in table and "| direct | 0.100 ± 0.000 | 1 |" in table

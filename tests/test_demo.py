@@ -34,3 +34,11 @@ def test_k_curve_and_seed_table():
     assert curve.splitlines()[2:] == ["| 1 | 0.200 [0.100, 0.300] |", "| 2 | 0.300 [0.200, 0.400] |"]
     table = seed_table({"rim": [0.3, 0.5, 0.4], "direct": [0.1]})
     assert "| rim | 0.400 ± 0.100 | 3 |" in table and "| direct | 0.100 ± 0.000 | 1 |" in table
+
+
+def test_no_gap_when_cot_does_not_beat_direct():
+    metrics = {"direct": _m(0.01, 0.0, 0.04), "cot": _m(0.0, 0.0, 0.02), "rim": _m(0.015, 0.005, 0.04)}
+    assert gap_closure(metrics) == {
+        "closed": None,
+        "note": "CoT is not above direct: there is no gap to close",
+    }

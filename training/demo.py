@@ -62,10 +62,12 @@ def gap_closure(metrics: dict[str, dict]) -> dict | None:
     if not {"rim", "direct", "cot"} <= set(metrics):
         return None
     rim, direct, cot = (metrics[m]["accuracy"] for m in ("rim", "direct", "cot"))
+    if cot <= direct:
+        return {"closed": None, "note": "CoT is not above direct: there is no gap to close"}
     rim_lo = metrics["rim"]["accuracy_ci"][0]
     midpoint = (direct + cot) / 2
     out = {
-        "closed": (rim - direct) / (cot - direct) if cot != direct else None,
+        "closed": (rim - direct) / (cot - direct),
         "midpoint": midpoint,
         "rim_lo_above_midpoint": rim_lo > midpoint,
     }
@@ -160,9 +162,10 @@ def run_demo(
             "RiM's accuracy by memory budget K (answer read after block K):\n\n" + k_curve(metrics["rim"])
         )
     gap = gap_closure(metrics)
-    if gap:
-        closed = "none" if gap["closed"] is None else f"{gap['closed']:.0%}"
-        line = f"RiM closes {closed} of the direct -> CoT gap; its lower bound is "
+    if gap and "note" in gap:
+        sections.append(gap["note"] + ".")
+    elif gap:
+        line = f"RiM closes {gap['closed']:.0%} of the direct -> CoT gap; its lower bound is "
         line += ("above" if gap["rim_lo_above_midpoint"] else "NOT above") + " the gap's midpoint"
         if "pause_hi" in gap:
             line += (

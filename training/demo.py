@@ -17,7 +17,6 @@ from importlib import resources
 from multiprocessing import get_context
 from pathlib import Path
 
-from rim_lens import artefacts
 from rim_lens.artefacts import SPLITS, split_file
 from rim_lens.compare import comparison, latency_side_by_side, render
 from rim_lens.data import write_examples
@@ -42,17 +41,16 @@ def run_dir(runs_dir: Path, method: str, seed: int) -> Path:
 
 def _train_one(recipe: Path, overrides: list[str], path: Path, quiet: bool) -> dict:
     """Train (or reuse, or resume) one run; its metrics. Top level: parallel jobs pickle it."""
-    from training.config import differences, load_config
-    from training.trainer import train
+    from training.config import load_config
+    from training.trainer import recipe_change, train
 
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"  # parallel jobs would interleave their progress bars
     cfg = load_config(recipe, overrides)
     run = Run(path)
-    if run.status().get("status") == "completed" and (run.path / artefacts.CONFIG).exists():
-        if not differences(cfg, load_config(run.path / artefacts.CONFIG)):
-            print(f"demo: {path} is complete with this recipe; reusing it")
-            return run.read_json("metrics.json")
+    if run.status().get("status") == "completed" and recipe_change(cfg, run) is None:
+        print(f"demo: {path} is complete with this recipe; reusing it")
+        return run.read_json("metrics.json")
     return train(cfg, path, overwrite=True).read_json("metrics.json")
 
 
@@ -123,10 +121,9 @@ def run_demo(
     files = {name: runs_dir / split_file(name) for name in SPLITS}
     for name, path in files.items():
         write_examples(path, getattr(splits, name))
-    space = task.question_space_size() if hasattr(task, "question_space_size") else None
-    coverage = len(splits.train) / space if space else None
+    coverage = splits.coverage(task)
     sizes = ", ".join(f"{len(getattr(splits, name))} {name}" for name in SPLITS)
-    covered = f" ({coverage:.0%} of the {space} questions)" if coverage else ""
+    covered = f" ({coverage:.0%} of the task's questions)" if coverage else ""
     print(f"demo: task {task!r}, {sizes} examples{covered}, recipe {recipe.name}")
 
     data = [f"data.{name}={path}" for name, path in files.items()]
@@ -176,9 +173,7 @@ def run_demo(
     summary = {
         "recipe": recipe.name,
         "task": repr(task),
-        "splits": {name: len(getattr(splits, name)) for name in SPLITS},
-        "question_space": space,
-        "train_coverage": coverage,
+        "splits": splits.summary(task),
         "seeds": seeds,
         "rows": rows,
         "per_seed_accuracy": per_seed,

@@ -561,7 +561,7 @@ class Plan:
     staging: bool
 
 
-def _recipe_change(cfg: RunConfig, run: Run) -> str | None:
+def recipe_change(cfg: RunConfig, run: Run) -> str | None:
     """The first recipe key whose value differs from what the run was started with (None if none)."""
     try:
         saved = load_config(run.require(artefacts.CONFIG))
@@ -607,9 +607,9 @@ def plan_run(cfg: RunConfig, target: Run, overwrite: bool, restart: bool) -> Pla
             )
         staging = Run(staging_path(target.path))
         resumable = staging.exists(artefacts.CHECKPOINT) and not restart
-        return Plan(staging.path, resumable and _recipe_change(cfg, staging) is None, True)
+        return Plan(staging.path, resumable and recipe_change(cfg, staging) is None, True)
     if target.exists(artefacts.CHECKPOINT) and not restart:
-        change = _recipe_change(cfg, target)
+        change = recipe_change(cfg, target)
         if change is None:
             return Plan(target.path, True, False)
         if overwrite:

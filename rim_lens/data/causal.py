@@ -19,6 +19,7 @@ running sums), modchain (the running value), gsm8k (the calculator steps' result
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -48,15 +49,16 @@ def step_name(t: int) -> str:
     return f"{STEP}{t}"
 
 
-class CausalModel:
-    """The causal model of one task. Subclasses define `values` and `_answer`."""
+class CausalModel(ABC):
+    """The causal model of one task. Subclasses (mult, modchain, gsm8k) define `values` and
+    `_answer`."""
 
     def __init__(self, task: Task) -> None:
         self.task = task
 
+    @abstractmethod
     def values(self, ex: Example) -> dict[str, Value]:
         """Every variable's value on `ex`, by name; a variable `ex` does not have is absent."""
-        raise NotImplementedError
 
     def intervene(self, ex: Example, name: str, value: Value) -> str | None:
         """The answer of `ex`, written as the task writes answers, with variable `name` set to
@@ -64,9 +66,9 @@ class CausalModel:
         no such variable, or the answer cannot be written)."""
         return self._answer(ex, self.variable(name), value) if name in self.values(ex) else None
 
+    @abstractmethod
     def _answer(self, ex: Example, var: Variable, value: Value) -> str | None:
         """`intervene` for a variable that `ex` has."""
-        raise NotImplementedError
 
     def variable(self, name: str) -> Variable:
         """The description of variable `name`."""

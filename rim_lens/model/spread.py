@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from rim_lens.model.checkpoints import device_of
 from rim_lens.model.layouts import Layout, Role, collate
 
 BLOCK_ROLES = (Role.BLOCK_BEGIN, Role.MEMORY, Role.BLOCK_END)
@@ -30,7 +31,7 @@ def block_states(
 ) -> np.ndarray:
     """Hidden states at every block slot: [layers + 1, n, K, slots, d] (layer 0: embeddings).
     Every prompt must hold the same K blocks."""
-    batch = collate(prompts, pad_id, sees_question).to(next(model.parameters()).device)
+    batch = collate(prompts, pad_id, sees_question).to(device_of(model))
     with torch.no_grad():
         hidden = model(**batch.model_inputs(), output_hidden_states=True, use_cache=False).hidden_states
     is_block = sum(batch.roles == r for r in BLOCK_ROLES).bool()

@@ -376,6 +376,11 @@ def attribution_patch(
     `with_components` TransformerLens' node scores at block positions; `qk_fix` (default) applies
     AtP*'s QK fix to the cells (`QKFix`), False gives plain attribution (AtP), the gradient's
     first-order estimate."""
+    if lab.spec.uses_thoughts:
+        raise RunError(
+            "attribution patching runs the TransformerBridge on token ids in one pass; a Coconut "
+            "model's continuous thoughts are hidden states fed back: use patch method 'full'"
+        )
     layers = list(sel.layers)
     fix = QKFix(lab) if qk_fix else None
     names = [_resid(l) for l in layers]

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from rim_lens.errors import RunError
-from rim_lens.model.layouts import Batch
+from rim_lens.model import coconut
+from rim_lens.model.layouts import Batch, Role
 
 BACKENDS = ("hf", "tl", "nnsight")
 # Where each supported architecture keeps its decoder layers and their attention module.
@@ -93,10 +95,40 @@ def _by_layer(edits: Seq[Edit], n_layers: int) -> dict[int, list[Edit]]:
     return out
 
 
+def _thought_edits(
+    batch: Batch, edits: dict[int, list[Edit]]
+) -> tuple[dict[int, dict[int, list[Edit]]], dict[int, list[Edit]]]:
+    """The edits of a batch holding Coconut thoughts as (by thought pass k, then by layer, each
+    moved to index 0 of the pass, where thought k sits; by layer, at the batch's positions,
+    replaying the values the passes computed), so an edit's function runs once per forward."""
+    by_pass: dict[int, dict[int, list[Edit]]] = defaultdict(lambda: defaultdict(list))
+    replay: dict[int, list[Edit]] = defaultdict(list)
+    for layer, group in edits.items():
+        for e in group:
+            where = batch.blocks[e.rows, e.positions]
+            on_thought = bool((batch.roles[e.rows, e.positions] == Role.THOUGHT).all())
+            if not (on_thought and len(where) and bool((where == where[0]).all())):
+                raise RunError(
+                    "an edit of a prompt holding continuous thoughts addresses one thought (block k, "
+                    "slot 0) in every row it edits"
+                )
+            computed: list[torch.Tensor] = []
+
+            def once(current: torch.Tensor, e: Edit = e, computed: list = computed) -> torch.Tensor:
+                computed.append(e.new(current))
+                return computed[-1]
+
+            by_pass[int(where[0])][layer].append(Edit(layer, e.rows, torch.zeros_like(e.positions), once))
+            replay[layer].append(Edit(layer, e.rows, e.positions, lambda _, computed=computed: computed[-1]))
+    return by_pass, replay
+
+
 class Backend:
-    """Runs a model on a Batch, capturing resid/attn sites and applying edits."""
+    """Runs a model on a Batch, capturing resid/attn sites and applying edits. Only a backend with
+    `runs_thoughts` runs a batch holding Coconut thoughts (the others refuse it)."""
 
     name = ""
+    runs_thoughts = False
 
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_dir: str | Path | None = None
@@ -138,6 +170,11 @@ class Backend:
         """One forward pass: logits, resid[l] for l in `capture` (before layer l's own edits),
         attention outputs of the layers in `capture_attn`, with `edits` applied."""
         self.check_layers(list(capture) + list(capture_attn))
+        if coconut.has_thoughts(batch) and not self.runs_thoughts:
+            raise RunError(
+                f"backend {self.name} runs a prompt in one pass; Coconut's continuous thoughts need "
+                "their sequential passes: use backend hf"
+            )
         return self._forward(
             batch, sorted(set(capture)), _by_layer(edits, self.n_layers), sorted(set(capture_attn))
         )
@@ -149,12 +186,42 @@ class Backend:
 
 
 class HFBackend(Backend):
-    """Plain PyTorch forward hooks on the HF model."""
+    """Plain PyTorch forward hooks on the HF model.
+
+    It is the backend that runs Coconut's continuous thoughts (`rim_lens.model.coconut`). Thought
+    k is block k, slot 0; an edit there, at layer l, edits resid[l] at thought k's position in the
+    pass that computes that position (pass k), so what that pass feeds back as thought k + 1, and
+    every later thought, is recomputed from the edited state (an edit at layer 0 edits thought k as
+    fed: for Llama resid[0] is the fed vector itself, for GPT-2 that plus the position embedding).
+    Logits and captured states then come from one pass with the resulting thoughts
+    teacher-forced and the same edits (the values the passes computed, so an edit function runs
+    once): by causality its states equal the passes' at every position, and they are in the
+    batch's own frame.
+    """
 
     name = "hf"
+    runs_thoughts = True
 
     def _forward(self, batch, capture, edits, capture_attn):
         out = Output(logits=torch.empty(0))
+        inputs = batch.model_inputs()
+        if coconut.has_thoughts(batch):
+            by_pass, edits = _thought_edits(batch, edits)
+            thoughts = coconut.thought_forward(
+                self.model,
+                batch,
+                pass_context=lambda k: self._hooks(Output(torch.empty(0)), [], by_pass[k], []),
+            ).thoughts
+            inputs = coconut.thought_inputs(self.model, batch, thoughts)
+        with self._hooks(out, capture, edits, capture_attn):
+            out.logits = self.model(**inputs, use_cache=False).logits
+        return out
+
+    @contextmanager
+    def _hooks(
+        self, out: Output, capture: list[int], edits: dict[int, list[Edit]], capture_attn: list[int]
+    ) -> Iterator[None]:
+        """Hooks, while inside, that capture into `out` and apply `edits` in every forward pass."""
         layers, handles = self.layers(), []
 
         def pre_hook(l):
@@ -186,11 +253,10 @@ class HFBackend(Backend):
                 handles.append(layers[-1].register_forward_hook(post_hook))
             for l in capture_attn:
                 handles.append(getattr(layers[l], self.attn_name).register_forward_hook(attn_hook(l)))
-            out.logits = self.model(**batch.model_inputs(), use_cache=False).logits
+            yield
         finally:
             for h in handles:
                 h.remove()
-        return out
 
     @torch.no_grad()
     def keep(self, batch: Batch, last_only: bool = False) -> Kept:

@@ -1,5 +1,8 @@
 """Capture memory-block hidden states to disk, labelled by layer x block x slot.
 
+A Coconut model's continuous thoughts are captured the same way: thought k is block k, with one
+slot (K = its number of thoughts); "the readout after block k" is its answer after k thoughts.
+
 States stream to safetensors shards (`shard_00000.safetensors`, ...) holding
 `resid` [n, layers, K, M + 2, d_model] (and `attn` when asked), so 10,000 examples never sit
 in memory at once. `examples.jsonl` stores, per example, its id, question, answer, step
@@ -66,11 +69,12 @@ def capture(
     max_new_tokens: int = 32,
     record: dict | None = None,
 ) -> CaptureStore:
-    """Capture block states of `examples` (and, with `readouts`, the greedy readout after every
-    block, decoded by the model itself) into `out_dir`; `record` says what the capture is of."""
+    """Capture block (or Coconut thought) states of `examples` (and, with `readouts`, the greedy
+    readout after every block, decoded by the model itself) into `out_dir`; `record` says what the
+    capture is of."""
     spec = builder.spec
-    if not spec.uses_blocks:
-        raise RunError(f"a {spec.method} model has no memory blocks to capture")
+    if not spec.latent_blocks:
+        raise RunError(f"a {spec.method} model has no memory blocks or continuous thoughts to capture")
     layers = list(range(backend.n_layers + 1)) if layers is None else sorted(set(layers))
     backend.check_layers(layers)
     out = Path(out_dir)
@@ -88,7 +92,7 @@ def capture(
             ]
             if readouts
             else [""] * len(chunk)
-            for k in block_labels(spec.K)
+            for k in block_labels(spec.latent_blocks)
         ]
         resid, attn_states = [], []
         for b in range(0, len(chunk), batch_size):
@@ -123,7 +127,7 @@ def capture(
         "n": len(records),
         "layers": layers,
         "attn_layers": [l for l in layers if l < backend.n_layers] if attn else [],
-        "K": spec.K,
+        "K": spec.latent_blocks,
         "M": spec.M,
         "slots": slot_names(spec),
         "d_model": backend.d_model,

@@ -127,7 +127,7 @@ def knockout(lab: Lab, sel: Selection) -> KnockoutResult:
             "knockout acts on every layer (one attention mask serves them all); got layers "
             f"{list(sel.layers)}"
         )
-    slots = None if len(sel.slots) == lab.spec.M + 2 else sel.slots
+    slots = None if len(sel.slots) == lab.spec.block_slots else sel.slots
     # Block 1 has no earlier blocks, so block->earlier starts at block 2.
     knockouts = [None] + [
         Knockout(kind, k, slots)
@@ -220,8 +220,10 @@ def logit_diff(pairs: Pairs):
 
 def patch_method(lab: Lab, method: str | None) -> str:
     """The patching method to run: `method`, or by default `exact` on the hf backend and `full` on
-    the others; RunError (one line) for an unknown one or `exact` where it cannot run."""
-    method = method or ("exact" if isinstance(lab.backend, HFBackend) else "full")
+    the others and for Coconut (whose thoughts `exact` cannot recompute); RunError (one line) for
+    an unknown one or `exact` where it cannot run."""
+    exact = isinstance(lab.backend, HFBackend) and not lab.spec.uses_thoughts
+    method = method or ("exact" if exact else "full")
     if method not in PATCH_METHODS:
         raise RunError(f"unknown patch method {method!r}; choose one of {', '.join(PATCH_METHODS)}")
     if method == "exact" and not isinstance(lab.backend, HFBackend):
@@ -398,7 +400,8 @@ def decode_under(
         }
     )
     result = DecodeResult(table, logprobs=decoded.logprobs)
-    result.summary = {"accuracy": result.accuracy(), "n": len(examples), "n_blocks": n_blocks or lab.spec.K}
+    n_blocks = n_blocks or lab.spec.latent_blocks
+    result.summary = {"accuracy": result.accuracy(), "n": len(examples), "n_blocks": n_blocks}
     result.record = lab.record(
         "decode",
         sel,
@@ -415,7 +418,7 @@ def effect(lab: Lab, sel: Selection, example: Example, intervention: Interventio
     sites of blocks 1..k: the readouts, whether they are right, and the gold answer's log-prob."""
     fitted = lab.fit(intervention, [example], sel)
     rows = []
-    for k in block_labels(lab.spec.K):
+    for k in block_labels(lab.spec.latent_blocks):
         variant = Variant([s for s in sel.sites() if s.block <= k], fitted)
         seq = lab.builder.scored(example, n_blocks=k)
         metric = sweep(lab.backend, lab.builder, [seq], [Variant(), variant], _logprob)[:, 0]

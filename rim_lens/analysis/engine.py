@@ -11,6 +11,10 @@ at layer l, position p equals the intact run below layer l and before position p
 from the intact run's resid[l] at positions p.. and reuses its keys and values for positions < p.
 Exact patching uses it: a patch at a late layer or a late block costs a fraction of a pass.
 
+A Coconut model's continuous thoughts are blocks too (thought k: block k, slot 0): `sweep` and
+`decode` run them through the hf backend's thought passes, so an intervention on thought k also
+changes every later thought (see `backends.HFBackend`); `resume_sweep` cannot, and refuses them.
+
 Scores are teacher-forced: the prompt is followed by an answer and the end token, and a readout
 counts as that answer when the argmax at every answer position is the answer's token, which is
 exactly when greedy decoding emits it.
@@ -28,6 +32,7 @@ from rim_lens.analysis.interventions import Intervention
 from rim_lens.analysis.sites import Site, block_index
 from rim_lens.data.examples import Example
 from rim_lens.errors import RunError
+from rim_lens.model import coconut
 from rim_lens.model.layouts import IGNORE, Batch, Layout, Role, SequenceBuilder, block_positions
 
 # metric(logits, batch, example indices) -> one value (or vector) per row
@@ -49,16 +54,18 @@ class Knockout:
     slots: tuple[int, ...] | None = None
 
     def blocked(self, batch: Batch, row: int) -> torch.Tensor:
-        """[S, S] the (query, key) pairs this knockout removes from one batch row."""
+        """[S, S] the (query, key) pairs this knockout removes from one batch row. A Coconut
+        thought is a block; its `<eot>` reads the thoughts for the answer, so it counts as answer."""
         roles, blocks, slots = batch.roles[row], batch.blocks[row], batch.slots[row]
-        is_block = (roles >= Role.BLOCK_BEGIN) & (roles <= Role.BLOCK_END)
+        in_block = ((roles >= Role.BLOCK_BEGIN) & (roles <= Role.BLOCK_END)) | (roles == Role.THOUGHT)
+        is_block = in_block
         if self.slots is not None:
             is_block = is_block & torch.isin(slots, torch.tensor(self.slots))
         if self.kind == "answer->block":
-            queries = roles == Role.READOUT
+            queries = (roles == Role.READOUT) | (roles == Role.EOT)
             keys = is_block & ((blocks == self.block) if self.block is not None else True)
         else:
-            queries = (roles >= Role.BLOCK_BEGIN) & (roles <= Role.BLOCK_END) & (blocks == self.block)
+            queries = in_block & (blocks == self.block)
             keys = is_block & (blocks < self.block)
         return queries[:, None] & keys[None, :]
 
@@ -150,6 +157,11 @@ def resume_sweep(
     if any(v.knockout is not None for v in variants):
         raise RunError("resume_sweep takes interventions only: a knockout changes every layer's mask")
     batch = builder.collate(list(seqs), side="left")
+    if coconut.has_thoughts(batch):
+        raise RunError(
+            "resuming a kept run cannot recompute the continuous thoughts an edit changes (they are "
+            "inputs of later positions): patch a Coconut model with method 'full'"
+        )
     kept = backend.keep(batch, last_only)
     pos = block_positions(batch) if any(v.sites for v in variants) else None
     # Each row's start: its variant's earliest edited layer, its example's earliest edited position

@@ -154,7 +154,8 @@ class Lab:
     def __repr__(self) -> str:
         where = self.run.path if self.run else "a model in memory"
         spec = self.spec
-        return f"Lab({where}: {spec.method}, K={spec.K}, {len(self.examples)} examples, {self.backend.name})"
+        K = spec.latent_blocks
+        return f"Lab({where}: {spec.method}, K={K}, {len(self.examples)} examples, {self.backend.name})"
 
     # -- plumbing ----------------------------------------------------------------------------------
     @property
@@ -184,11 +185,12 @@ class Lab:
         return fingerprint.record(analysis, self.model_fingerprint, plain(options))
 
     def require_blocks(self) -> None:
-        """RunError if the model has no memory blocks (direct, CoT): block analyses refuse."""
-        if not self.spec.uses_blocks:
+        """RunError if the model has no memory blocks or continuous thoughts (direct, CoT): block
+        analyses refuse. A Coconut model's thought k is block k, slot 0 (`MemorySpec.latent_blocks`)."""
+        if not self.spec.latent_blocks:
             raise RunError(
                 f"{self.run.path if self.run else 'model'}: a {self.spec.method} model has no memory "
-                "blocks to analyse"
+                "blocks or continuous thoughts to analyse"
             )
 
     def select(
@@ -198,7 +200,10 @@ class Lab:
         can change) or, `readable`, to n_layers (the last layer's output, read by captures)."""
         self.require_blocks()
         top = self.backend.n_layers if readable else self.backend.n_layers - 1
-        return Selection.of(self.backend.n_layers, self.spec.K, self.spec.M, layers, blocks, slots, top)
+        spec = self.spec
+        return Selection.of(
+            self.backend.n_layers, spec.latent_blocks, spec.block_slots, layers, blocks, slots, top
+        )
 
     def states(self, examples: Sequence[Example] | None = None, layers: Layers = None) -> BlockStates:
         """Clean block states of `examples` (default: the session's) at `layers` (default
@@ -294,7 +299,7 @@ class Lab:
 
         sel = self.select(layers, blocks, slots, readable=True)
         store = self.capture().store
-        chosen = None if len(sel.slots) == self.spec.M + 2 else list(sel.slots)
+        chosen = None if len(sel.slots) == self.spec.block_slots else list(sel.slots)
         options = dict(layers=sel.layers, blocks=sel.blocks, slots=chosen, seed=seed, n_boot=n_boot)
         correctness = probes.probe_correctness(store, **options)
         values, hits = probes.value_probes(store, **options)
@@ -458,10 +463,11 @@ class Lab:
     def readouts(self, example: Example) -> pd.DataFrame:
         """One example's greedy answer read out after each block 1..K: block, readout, correct."""
         self.require_blocks()
-        texts = [causal.decode_texts(self, [example], n_blocks=k)[0] for k in block_labels(self.spec.K)]
+        labels = list(block_labels(self.spec.latent_blocks))
+        texts = [causal.decode_texts(self, [example], n_blocks=k)[0] for k in labels]
         return pd.DataFrame(
             {
-                "block": list(block_labels(self.spec.K)),
+                "block": labels,
                 "readout": texts,
                 "correct": [bool(self.task.answers_match(t, example.answer)) for t in texts],
             }

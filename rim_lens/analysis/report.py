@@ -1,11 +1,15 @@
-"""The causal report: do the memory blocks carry the reasoning?
+"""The causal report: do the memory blocks (or a Coconut model's continuous thoughts) carry the
+reasoning?
 
-`build_report` measures a RiM run and its control (the `pause` run beside it by default) the same
-way on the same examples: ablation, knockout, interchange, patching and probes, plus the direct
-run's accuracy on those examples, and causal abstraction (the control at the run's best sites).
-It saves every analysis under each run's `analysis/` and writes `analysis/report.json` and
-`report.md`: a card of figures with 95% intervals (`CARD` says how each is measured) and the
-verdict as five findings (`verdict`).
+`build_report` measures a RiM or Coconut run and its control (the `pause` run beside it by
+default) the same way on the same examples: ablation, knockout, interchange, patching and
+probes, plus the direct run's accuracy on those examples, and causal abstraction (the control at
+the run's best sites). The other latent-reasoning runs beside it (`compared_runs`: Coconut
+beside RiM, RiM beside Coconut) are measured the same way too and shown as further columns of
+the card; the verdict is the run's against its control. A Coconut thought k is block k (one
+slot), so every figure means the same for it. It saves every analysis under each run's
+`analysis/` and writes `analysis/report.json` and `report.md`: a card of figures with 95%
+intervals (`CARD` says how each is measured) and the verdict as five findings (`verdict`).
 """
 
 from __future__ import annotations
@@ -141,6 +145,18 @@ def sibling(run_dir: str | Path, method: str | Method) -> Path | None:
     """The run called `method` beside `run_dir` (how `rim-lens demo` lays runs out), if it has a model."""
     path = Path(run_dir).parent / str(method)
     return path if path != Path(run_dir) and (path / artefacts.MODEL).is_dir() else None
+
+
+# The runs that reason in latent states, whose cards a report shows side by side.
+LATENT_METHODS = (Method.RIM, Method.PAUSE, Method.COCONUT)
+
+
+def compared_runs(run_dir: str | Path, control: str | Path | None = None) -> list[Path]:
+    """The latent-reasoning runs beside `run_dir` that are neither it nor its control (default:
+    the pause run beside it), in `LATENT_METHODS` order: the further columns of its card."""
+    control = Path(control) if control is not None else sibling(run_dir, Method.PAUSE)
+    found = [sibling(run_dir, m) for m in LATENT_METHODS]
+    return [p for p in found if p is not None and (control is None or p.resolve() != control.resolve())]
 
 
 def control_of(run_dir: str | Path, report: dict | None = None) -> Path | None:
@@ -301,18 +317,22 @@ def build_report(
     seed: int = 0,
     split: str = "test",
 ) -> dict:
-    """Measure the run and its control on the same examples, write report.json / report.md,
-    return the report ({"run", "control", "findings", "verdict"})."""
+    """Measure the run, its control and the runs compared with it (`compared_runs`) on the same
+    examples, write report.json / report.md, return the report ({"run", "control", "compared",
+    "findings", "verdict"})."""
     run = open_run(run_dir)
     lab = Lab.open(run.path, backend=backend, n=n, split=split)
     lab.require_blocks()
     control_dir = Path(control) if control is not None else sibling(run.path, Method.PAUSE)
     direct_dir = Path(direct) if direct is not None else sibling(run.path, Method.DIRECT)
     control_lab = Lab.open(control_dir, backend=backend, examples=lab.examples) if control_dir else None
-    report = {"run": measure(lab, seed), "control": None}
+    report = {"run": measure(lab, seed), "control": None, "compared": []}
     if control_lab is not None:
         report["control"] = measure(control_lab, seed)
         report["control"]["examples"] = f"the same {len(lab.examples)} examples as the run"
+    for other in compared_runs(run.path, control_dir):
+        card = measure(Lab.open(other, backend=backend, examples=lab.examples), seed)
+        report["compared"].append({**card, "examples": f"the same {len(lab.examples)} examples as the run"})
     for card, found in zip((report["run"], report["control"]), measure_variables(lab, control_lab, seed)):
         if card is not None and found is not None:
             card["done"].update(found.pop("done", {}))
@@ -321,7 +341,7 @@ def build_report(
         direct_lab = Lab.open(direct_dir, backend=backend, examples=lab.examples)
         report["run"]["accuracy_direct_baseline"] = direct_lab.accuracy().to_dict()
     # Paths relative to the run itself, so the report survives moving the runs folder.
-    for card in filter(None, (report["run"], report["control"])):
+    for card in filter(None, (report["run"], report["control"], *report["compared"])):
         card["run"] = os.path.relpath(Path(card["run"]).resolve(), run.path.resolve())
     found = verdict.findings(report["run"], report["control"])
     report["findings"] = [f.to_dict() for f in found]
@@ -334,8 +354,9 @@ def build_report(
 
 def markdown(report: dict) -> str:
     """report.md: the findings, the card with how each figure was measured, the variables, what was done."""
-    r, c = report["run"], report["control"]
-    lines = ["# Do the memory blocks carry the reasoning?", ""]
+    r, c, others = report["run"], report["control"], report.get("compared") or []
+    thoughts = Method(r["method"]).uses_thoughts
+    lines = [f"# Do the {'continuous thoughts' if thoughts else 'memory blocks'} carry the reasoning?", ""]
     lines += ["## Verdict", "", "| finding | outcome | run | control |", "|---|---|---|---|"]
     for f in map(verdict.Finding.from_dict, report.get("findings", [])):
 
@@ -345,19 +366,25 @@ def markdown(report: dict) -> str:
         lines.append(f"| {f.name} | **{f.outcome}** | {shown(f.run)} | {shown(f.control)} |")
     lines += ["", *[f"- {line}" for line in report["verdict"].splitlines()], ""]
     lines += ["## The card", ""]
-    head = f"| figure | how it is measured | {r['method']} ({r['run']}) |" + (
-        f" control: {c['method']} ({c['run']}) |" if c else ""
-    )
-    lines += [head, "|---|---|---|" + ("---|" if c else "")]
+    columns = [(f"{r['method']} ({r['run']})", r)]
+    columns += [(f"control: {c['method']} ({c['run']})", c)] if c else []
+    columns += [(f"{o['method']} ({o['run']})", o) for o in others]
+    lines += ["| figure | how it is measured | " + " | ".join(name for name, _ in columns) + " |"]
+    lines += ["|---|---|" + "---|" * len(columns)]
     for row in CARD:
         lines.append(
-            f"| {row.key} | {row.how} | {card_value(r, row.key)} |"
-            + (f" {card_value(c, row.key)} |" if c else "")
+            f"| {row.key} | {row.how} | " + " | ".join(card_value(x, row.key) for _, x in columns) + " |"
         )
-    lines += ["", f"Examples: {r.get('examples')}; backend {r.get('backend')}.", ""]
+    lines += ["", f"Examples: {r.get('examples')}; backend {r.get('backend')}."]
+    if any(Method(x["method"]).uses_thoughts for _, x in columns):
+        lines += [
+            "For Coconut, block k is continuous thought k (one slot): an intervention there is applied "
+            "in the pass that computes it, so every later thought is recomputed from it."
+        ]
+    lines += [""]
     lines += variables_table(r, c)
     lines += ["## What was done", ""]
-    for who, card in (("run", r), ("control", c)):
+    for who, card in (("run", r), ("control", c), *((o["method"], o) for o in others)):
         for analysis, options in ((card or {}).get("done") or {}).items():
             cited = ", ".join(f"{k} `{_short(v)}`" for k, v in options.items() if v is not None)
             lines.append(f"- {who}, {analysis}: {cited}")

@@ -3,8 +3,10 @@
 A site is a residual-stream state: `resid[layer]` (see `backends`) at slot `slot` of memory block
 `block`. Blocks are labelled 1..K in every table, figure and argument, as in the paper (block t
 holds step t); tensors index them from 0. `block_index` is the one place that offset lives.
-Slots are 0..M+1: the begin token, the memory tokens, the end token. The sequence builder
-resolves a site's (block, slot) to a token position (`layouts.block_positions`).
+Slots are 0..M+1: the begin token, the memory tokens, the end token. A Coconut model's
+continuous thought k is block k with one slot, 0 (`MemorySpec.latent_blocks`; what an
+intervention there means: `backends.HFBackend`). The sequence builder resolves a site's
+(block, slot) to a token position (`layouts.block_positions`).
 
 A `Selection` is data (pyvene's "where"): layers x blocks x slots, validated against a model,
 serialisable with `to_dict`. What is done there is an `interventions.Intervention` ("how").
@@ -62,20 +64,21 @@ class Selection:
         cls,
         n_layers: int,
         K: int,
-        M: int,
+        n_slots: int,
         layers: Iterable[int] | None = None,
         blocks: Iterable[int] | None = None,
         slots: Iterable[int] | None = None,
         last_layer: int | None = None,
     ) -> Selection:
-        """A validated selection; None means all. Layers go up to `last_layer` (default
+        """A validated selection of K blocks of `n_slots` slots (`MemorySpec.latent_blocks`,
+        `.block_slots`); None means all. Layers go up to `last_layer` (default
         n_layers - 1: an intervention on resid[l] changes what layer l reads, so resid[n_layers],
         the output, can be read but not edited)."""
         top = n_layers - 1 if last_layer is None else last_layer
         return cls(
             tuple(checked(layers, 0, top, "layer")),
             tuple(checked(blocks, 1, K, "block")),
-            tuple(checked(slots, 0, M + 1, "slot")),
+            tuple(checked(slots, 0, n_slots - 1, "slot")),
         )
 
     def sites(self, blocks: Sequence[int] | None = None, layers: Sequence[int] | None = None) -> list[Site]:

@@ -44,10 +44,11 @@ Two hooks, both honoured by `thought_forward` (teacher-forced scoring, training)
 Per-row thought counts may differ inside a batch (rows with fewer thoughts simply keep their
 token at the column); `intervene` sees every row but only rows holding thought k use its value.
 
-Edits addressed by prompt position (`backends.Edit`, `greedy_decode(prefill_context=...)`) do
-not apply here, since every pass starts at index 0; `greedy_decode` refuses them for prompts with
-thoughts. To capture states, take the clean `thoughts` and run `forward_with_thoughts` under the
-capture hooks: by causality its states at every position equal those of the passes.
+Edits addressed by prompt position (`backends.Edit`) do not apply to the passes as they are,
+since every pass starts at index 0: the hf analysis backend (`backends.HFBackend`) moves an edit
+at thought k to index 0 of pass k, then runs one pass with the resulting thoughts teacher-forced
+(`thought_inputs`) and the same edits, whose states at every position equal those of the passes
+(causality): that is how analyses capture and edit thoughts at any layer.
 """
 
 from __future__ import annotations
@@ -199,19 +200,21 @@ def prefill(
     return out.logits, out.passes
 
 
-def forward_with_thoughts(model: PreTrainedModel, batch: Batch, thoughts: torch.Tensor) -> torch.Tensor:
-    """Logits of ONE ordinary pass with `thoughts` [B, n, d] teacher-forced at the thought
-    positions (thought k in the k-th thought column of each row). With the thoughts of a clean
-    `thought_forward` this reproduces its logits (causality); with one thought replaced it is the
-    single-position edit whose effect does not reach the later thoughts."""
+def thought_inputs(model: PreTrainedModel, batch: Batch, thoughts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The inputs of ONE ordinary pass over `batch` with `thoughts` [B, n, d] teacher-forced at the
+    thought positions (thought k in the k-th thought column of each row): input embeddings,
+    position ids and the attention mask."""
     embeds = model.get_input_embeddings()(batch.input_ids)
     is_thought = batch.roles == Role.THOUGHT
     index = (is_thought.cumsum(1) - 1).clamp(0, max(thoughts.shape[1] - 1, 0))
     fed = thoughts[torch.arange(len(index))[:, None], index] if thoughts.shape[1] else embeds
     embeds = torch.where(is_thought[..., None], fed.to(embeds.dtype), embeds)
-    return model(
-        inputs_embeds=embeds,
-        position_ids=batch.position_ids,
-        attention_mask=batch.attention_mask,
-        use_cache=False,
-    ).logits
+    return dict(inputs_embeds=embeds, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
+
+
+def forward_with_thoughts(model: PreTrainedModel, batch: Batch, thoughts: torch.Tensor) -> torch.Tensor:
+    """Logits of ONE ordinary pass with `thoughts` [B, n, d] teacher-forced (`thought_inputs`).
+    With the thoughts of a clean `thought_forward` this reproduces its logits (causality); with
+    one thought replaced it is the single-position edit whose effect does not reach the later
+    thoughts."""
+    return model(**thought_inputs(model, batch, thoughts), use_cache=False).logits

@@ -64,6 +64,17 @@ class MemorySpec:
         return Method(self.method).uses_thoughts
 
     @property
+    def latent_blocks(self) -> int:
+        """The latent blocks analyses address (labelled 1..n): RiM's and pause's K memory blocks, or
+        a Coconut model's continuous thoughts (thought k is block k); 0 for direct and CoT."""
+        return self.K if self.uses_blocks else self.thoughts if self.uses_thoughts else 0
+
+    @property
+    def block_slots(self) -> int:
+        """Positions per latent block: begin, M memory tokens and end; a Coconut thought has one."""
+        return 1 if self.uses_thoughts else self.M + 2
+
+    @property
     def special_tokens(self) -> list[str]:
         """The method's three added tokens: (bot, thought, eot) for Coconut, else (begin, memory, end)."""
         if self.uses_thoughts:

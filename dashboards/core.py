@@ -33,6 +33,8 @@ from rim_lens.runs import Run
 ENV_RUNS = "RIM_LENS_RUNS"
 DEFAULT_RUNS = "runs"
 BLOCK_METHODS = tuple(m.value for m in Method if m.uses_blocks)
+# The methods the causal report covers: memory blocks, and Coconut's thoughts as blocks.
+LATENT_METHODS = (*BLOCK_METHODS, Method.COCONUT.value)
 
 
 class OutsideRoot(RunError):
@@ -324,18 +326,19 @@ def run_summary(root: Root, run: RunInfo) -> dict:
     return row
 
 
-def uses_blocks(root: Root, run: RunInfo) -> bool:
+def uses_blocks(root: Root, run: RunInfo, methods: tuple[str, ...] = BLOCK_METHODS) -> bool:
+    """Whether the run's method is one of `methods` (default: the methods with memory blocks)."""
     try:
         spec = read(root, run, f"{artefacts.MODEL}/{SPEC_FILENAME}")
     except RunError:
         spec = None
     if spec:
-        return spec.get("method") in BLOCK_METHODS
+        return spec.get("method") in methods
     try:
         cfg = read(root, run, artefacts.CONFIG) or {}
     except RunError:
         return False
-    return cfg.get("method") in BLOCK_METHODS
+    return cfg.get("method") in methods
 
 
 def siblings(runs: list[RunInfo], run: RunInfo) -> list[RunInfo]:

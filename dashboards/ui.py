@@ -24,10 +24,12 @@ class Context:
     picked: RunInfo | None = None  # a run named by path (sidebar or ?run=)
     read_only: bool = False  # `rim-lens dashboard` on a non-loopback host: no analysis may be started
 
-    def block_runs(self) -> list[RunInfo]:
-        runs = [r for r in self.runs if core.uses_blocks(self.root, r)]
-        if self.picked is not None and self.picked not in runs and core.uses_blocks(self.root, self.picked):
-            runs.insert(0, self.picked)
+    def block_runs(self, methods: tuple[str, ...] = core.BLOCK_METHODS) -> list[RunInfo]:
+        """The runs whose method is one of `methods` (default: those with memory blocks)."""
+        runs = [r for r in self.runs if core.uses_blocks(self.root, r, methods)]
+        picked = self.picked
+        if picked is not None and picked not in runs and core.uses_blocks(self.root, picked, methods):
+            runs.insert(0, picked)
         return runs
 
 

@@ -1,6 +1,7 @@
 """Causal: the report's verdict as five findings (necessity, sufficiency, decodability, location,
 variables), each with its intervals, the control's, its figures for both runs, and the card behind
-them."""
+them, with a column for every run compared (RiM, pause and Coconut side by side). Coconut runs
+are listed too: their continuous thoughts are analysed as blocks."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ KNOCKOUT = ("Attention knockout", "knockout", figures.knockout_bars)
 
 
 def page(ctx: Context) -> None:
-    st.header("Causal tests: do the memory blocks carry the reasoning?")
-    run = choose(ctx, ctx.block_runs(), "causal.run")
+    st.header("Causal tests: do the memory blocks (or continuous thoughts) carry the reasoning?")
+    run = choose(ctx, ctx.block_runs(core.LATENT_METHODS), "causal.run")
     if run is None:
         return
     report = None
@@ -56,7 +57,7 @@ def page(ctx: Context) -> None:
         _report_button(ctx, run)
 
     control = _control(ctx, run, report)
-    pairs = [(run.path.name if run.path.name in (Method.RIM, Method.PAUSE) else "run", run)]
+    pairs = [(run.path.name if run.path.name in core.LATENT_METHODS else "run", run)]
     pairs += [("control", control)] if control else []
     found = {f["name"]: Finding.from_dict(f) for f in (report or {}).get("findings", [])}
     for name, spec in [*FIGURES.items(), ("knockout", KNOCKOUT)]:
@@ -86,6 +87,8 @@ def _card(report: dict) -> None:
     }
     if c:
         columns[f"control: {c.get('method', 'control')}"] = [card_value(c, row.key) for row in CARD]
+    for other in report.get("compared") or []:
+        columns[other.get("method", "compared")] = [card_value(other, row.key) for row in CARD]
     columns["how it is measured"] = [row.how for row in CARD]
     st.dataframe(pd.DataFrame(columns), hide_index=True, width="stretch")
     st.caption(f"Examples: {r.get('examples')}; backend {r.get('backend')}. Intervals are 95%.")

@@ -74,7 +74,7 @@ def capture(
     capture is of."""
     spec = builder.spec
     if not spec.latent_blocks:
-        raise RunError(f"a {spec.method} model has no memory blocks or continuous thoughts to capture")
+        raise RunError(f"a {spec.method} model has no memory blocks to capture (nor continuous thoughts)")
     layers = list(range(backend.n_layers + 1)) if layers is None else sorted(set(layers))
     backend.check_layers(layers)
     out = Path(out_dir)

@@ -190,7 +190,7 @@ class Lab:
         if not self.spec.latent_blocks:
             raise RunError(
                 f"{self.run.path if self.run else 'model'}: a {self.spec.method} model has no memory "
-                "blocks or continuous thoughts to analyse"
+                "blocks to analyse (nor continuous thoughts)"
             )
 
     def select(

@@ -55,7 +55,11 @@ def wilson(successes: int, n: int, z: float = Z95) -> Estimate:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half), n, "wilson")
+    # At 0 or n successes the bound is exactly 0 or 1; the formula leaves rounding residue (~1e-17),
+    # which would read as "above 0".
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return Estimate(p, lo, hi, n, "wilson")
 
 
 def proportion(flags: Sequence[bool] | np.ndarray) -> Estimate:

@@ -7,7 +7,7 @@ import pytest
 
 from rim_lens.analysis import verdict
 from rim_lens.analysis.verdict import MIN_RECOVERY, NOT_SUPPORTED, NOT_TESTABLE, SUPPORTED
-from rim_lens.stats import Estimate
+from rim_lens.stats import Estimate, wilson
 
 
 def est(value: float, half: float = 0.05, n: int = 200) -> dict:
@@ -172,3 +172,13 @@ def test_undefined_figures_are_missing_not_zero():
     nan = {"value": None, "lo": None, "hi": None, "n": 0, "method": "bootstrap"}
     location = verdict.location(card(patching_peak_recovery=nan), control())
     assert location.outcome == NOT_TESTABLE
+
+
+def test_no_transfer_at_all_is_not_above_a_zero_chance():
+    """0 of n pairs has a lower bound of exactly 0, so it is never read as above a chance of 0."""
+    none = wilson(0, 100)
+    assert (none.lo, wilson(100, 100).hi) == (0.0, 1.0)
+    finding = verdict.sufficiency(
+        card(chance_accuracy=None, interchange_transfer_rate=none.to_dict()), control()
+    )
+    assert finding.outcome == NOT_SUPPORTED and "not above chance (0.000)" in finding.detail

@@ -161,3 +161,16 @@ def test_report_on_a_task_that_cannot_be_corrupted(tiny_runs_copy):
     assert "so the answers depend on the block states" in rep["verdict"]
     saved = strict_json(runs["rim"] / "analysis" / "report.json")
     assert saved["run"]["patching_peak"] is None
+
+
+def test_report_grids_cover_the_chosen_layers(tiny_runs_copy):
+    """`layers` (a deep pretrained model's way to a report in reasonable time) limits the per-layer
+    grids; ablation and knockout still cover every layer, so "every block ablated" keeps its meaning."""
+    runs = tiny_runs_copy
+    rep = build_report(runs["rim"], n=16, layers=[1])
+    for card in (rep["run"], rep["control"]):
+        done = card["done"]
+        assert done["interchange"]["selection"]["layers"] == [1]
+        assert done["probe"]["selection"]["layers"] == [1]
+        assert len(done["ablate"]["selection"]["layers"]) > 1
+        assert len(done["knockout"]["selection"]["layers"]) > 1

@@ -23,7 +23,7 @@ import numpy as np
 
 from rim_lens import artefacts
 from rim_lens.analysis import verdict
-from rim_lens.analysis.lab import Lab
+from rim_lens.analysis.lab import Lab, Layers
 from rim_lens.analysis.results import plain
 from rim_lens.data.causal import STEP
 from rim_lens.errors import RimLensError, RunError
@@ -179,13 +179,14 @@ def halves(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(select), np.flatnonzero(~select)
 
 
-def measure(lab: Lab, seed: int = 0) -> dict:
-    """The card of one session: every analysis run, saved under its run's analysis/, and its figures."""
+def measure(lab: Lab, seed: int = 0, layers: Layers = None) -> dict:
+    """The card of one session: every analysis run, saved under its run's analysis/, and its
+    figures; the per-layer grids cover `layers` (default all)."""
     done = {}
     ablation = lab.ablate(mode="mean", seed=seed)
     knock = lab.knockout()
-    inter = lab.interchange(seed=seed)
-    probe = lab.probe(seed=seed)
+    inter = lab.interchange(layers=layers, seed=seed)
+    probe = lab.probe(layers=layers, seed=seed)
     for result in (ablation, knock, inter, probe):
         result.save(lab.out)
         done[result.record["analysis"]] = _cited(result.record)
@@ -216,7 +217,7 @@ def measure(lab: Lab, seed: int = 0) -> dict:
     card["best_value_probe_selectivity"] = best["selectivity"] if best else None
     start = time.perf_counter()
     try:
-        patched = lab.patch(seed=seed)
+        patched = lab.patch(layers=layers, seed=seed)
     except RimLensError as err:  # e.g. GSM8K: only synthetic tasks can corrupt their questions
         card["patching_note"] = str(err)
     else:
@@ -231,7 +232,7 @@ def measure(lab: Lab, seed: int = 0) -> dict:
         card["patching_logit_gap"] = (
             patched.summary["logit_diff_clean"] - patched.summary["logit_diff_corrupt"]
         )
-        card.update(_attribution(lab, patched, seed, done))
+        card.update(_attribution(lab, patched, seed, done, layers))
     if lab.run and lab.run.exists(artefacts.METRICS):
         metrics = lab.run.read_json(artefacts.METRICS)
         ci = metrics.get("accuracy_ci")
@@ -247,14 +248,14 @@ def measure(lab: Lab, seed: int = 0) -> dict:
     return plain(card)
 
 
-def _attribution(lab: Lab, exact, seed: int, done: dict) -> dict:
+def _attribution(lab: Lab, exact, seed: int, done: dict, layers: Layers = None) -> dict:
     """Attribution patching beside exact patching (`exact`, on the same pairs): saved, and the card's
     figures of their agreement and of its time (a first call includes booting the bridge)."""
     from rim_lens.analysis.attribution import agreement
 
     start = time.perf_counter()
     try:
-        estimate = lab.patch(seed=seed, method="attribution")
+        estimate = lab.patch(layers=layers, seed=seed, method="attribution")
     except RimLensError as err:  # e.g. no checkpoint directory to boot a TransformerBridge from
         return {"patching_attribution_note": str(err)}
     out = {
@@ -270,7 +271,9 @@ def _attribution(lab: Lab, exact, seed: int, done: dict) -> dict:
     return out
 
 
-def measure_variables(lab: Lab, control: Lab | None, seed: int = 0) -> tuple[dict, dict | None]:
+def measure_variables(
+    lab: Lab, control: Lab | None, seed: int = 0, layers: Layers = None
+) -> tuple[dict, dict | None]:
     """The figures of the variables finding: causal abstraction of the run's step variables (the
     ones the finding judges; `rim-lens analyze abstraction` also covers derived ones and the answer)
     with `Lab.abstraction`'s defaults (the probe map, DAS at the most promising sites, its
@@ -282,7 +285,7 @@ def measure_variables(lab: Lab, control: Lab | None, seed: int = 0) -> tuple[dic
         steps = [v.name for v in found if v.kind == STEP]
         if not steps:
             raise RunError("the task's causal model has no step variables on these examples")
-        result = lab.abstraction(steps, seed=seed)
+        result = lab.abstraction(steps, layers=layers, seed=seed)
     except RimLensError as err:  # e.g. a task without a causal model
         return {"variables": None, "variables_note": str(err)}, None
     result.save(lab.out)
@@ -316,24 +319,29 @@ def build_report(
     n: int = 200,
     seed: int = 0,
     split: str = "test",
+    layers: Layers = None,
 ) -> dict:
     """Measure the run, its control and the runs compared with it (`compared_runs`) on the same
     examples, write report.json / report.md, return the report ({"run", "control", "compared",
-    "findings", "verdict"})."""
+    "findings", "verdict"}). `layers` limits the per-layer grids (probes, interchange, patching,
+    abstraction) to those layers, for deep pretrained models; ablation and knockout always cover
+    every layer."""
     run = open_run(run_dir)
     lab = Lab.open(run.path, backend=backend, n=n, split=split)
     lab.require_blocks()
     control_dir = Path(control) if control is not None else sibling(run.path, Method.PAUSE)
     direct_dir = Path(direct) if direct is not None else sibling(run.path, Method.DIRECT)
     control_lab = Lab.open(control_dir, backend=backend, examples=lab.examples) if control_dir else None
-    report = {"run": measure(lab, seed), "control": None, "compared": []}
+    report = {"run": measure(lab, seed, layers), "control": None, "compared": []}
     if control_lab is not None:
-        report["control"] = measure(control_lab, seed)
+        report["control"] = measure(control_lab, seed, layers)
         report["control"]["examples"] = f"the same {len(lab.examples)} examples as the run"
     for other in compared_runs(run.path, control_dir):
-        card = measure(Lab.open(other, backend=backend, examples=lab.examples), seed)
+        card = measure(Lab.open(other, backend=backend, examples=lab.examples), seed, layers)
         report["compared"].append({**card, "examples": f"the same {len(lab.examples)} examples as the run"})
-    for card, found in zip((report["run"], report["control"]), measure_variables(lab, control_lab, seed)):
+    for card, found in zip(
+        (report["run"], report["control"]), measure_variables(lab, control_lab, seed, layers)
+    ):
         if card is not None and found is not None:
             card["done"].update(found.pop("done", {}))
             card.update(found)

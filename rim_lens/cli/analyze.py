@@ -39,7 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=positive_int, default=200, help="examples to analyse (default: 200)")
     p.add_argument("--split", choices=SPLITS, default="test", help="the run's data split (default: test)")
     p.add_argument("--data", help="analyse the examples of this data file instead of the run's split")
-    p.add_argument("--layers", type=_int_list, default=None, help="layers, e.g. 0,2-3 (default: all)")
+    p.add_argument(
+        "--layers",
+        type=_int_list,
+        default=None,
+        help="layers, e.g. 0,2-3 (default: all; report: the layers of its per-layer grids)",
+    )
     p.add_argument("--blocks", type=_int_list, default=None, help="blocks (1-based), e.g. 1-4 (default: all)")
     p.add_argument("--slots", type=_int_list, default=None, help="slots in a block, 0..M+1 (default: all)")
     p.add_argument(
@@ -106,6 +111,7 @@ def _analyze(args: argparse.Namespace) -> int:
             n=args.n,
             seed=args.seed,
             split=args.split,
+            layers=args.layers,
         )
         print(report["verdict"])
         return 0

@@ -31,6 +31,7 @@ from rim_lens.model.tokenizer import add_memory_tokens
 PRESETS: dict[str, tuple[int, int, int]] = {
     "tiny": (2, 64, 2),
     "small": (4, 128, 4),
+    "deep": (8, 128, 4),  # small's width at twice the depth: blocks add positions, not layers
     "medium": (6, 192, 6),
     "large": (8, 256, 8),
 }

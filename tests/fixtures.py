@@ -182,6 +182,24 @@ def random_checkpoint(
     return save_checkpoint(model, tok, spec, directory)
 
 
+# An untrained Coconut checkpoint's setting: chains of 1-4 steps (questions of different lengths,
+# so batches have padded rows) and 3 continuous thoughts.
+COCONUT_CHAIN_OPTIONS = {"min_length": 1, "max_length": 4, "modulus": 10}
+COCONUT_THOUGHTS = 3
+
+
+def random_coconut(directory: Path, arch: str):
+    """(model, tokenizer, spec, task) of an untrained Coconut `random_checkpoint` with
+    `COCONUT_THOUGHTS` thoughts on modchain chains of `COCONUT_CHAIN_OPTIONS`."""
+    from rim_lens.data.tasks import get_task
+    from rim_lens.model.checkpoints import load_checkpoint
+
+    path = random_checkpoint(
+        directory, arch=arch, method="coconut", thoughts=COCONUT_THOUGHTS, task_options=COCONUT_CHAIN_OPTIONS
+    )
+    return (*load_checkpoint(path), get_task("modchain", **COCONUT_CHAIN_OPTIONS))
+
+
 def clone_runs(runs: dict[str, Path], dest: Path) -> dict[str, Path]:
     """A writable copy of (some of) a family of runs under `dest`, in the same parent layout:
     the runs in `runs` and what else the parent holds (data/), but no other run."""

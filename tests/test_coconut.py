@@ -16,7 +16,7 @@ from functools import partial
 
 import pytest
 import torch
-from fixtures import random_checkpoint
+from fixtures import COCONUT_CHAIN_OPTIONS, COCONUT_THOUGHTS, random_coconut
 
 from rim_lens.artefacts import split_file
 from rim_lens.data import read_examples
@@ -42,8 +42,7 @@ from training.schedules import coconut_stage
 from training.trainer import plan_stages, train
 
 torch.set_num_threads(1)
-CHAIN_OPTIONS = {"min_length": 1, "max_length": 4, "modulus": 10}
-N_THOUGHTS = 3
+CHAIN_OPTIONS, N_THOUGHTS = COCONUT_CHAIN_OPTIONS, COCONUT_THOUGHTS
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -51,15 +50,7 @@ N_THOUGHTS = 3
 def tiny(request, tmp_path_factory):
     """(model, tokenizer, builder) of an untrained Coconut checkpoint with large random weights,
     so that every thought moves the logits."""
-    path = random_checkpoint(
-        tmp_path_factory.mktemp("coconut") / "model",
-        arch=request.param,
-        method="coconut",
-        thoughts=N_THOUGHTS,
-        task_options=CHAIN_OPTIONS,
-    )
-    model, tok, spec = load_checkpoint(path)
-    task = get_task("modchain", **CHAIN_OPTIONS)
+    model, tok, spec, task = random_coconut(tmp_path_factory.mktemp("coconut") / "model", request.param)
     return model, tok, SequenceBuilder(tok, spec, task.join_steps)
 
 

@@ -11,36 +11,25 @@ import json
 
 import pytest
 import torch
-from fixtures import clone_runs, random_checkpoint
+from fixtures import COCONUT_THOUGHTS, clone_runs, random_coconut
 
 from rim_lens.analysis.engine import Variant, sweep
 from rim_lens.analysis.interventions import Add, Patch
 from rim_lens.analysis.lab import Lab
 from rim_lens.analysis.report import compared_runs
-from rim_lens.data.tasks import get_task
 from rim_lens.errors import RunError
 from rim_lens.model import coconut
-from rim_lens.model.checkpoints import load_checkpoint
 from rim_lens.model.layouts import Layout, Role, block_positions
 
 torch.set_num_threads(1)
-CHAIN_OPTIONS = {"min_length": 1, "max_length": 4, "modulus": 10}
-N_THOUGHTS = 3
+N_THOUGHTS = COCONUT_THOUGHTS
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def lab(request, tmp_path_factory) -> Lab:
     """A session over an untrained Coconut checkpoint with large random weights (every thought
     moves the logits) and chains of 1-4 steps (questions of different lengths: padded rows)."""
-    path = random_checkpoint(
-        tmp_path_factory.mktemp("coconut") / "model",
-        arch=request.param,
-        method="coconut",
-        thoughts=N_THOUGHTS,
-        task_options=CHAIN_OPTIONS,
-    )
-    model, tok, spec = load_checkpoint(path)
-    task = get_task("modchain", **CHAIN_OPTIONS)
+    model, tok, spec, task = random_coconut(tmp_path_factory.mktemp("coconut") / "model", request.param)
     examples = task.generate(8, seed=7)
     assert len({len(ex.question.split()) for ex in examples}) > 1
     return Lab.from_model(model, tok, spec, examples, task=task, out=tmp_path_factory.mktemp("lab"))

@@ -129,6 +129,13 @@ def test_refinement_weights_per_position():
     torch.testing.assert_close(w, torch.tensor([[0, 0, 1, 1, 2, 2, 3, 0]]) / 6.0)
     w = refinement_weights(target_index, 3, "uniform")
     torch.testing.assert_close(w, (target_index > 0).float() / 3)
+    # Rows with different K (a varied budget): each row's weights are its own K's.
+    rows = torch.tensor([[1, 2, 0, 0], [1, 2, 3, 4]])
+    for kind in ("linear", "uniform"):
+        w = refinement_weights(rows, torch.tensor([[2], [4]]), kind)
+        torch.testing.assert_close(w[0, :2], refinement_weights(rows[:1, :2], 2, kind)[0])
+        torch.testing.assert_close(w[1], refinement_weights(rows[1:], 4, kind)[0])
+        torch.testing.assert_close(w.sum(1), torch.ones(2))
 
 
 # -- tiny end-to-end runs ------------------------------------------------------------------------
@@ -233,6 +240,43 @@ def test_rim_switches_stage_with_reset_schedule(runs):
     # pause is refinement only
     pause_stages = {r["stage"] for r in read_jsonl(runs["pause"].path / "train_log.jsonl")}
     assert pause_stages == {"refinement"}
+
+
+def test_varied_budget_draws_each_examples_K_and_M(copy_data, tmp_path):
+    """`train.K_choices` / `M_choices`: each stage-2 training example gets its K and M from the
+    lists (every combination occurs, the same draw every time), the loss weights follow each row's
+    own K, while the held-out check, the checkpoint and evaluation keep memory.K and M."""
+    from rim_lens.model.layouts import Role, SequenceBuilder
+
+    cfg = tiny_config(copy_data, "pause", train__K_choices=[1, 3], train__M_choices=[0, 2], train__steps=20)
+    run = train(cfg, tmp_path / "varied")
+    _, tokenizer, spec = load_checkpoint(run.model_dir)
+    assert (spec.K, spec.M) == (2, 1)
+    assert run.read_json("metrics.json")["K"] == 2
+    held_out = {
+        name for r in read_jsonl(run.path / "train_log.jsonl") for name in r.get("readout_accuracy", {})
+    }
+    assert held_out == {"block_1", "block_2"}
+    builder = SequenceBuilder(tokenizer, spec)
+    (stage,) = trainer.plan_stages(cfg, builder)
+    examples = trainer.load_data(cfg, trainer.get_task("gsm8k")).train
+    drawn = set()
+    for ex in examples:
+        seq = stage.layout(ex)
+        assert seq.ids == stage.layout(ex).ids
+        K = max(seq.blocks)
+        M = sum(1 for r, b in zip(seq.roles, seq.blocks) if r == Role.MEMORY and b == 1)
+        assert seq.ids == builder.refinement(ex, n_blocks=K, n_memory=M).ids
+        drawn.add((K, M))
+    assert drawn == {(1, 0), (1, 2), (3, 0), (3, 2)}
+    assert stage.held_out(examples[0]).ids == builder.refinement(examples[0]).ids
+    assert len(stage.largest(examples[0])) == len(builder.refinement(examples[0], n_blocks=3, n_memory=2))
+    batch = builder.collate([stage.layout(ex) for ex in examples[:32]])
+    weights = stage.weights(batch, 0.0)
+    for row, ti in enumerate(batch.target_index):
+        K = int(batch.blocks[row].max())
+        torch.testing.assert_close(weights[row], refinement_weights(ti[None], K, cfg.train.alpha)[0])
+    assert len(set(batch.blocks.amax(1).tolist())) == 2
 
 
 def test_run_directory_contents(runs, copy_data):
@@ -416,6 +460,12 @@ def test_bad_values_name_file_line_and_key(tmp_path):
         ("seed: 1\ntrain:\n  warmup: 1.5\n", 3, "train.warmup", "must be in [0.0, 1.0]"),
         ("memory:\n  readout_sees_question: maybe\n", 2, "memory.readout_sees_question", "expected bool"),
         ("train: 5\n", 1, "train", "expected a mapping"),
+    ]
+    cases += [
+        ("train:\n  K_choices: [8, 0]\n", 2, "train.K_choices", "list of whole numbers >= 1"),
+        ("train:\n  M_choices: []\n", 2, "train.M_choices", "list of whole numbers >= 0"),
+        ("train:\n  K_choices: [8, many]\n", 2, "train.K_choices", "expected int"),
+        ("train:\n  K_choices: 8\n", 2, "train.K_choices", "expected list"),
     ]
     for text, line, key, problem in cases:
         path = write(tmp_path, text)

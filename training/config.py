@@ -57,6 +57,17 @@ def _run_name(value: str) -> str | None:
     return None
 
 
+def _counts(least: int) -> Callable[[list[int]], str | None]:
+    """A check: a non-empty list of whole numbers, each at least `least`."""
+
+    def check(value: list[int]) -> str | None:
+        if not value or min(value) < least:
+            return f"expected a non-empty list of whole numbers >= {least}, got {clip(repr(value))}"
+        return None
+
+    return check
+
+
 def _source(value: int | str) -> str | None:
     if isinstance(value, str) and not value.strip():
         return "expected a data file or a number of examples, got an empty string"
@@ -116,6 +127,10 @@ class TrainConfig:
     stage2_dropout: float = rule(0.1, min=0.0, max=1.0)
     lambda_hold: float = rule(0.3, min=0.0, max=1.0)  # fraction of stage 1 with every step weight at 1
     alpha: str = rule("linear", choices=("linear", "uniform"))  # stage-2 block weights: alpha_k ~ k, or equal
+    # RiM's stage 2 and pause: each training example's K and M drawn from these lists (the method's
+    # remedy for budgets never trained on); null: memory.K, memory.M. Inference uses memory.K, M.
+    K_choices: list[int] | None = rule(None, check=_counts(1))
+    M_choices: list[int] | None = rule(None, check=_counts(0))
     log_every: int = rule(25, min=1)
     eval_every: int = rule(100, min=1)
     # A resumable checkpoint every this many optimizer steps, and at the end of every stage (0: only
@@ -243,6 +258,9 @@ def _check_type(value: Any, annotation: Any) -> Any:
             return value
         if option in (str, bool, dict) and isinstance(value, option):
             return value
+        if typing.get_origin(option) is list and isinstance(value, list):
+            (item,) = typing.get_args(option)
+            return [_check_type(v, item) for v in value]
     names = " or ".join(getattr(o, "__name__", str(o)).replace("NoneType", "null") for o in options)
     raise TypeError(f"expected {names}, got {clip(repr(value))}")
 

@@ -27,11 +27,11 @@ def step_weights(t: torch.Tensor, T: torch.Tensor, progress: float, hold: float)
     return (t.to(torch.float32) - u * T).clamp(0.0, 1.0)
 
 
-def block_weights(k: torch.Tensor, K: int, kind: str = "linear") -> torch.Tensor:
-    """alpha for 1-based block indices `k` out of K."""
+def block_weights(k: torch.Tensor, K: int | torch.Tensor, kind: str = "linear") -> torch.Tensor:
+    """alpha for 1-based block indices `k` out of K (a number, or per row: [B, 1])."""
     k = k.to(torch.float32)
     if kind == "uniform":
-        return torch.full_like(k, 1.0 / K)
+        return torch.ones_like(k) / K
     return k / (K * (K + 1) / 2)
 
 
@@ -45,8 +45,9 @@ def grounding_weights(
     return torch.where(is_answer, 1.0, lam) * (target_index > 0)
 
 
-def refinement_weights(target_index: torch.Tensor, K: int, kind: str) -> torch.Tensor:
-    """Per-position stage-2 weights: alpha_k for the answer read after block k, 0 elsewhere."""
+def refinement_weights(target_index: torch.Tensor, K: int | torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-position stage-2 weights: alpha_k for the answer read after block k of K (per row:
+    [B, 1], when examples have different K), 0 elsewhere."""
     return block_weights(target_index, K, kind) * (target_index > 0)
 
 

@@ -135,24 +135,48 @@ class Stage:
     layout: Callable[[Example], Layout]
     weights: Callable[[Batch, float], torch.Tensor]  # (batch, progress in [0, 1]) -> [B, S]
     logits: Logits = target_logits
+    held_out: Callable[[Example], Layout] | None = None  # the held-out check's layout (None: `layout`)
+    largest: Callable[[Example], Layout] | None = None  # the longest `layout` can be (None: `layout`)
+
+
+def varied_budget(builder: SequenceBuilder, Ks: list[int], Ms: list[int], seed: int) -> Callable:
+    """The refinement layout with each example's K and M drawn uniformly from `Ks` and `Ms`, the
+    same for an example in every epoch and run of this seed (drawn from the example's id)."""
+
+    def layout(ex: Example) -> Layout:
+        rng = random.Random(f"{seed}:{ex.id}")
+        return builder.refinement(ex, n_blocks=rng.choice(Ks), n_memory=rng.choice(Ms))
+
+    return layout
 
 
 def plan_stages(cfg: RunConfig, builder: SequenceBuilder) -> list[Stage]:
     """RiM: grounding then refinement; pause: refinement only; direct and CoT: one stage;
     Coconut: stages 0..S of its curriculum then the all-thoughts stage S + 1."""
     t = cfg.train
-    refine = lambda b, s: refinement_weights(b.target_index, cfg.memory.K, t.alpha)  # noqa: E731
+    # Each row's K is its last block (a varied budget gives rows different K).
+    refine = lambda b, s: refinement_weights(b.target_index, b.blocks.amax(1, keepdim=True), t.alpha)  # noqa: E731
     plain = lambda b, s: (b.target_index > 0).float()  # noqa: E731
+    refinement = {"layout": builder.refinement}
+    if t.K_choices or t.M_choices:
+        Ks, Ms = t.K_choices or [cfg.memory.K], t.M_choices or [cfg.memory.M]
+        refinement = {
+            "layout": varied_budget(builder, Ks, Ms, cfg.seed),
+            "held_out": builder.refinement,
+            "largest": partial(builder.refinement, n_blocks=max(Ks), n_memory=max(Ms)),
+        }
     if cfg.method == "rim":
         stage1 = round(t.steps * t.stage1_fraction)
         ground = lambda b, s: grounding_weights(b.target_index, b.n_steps, s, t.lambda_hold)  # noqa: E731
         stages = [
             Stage("grounding", stage1, t.lr, t.dropout, builder.grounding, ground),
-            Stage("refinement", t.steps - stage1, t.stage2_lr, t.stage2_dropout, builder.refinement, refine),
+            Stage(
+                "refinement", t.steps - stage1, t.stage2_lr, t.stage2_dropout, weights=refine, **refinement
+            ),
         ]
         return [s for s in stages if s.steps > 0]
     if cfg.method == "pause":
-        return [Stage("refinement", t.steps, t.lr, t.dropout, builder.refinement, refine)]
+        return [Stage("refinement", t.steps, t.lr, t.dropout, weights=refine, **refinement)]
     if cfg.method == "coconut":
         return coconut_stages(cfg, builder)
     layout = builder.direct if cfg.method == "direct" else builder.cot
@@ -380,7 +404,7 @@ def run_stage(
             collate_fn=batches,
             generator=order,
         )
-    monitor_layouts = [stage.layout(ex) for ex in monitor]
+    monitor_layouts = [(stage.held_out or stage.layout)(ex) for ex in monitor]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=t.weight_decay)
     warmup = int(t.warmup * stage.steps)
@@ -534,7 +558,7 @@ def check_positions(
     limit = position_limit(model)
     if not limit:
         return
-    layouts = [(stage.name, stage.layout, splits.train) for stage in stages]
+    layouts = [(stage.name, stage.largest or stage.layout, splits.train) for stage in stages]
     layouts.append(("scored", builder.scored, splits.val + splits.test))
     for what, layout, examples in layouts:
         need, ex = longest(layout, examples)

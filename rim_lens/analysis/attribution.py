@@ -4,8 +4,10 @@ Kramár et al. 2024, "AtP").
 Patching a cell (resid[l] at one block position) from the clean run into the corrupt one changes
 the metric by about (a_clean - a_corrupt) . d metric / d a, the gradient taken on the corrupt
 run. One clean forward pass, one corrupt forward pass and one backward pass give this for every
-cell of every pair at once (all pairs in one batch: the metric is the sum over rows, and rows do
-not interact). The table is exact patching's (`causal.patch`): per cell the estimated logit
+cell of every pair in a batch at once (the metric is the sum over rows, and rows do not interact);
+the pairs go through in batches of `max_rows`, so memory is bounded by the batch, not by the number
+of pairs (gradients and full-vocabulary logits of a pretrained model take gigabytes per dozen
+pairs). The table is exact patching's (`causal.patch`): per cell the estimated logit
 difference and recovery, so the two sit side by side and `agreement` ranks one against the other.
 
 Built on TransformerLens' `transformer_lens.tools.analysis.attribution_patching`, on the session's
@@ -65,6 +67,7 @@ if TYPE_CHECKING:
     from rim_lens.analysis.lab import Lab
 
 QUESTION, ANSWER = "question", "answer"
+MAX_ROWS = 8  # pairs per forward/backward: SmolLM2's 40 pairs in one batch peaked at 11.7 GB
 INERT = 1e-6  # a cell whose patch moves no pair's logit difference more than this leaves it unchanged
 _BRIDGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its TransformerBridge
 
@@ -139,7 +142,7 @@ def split_qkv(bridge):
 def gradients(
     lab: Lab, pairs: Pairs, names: list[str], split: bool = False
 ) -> tuple[Batch, dict, dict, np.ndarray, np.ndarray]:
-    """One clean forward, one corrupt forward and one backward over all pairs (one batch each):
+    """One clean forward, one corrupt forward and one backward over the pairs (one batch each):
     (the corrupt batch, clean activations, corrupt activations and gradients by hook name, the
     per-pair logit differences clean and corrupt). `split`: with the split query/key/value inputs."""
     from transformer_lens.tools.analysis.attribution_patching import cache_activation_and_gradient
@@ -216,8 +219,13 @@ class QKFix:
 
     def __init__(self, lab: Lab) -> None:
         self.attention = [getattr(layer, lab.backend.attn_name) for layer in lab.backend.layers()]
-        self.rotary = TOPS[lab.model.config.model_type][1] is not None
+        self.rotary = self.is_rotary(lab)
         self._kv: dict[int, tuple] = {}  # layer -> keys and values per query head, corrupt and clean
+
+    @staticmethod
+    def is_rotary(lab: Lab) -> bool:
+        """Whether the model's queries and keys are rotated (the hooks then differ: `_qk`)."""
+        return TOPS[lab.model.config.model_type][1] is not None
 
     def names(self, l: int) -> list[str]:
         return _qk(l, self.rotary)
@@ -270,14 +278,14 @@ def position_groups(batch: Batch) -> tuple[list[str], torch.Tensor]:
     return labels, group
 
 
-def block_edges(batch: Batch, clean: dict, corrupt: dict, layers: list[int], gap: float) -> pd.DataFrame:
-    """Which block reads which: per layer, reader group and source group, the summed attribution
-    of the messages the reader's positions take from the source's positions (mean over pairs),
-    and that as a share of the clean - corrupt gap (`recovery`)."""
+def edge_sums(batch: Batch, clean: dict, corrupt: dict, layers: list[int]) -> tuple[list[str], torch.Tensor]:
+    """Which block reads which, summed over the batch's pairs: the group labels and, per layer,
+    reader group and source group [layers, groups, groups], the attribution of the messages the
+    reader's positions take from the source's positions."""
     labels, group = position_groups(batch)
     n = len(labels)
     onehot = torch.nn.functional.one_hot(group.clamp_min(0), n).double() * (group >= 0)[..., None]
-    rows = []
+    sums = []
     for l in layers:
         pattern, v, z = _attn(l)
         A_c, A_x = clean[pattern], corrupt["activations"][pattern]  # [B, H, q, k]
@@ -290,15 +298,25 @@ def block_edges(batch: Batch, clean: dict, corrupt: dict, layers: list[int], gap
         g = g.transpose(1, 2)  # [B, H, q, d]
         u_c, u_x = (g @ x.permute(0, 2, 3, 1) for x in (v_c, v_x))  # [B, H, q, k]
         s = (A_c * u_c - A_x * u_x).sum(1)
-        by_group = torch.einsum("bqk,bqr,bks->rs", s.double(), onehot, onehot) / s.shape[0]
-        for r in range(n):
-            for c in range(n):
-                score = float(by_group[r, c])
+        sums.append(torch.einsum("bqk,bqr,bks->rs", s.double(), onehot, onehot))
+    return labels, torch.stack(sums)
+
+
+def block_edges(
+    labels: list[str], sums: torch.Tensor, layers: list[int], n_pairs: int, gap: float
+) -> pd.DataFrame:
+    """The edge table from `edge_sums` over all pairs: per layer, reader and source, the mean
+    attribution over pairs (`score`) and that as a share of the clean - corrupt gap (`recovery`)."""
+    rows = []
+    for i, l in enumerate(layers):
+        for r, reader in enumerate(labels):
+            for c, source in enumerate(labels):
+                score = float(sums[i, r, c]) / n_pairs
                 rows.append(
                     {
                         "layer": l,
-                        "reader": labels[r],
-                        "source": labels[c],
+                        "reader": reader,
+                        "source": source,
                         "score": score,
                         "recovery": score / gap if gap else float("nan"),
                     }
@@ -370,26 +388,44 @@ def attribution_patch(
     edges: bool = True,
     with_components: bool = False,
     qk_fix: bool = True,
+    max_rows: int = MAX_ROWS,
 ) -> AttributionResult:
     """Attribution patching over the cells of `causal.patch` (same table: the estimated logit
     difference and recovery per cell), with `edges` the block-to-block edge attribution, with
     `with_components` TransformerLens' node scores at block positions; `qk_fix` (default) applies
     AtP*'s QK fix to the cells (`QKFix`), False gives plain attribution (AtP), the gradient's
-    first-order estimate."""
+    first-order estimate. The pairs go through `max_rows` at a time (the result does not depend on
+    it: rows do not interact)."""
     if lab.spec.uses_thoughts:
         raise RunError(
             "attribution patching runs the TransformerBridge on token ids in one pass; a Coconut "
             "model's continuous thoughts are hidden states fed back: use patch method 'full'"
         )
     layers = list(sel.layers)
-    fix = QKFix(lab) if qk_fix else None
     names = [_resid(l) for l in layers]
     names += [n for l in layers for n in _attn(l)] if edges or qk_fix else []
-    names += [n for l in layers for n in fix.names(l)] if fix else []
-    batch, clean, corrupt, ld_clean, ld_corrupt = gradients(
-        lab, pairs, list(dict.fromkeys(names)), split=qk_fix
+    names += [n for l in layers for n in _qk(l, QKFix.is_rotary(lab))] if qk_fix else []
+    names = list(dict.fromkeys(names))
+    cells, scores, ld_clean, ld_corrupt, edge_total = [], [], [], [], None
+    for start in range(0, len(pairs.clean), max_rows):
+        chunk = pairs.subset(range(start, min(start + max_rows, len(pairs.clean))))
+        batch, clean, corrupt, clean_ld, corrupt_ld = gradients(lab, chunk, names, split=qk_fix)
+        # A fresh fix per batch: it caches that batch's keys and values.
+        cells, chunk_scores = cell_scores(
+            batch, clean, corrupt, sel, per_slot, QKFix(lab) if qk_fix else None
+        )
+        scores.append(chunk_scores)
+        ld_clean.append(clean_ld)
+        ld_corrupt.append(corrupt_ld)
+        if edges:
+            labels, sums = edge_sums(batch, clean, corrupt, layers)
+            edge_total = sums if edge_total is None else edge_total + sums
+        del clean, corrupt  # this batch's activations and gradients, before the next batch's
+    scores, ld_clean, ld_corrupt = (
+        np.concatenate(scores, 1),
+        np.concatenate(ld_clean),
+        np.concatenate(ld_corrupt),
     )
-    cells, scores = cell_scores(batch, clean, corrupt, sel, per_slot, fix)
     patched = ld_corrupt[None] + scores
     gap = ld_clean.mean() - ld_corrupt.mean()
     table = pd.DataFrame(
@@ -405,7 +441,7 @@ def attribution_patch(
     )
     result = AttributionResult(table, clean=ld_clean, corrupt=ld_corrupt, patched=patched)
     if edges:
-        result.edges = block_edges(batch, clean, corrupt, layers, gap)
+        result.edges = block_edges(labels, edge_total, layers, len(pairs.clean), gap)
     if with_components:
         result.components = components(lab, pairs, sel)
     result.summary = {

@@ -91,12 +91,13 @@ class SequenceBuilder:
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id
         self.prefix = self.encode(spec.answer_prefix)
-        self.block_ids = self._block_ids(memory_token_ids(tokenizer, spec)) if spec.uses_blocks else []
+        self.block_ids = self.block_of(spec.M) if spec.uses_blocks else []
         self.thought_ids = memory_token_ids(tokenizer, spec) if spec.uses_thoughts else ()
 
-    def _block_ids(self, ids: tuple[int, int, int]) -> list[int]:
-        begin, memory, end = ids
-        return [begin] + [memory] * self.spec.M + [end]
+    def block_of(self, M: int) -> list[int]:
+        """The token ids of one block with M memory tokens."""
+        begin, memory, end = memory_token_ids(self.tokenizer, self.spec)
+        return [begin] + [memory] * M + [end]
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -116,12 +117,14 @@ class SequenceBuilder:
             seq.add(tok, i, Role.QUESTION)
         return seq
 
-    def _add_blocks(self, seq: Layout, n_blocks: int) -> list[int]:
-        """Append blocks 1..n; returns the sequence index of each block's end token."""
+    def _add_blocks(self, seq: Layout, n_blocks: int, n_memory: int | None = None) -> list[int]:
+        """Append blocks 1..n (of `n_memory` memory tokens, default spec.M); returns the sequence
+        index of each block's end token."""
+        block = self.block_ids if n_memory is None else self.block_of(n_memory)
         ends = []
         for k in range(1, n_blocks + 1):
-            for j, tok in enumerate(self.block_ids):
-                role = Role.BLOCK_BEGIN if j == 0 else Role.BLOCK_END if j == self.spec.M + 1 else Role.MEMORY
+            for j, tok in enumerate(block):
+                role = Role.BLOCK_BEGIN if j == 0 else Role.BLOCK_END if j == len(block) - 1 else Role.MEMORY
                 idx = seq.add(tok, seq.positions[-1] + 1, role, block=k, slot=j)
             ends.append(idx)
         return ends
@@ -170,14 +173,18 @@ class SequenceBuilder:
         targets = [self.step_target(s) for s in ex.steps] + [self.answer_target(ex.answer)]
         return self._packed(ex, targets, offset=self.spec.step_offset, n_steps=len(ex.steps))
 
-    def refinement(self, ex: Example, n_blocks: int | None = None) -> Layout:
-        """Stage 2 (and pause): the answer read out after every one of K blocks."""
+    def refinement(self, ex: Example, n_blocks: int | None = None, n_memory: int | None = None) -> Layout:
+        """Stage 2 (and pause): the answer read out after every one of K blocks (`n_blocks`,
+        default spec.K) of M memory tokens (`n_memory`, default spec.M)."""
         K = self.spec.K if n_blocks is None else n_blocks
-        return self._packed(ex, [self.answer_target(ex.answer)] * K, offset=0, n_steps=len(ex.steps))
+        targets = [self.answer_target(ex.answer)] * K
+        return self._packed(ex, targets, offset=0, n_steps=len(ex.steps), n_memory=n_memory)
 
-    def _packed(self, ex: Example, targets: list[list[int]], offset: int, n_steps: int) -> Layout:
+    def _packed(
+        self, ex: Example, targets: list[list[int]], offset: int, n_steps: int, n_memory: int | None = None
+    ) -> Layout:
         seq = self._question(ex)
-        ends = self._add_blocks(seq, len(targets) + offset)
+        ends = self._add_blocks(seq, len(targets) + offset, n_memory)
         for t, target in enumerate(targets, start=1):
             self._add_readout(seq, ends[t + offset - 1], target, t, block=t + offset)
         seq.n_steps = n_steps

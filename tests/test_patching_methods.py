@@ -99,6 +99,33 @@ def test_resume_sweep_equals_sweep_at_every_position(labs, setting):
     torch.testing.assert_close(logprob, skipping[..., 1], rtol=0, atol=ATOL)
 
 
+def test_sweep_passes_shrink_to_the_logits_budget(labs, monkeypatch):
+    """A pass holds at most LOGITS_BUDGET logit values (a pretrained vocabulary's memory): with a
+    budget of two rows the sweep runs more passes and gives the same numbers."""
+    from rim_lens.analysis import engine
+
+    lab = labs["llama-visible"]
+    sel = lab.select()
+    variants = [Variant([], None), Variant(sel.sites(blocks=[2]), lab.fit(rl.Mean(), lab.examples, sel))]
+    seqs = [lab.builder.scored(ex) for ex in lab.examples]
+    whole = sweep(lab.backend, lab.builder, seqs, variants, correct_and_logprob)
+    per_row = max(map(len, seqs)) * lab.model.config.vocab_size
+    assert engine.rows_per_pass(lab.backend, seqs, 256) == min(256, engine.LOGITS_BUDGET // per_row)
+    monkeypatch.setattr(engine, "LOGITS_BUDGET", 2 * per_row + 1)
+    assert engine.rows_per_pass(lab.backend, seqs, 256) == 2
+    passes = []
+    forward = lab.backend.forward
+    monkeypatch.setattr(
+        lab.backend,
+        "forward",
+        lambda batch, **kw: passes.append(len(batch.input_ids)) or forward(batch, **kw),
+    )
+    small = sweep(lab.backend, lab.builder, seqs, variants, correct_and_logprob)
+    assert max(passes) == 2 and len(passes) == len(seqs)  # 2 variants x n examples, 2 rows a pass
+    assert torch.equal(small[..., 0], whole[..., 0])
+    torch.testing.assert_close(small[..., 1], whole[..., 1], rtol=0, atol=ATOL)
+
+
 def test_patch_methods_refuse_in_one_line(labs):
     lab = labs["gpt2-visible"]
     tl = lab.with_backend("tl")

@@ -41,6 +41,10 @@ KNOCKOUTS = ("answer->block", "block->earlier")
 # resume_sweep: a row joins a forward pass that starts earlier than it would only while that costs
 # it at most this share of the positions it needs (fewer, fuller passes against wasted positions).
 WASTE = 0.125
+# sweep: the most logit values one pass may hold (512 MiB in fp32; the metric's log-softmax holds as
+# many again). From-scratch vocabularies never reach it; SmolLM2's 49k vocabulary at 70 positions
+# does at 39 rows (the report's knockout at 256 rows a pass peaked at 6.1 GB).
+LOGITS_BUDGET = 1 << 27
 
 
 @dataclass(frozen=True)
@@ -114,12 +118,14 @@ def sweep(
     max_rows: int = 256,
 ) -> torch.Tensor:
     """metric for every (variant, example): Tensor [n_variants, n_examples, ...]. Interventions
-    must be fitted on `seqs`' examples (their rows are the example indices)."""
+    must be fitted on `seqs`' examples (their rows are the example indices). A pass takes at most
+    `max_rows` rows, fewer when their logits would pass `LOGITS_BUDGET`."""
     n = len(seqs)
     pairs = [(v, e) for v in range(len(variants)) for e in range(n)]
+    per_pass = rows_per_pass(backend, seqs, max_rows)
     results = []
-    for start in range(0, len(pairs), max_rows):
-        chunk = torch.tensor(pairs[start : start + max_rows])
+    for start in range(0, len(pairs), per_pass):
+        chunk = torch.tensor(pairs[start : start + per_pass])
         var_idx, ex_idx = chunk[:, 0], chunk[:, 1]
         batch = builder.collate([seqs[e] for e in ex_idx.tolist()], side="left")
         knock_out(batch, [variants[v].knockout for v in var_idx.tolist()])
@@ -130,6 +136,13 @@ def sweep(
         results.append(metric(backend.forward(batch, edits=edits).logits, batch, ex_idx))
     flat = torch.cat(results)
     return flat.view(len(variants), n, *flat.shape[1:])
+
+
+def rows_per_pass(backend: Backend, seqs: Sequence[Layout], max_rows: int) -> int:
+    """How many of `seqs` one pass may take: `max_rows`, or fewer if their full-vocabulary logits
+    would hold more than `LOGITS_BUDGET` values (a pretrained vocabulary: 49k per position)."""
+    per_row = max(map(len, seqs)) * backend.model.config.vocab_size
+    return max(1, min(max_rows, LOGITS_BUDGET // per_row))
 
 
 def resume_sweep(

@@ -219,13 +219,7 @@ class QKFix:
 
     def __init__(self, lab: Lab) -> None:
         self.attention = [getattr(layer, lab.backend.attn_name) for layer in lab.backend.layers()]
-        self.rotary = self.is_rotary(lab)
-        self._kv: dict[int, tuple] = {}  # layer -> keys and values per query head, corrupt and clean
-
-    @staticmethod
-    def is_rotary(lab: Lab) -> bool:
-        """Whether the model's queries and keys are rotated (the hooks then differ: `_qk`)."""
-        return TOPS[lab.model.config.model_type][1] is not None
+        self.rotary = TOPS[lab.model.config.model_type][1] is not None
 
     def names(self, l: int) -> list[str]:
         return _qk(l, self.rotary)
@@ -242,11 +236,11 @@ class QKFix:
         pattern, v_name, z_name = _attn(l)
         act = corrupt["activations"]
         A = act[pattern]  # [B, H, q, k]
-        if l not in self._kv:
-            heads = A.shape[1]  # grouped-query keys and values serve several query heads
-            tensors = (act[k_name], clean[k_name], act[v_name], clean[v_name])
-            self._kv[l] = tuple(x.repeat_interleave(heads // x.shape[2], dim=2) for x in tensors)
-        k_x, k_c, v_x, v_c = self._kv[l]  # [B, S, H, d]
+        heads = A.shape[1]  # grouped-query keys and values serve several query heads
+        tensors = (act[k_name], clean[k_name], act[v_name], clean[v_name])
+        k_x, k_c, v_x, v_c = (
+            x.repeat_interleave(heads // x.shape[2], dim=2) for x in tensors
+        )  # [B, S, H, d]
         rows = torch.arange(A.shape[0])[None, :, None]
         z = act[z_name]  # [B, q, H, d]
         # Each query's scores at P move by scale * q . (k_clean - k_corrupt); the other keys keep
@@ -402,18 +396,16 @@ def attribution_patch(
             "model's continuous thoughts are hidden states fed back: use patch method 'full'"
         )
     layers = list(sel.layers)
+    fix = QKFix(lab) if qk_fix else None
     names = [_resid(l) for l in layers]
     names += [n for l in layers for n in _attn(l)] if edges or qk_fix else []
-    names += [n for l in layers for n in _qk(l, QKFix.is_rotary(lab))] if qk_fix else []
+    names += [n for l in layers for n in fix.names(l)] if fix else []
     names = list(dict.fromkeys(names))
     cells, scores, ld_clean, ld_corrupt, edge_total = [], [], [], [], None
     for start in range(0, len(pairs.clean), max_rows):
         chunk = pairs.subset(range(start, min(start + max_rows, len(pairs.clean))))
         batch, clean, corrupt, clean_ld, corrupt_ld = gradients(lab, chunk, names, split=qk_fix)
-        # A fresh fix per batch: it caches that batch's keys and values.
-        cells, chunk_scores = cell_scores(
-            batch, clean, corrupt, sel, per_slot, QKFix(lab) if qk_fix else None
-        )
+        cells, chunk_scores = cell_scores(batch, clean, corrupt, sel, per_slot, fix)
         scores.append(chunk_scores)
         ld_clean.append(clean_ld)
         ld_corrupt.append(corrupt_ld)

@@ -91,12 +91,16 @@ class SequenceBuilder:
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id
         self.prefix = self.encode(spec.answer_prefix)
+        # (begin, memory, end) for blocks, (bot, thought, eot) for Coconut, looked up once.
+        self._special_ids = (
+            memory_token_ids(tokenizer, spec) if spec.uses_blocks or spec.uses_thoughts else ()
+        )
         self.block_ids = self.block_of(spec.M) if spec.uses_blocks else []
-        self.thought_ids = memory_token_ids(tokenizer, spec) if spec.uses_thoughts else ()
+        self.thought_ids = self._special_ids if spec.uses_thoughts else ()
 
     def block_of(self, M: int) -> list[int]:
         """The token ids of one block with M memory tokens."""
-        begin, memory, end = memory_token_ids(self.tokenizer, self.spec)
+        begin, memory, end = self._special_ids
         return [begin] + [memory] * M + [end]
 
     def encode(self, text: str) -> list[int]:

@@ -54,3 +54,7 @@ _COLORS = {
     Method.COCONUT: "#9467bd",
 }
 METHODS: tuple[str, ...] = tuple(m.value for m in Method)
+# What `make demo` trains: the comparison the paper's claim rests on. Coconut is opt-in there
+# (`rim-lens demo --methods ...,coconut`; `make demo-full` trains it) to keep the demo within
+# its 15-minute budget on two cores.
+DEMO_METHODS: tuple[str, ...] = (Method.DIRECT, Method.COT, Method.PAUSE, Method.RIM)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -219,6 +220,17 @@ def test_groups_and_control_labels(planted):
     assert set(labels) <= set(y) and len(set(labels)) > 1
 
 
+def test_value_probes_in_parallel_equal_one_process(planted):
+    """Cells fitted in worker processes give the same table and per-example hits as in order here."""
+    one_table, one_hits = value_probes(planted, n_jobs=1, **FAST)
+    two_table, two_hits = value_probes(planted, n_jobs=2, **FAST)
+    pd.testing.assert_frame_equal(one_table, two_table)
+    assert one_hits.keys() == two_hits.keys()
+    for key, outcomes in one_hits.items():
+        for a, b in zip(outcomes, two_hits[key]):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_best_value_probe_is_chosen_on_some_examples_and_scored_on_others(planted):
     table, hits = value_probes(planted, **FAST)
     result = ProbeResult(table, hits=hits, groups=question_groups(planted))
@@ -268,7 +280,7 @@ def test_control_task_is_learnable_when_states_hold_the_type(tmp_path):
             "answer": "0",
             "steps": ["s"],
             "values": [int(value[i])],
-            "derived": {"running_total": [int(value[i]) + 1]},
+            "derived": {"running_total": [int(value[i]) + 1], "copy": [int(value[i])]},
             "readouts": ["0"],
             "correct": [False],
         }
@@ -276,7 +288,11 @@ def test_control_task_is_learnable_when_states_hold_the_type(tmp_path):
     ]
     store = write_capture(tmp_path / "c", resid, records, [0], ["<b>", "</b>"])
     df = probe_values(store, **FAST)
-    assert set(df["variable"]) == {"value", "running_total"}  # derived values under their own name
+    assert set(df["variable"]) == {"value", "running_total", "copy"}  # derived values, own names
+    # A derived quantity equal to the step's value is the same problem, with the same control.
+    figures = ["score", "control", "selectivity", "score_lo", "score_hi"]
+    copy = df[df["variable"] == "copy"][figures].to_numpy()
+    np.testing.assert_array_equal(copy, df[df["variable"] == "value"][figures].to_numpy())
     assert (df["n_types"] == 10).all()
     row = df[df["variable"] == "value"].iloc[0]
     assert row["control"] > row["control_chance"] + 0.3  # the control task is learnable here

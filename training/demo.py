@@ -22,7 +22,7 @@ from rim_lens.compare import comparison, latency_side_by_side, render
 from rim_lens.data import write_examples
 from rim_lens.data.tasks import get_task
 from rim_lens.fileio import atomic_write_json, atomic_write_text
-from rim_lens.methods import METHODS, Method
+from rim_lens.methods import DEMO_METHODS, Method
 from rim_lens.runs import Run
 
 RECIPES = Path(str(resources.files("training") / "recipes"))
@@ -76,10 +76,10 @@ def gap_closure(metrics: dict[str, dict]) -> dict | None:
 
 
 def k_curve(metrics: dict) -> str:
-    """RiM's test accuracy reading the answer after block k = 1..K, as one table row each. With
-    the question visible and causal attention, the answer after block k sees exactly what a model
-    given only k blocks sees, so this is the accuracy at budget K = k."""
-    rows = ["| K | test accuracy [95% CI] |", "|---|---|"]
+    """RiM's accuracy (on the split it was scored on) reading the answer after block k = 1..K, as
+    one table row each. With the question visible and causal attention, the answer after block k
+    sees exactly what a model given only k blocks sees, so this is the accuracy at budget K = k."""
+    rows = [f"| K | {metrics.get('scored_on', 'test')} accuracy [95% CI] |", "|---|---|"]
     for k, (value, (lo, hi)) in enumerate(
         zip(metrics["per_block_accuracy"], metrics["per_block_accuracy_ci"]), 1
     ):
@@ -98,7 +98,7 @@ def seed_table(per_seed: dict[str, list[float]]) -> str:
 def run_demo(
     runs_dir: str | Path = "runs/demo",
     full: bool = False,
-    methods: tuple[str, ...] = METHODS,
+    methods: tuple[str, ...] = DEMO_METHODS,
     report: bool = True,
     overrides: list[str] | None = None,
     recipe: str | Path | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rim_lens.cli.args import number, positive_int
-from rim_lens.methods import METHODS
+from rim_lens.methods import DEMO_METHODS, METHODS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--full", action="store_true", help="the longer budget (training/recipes/demo_full.yaml)")
     p.add_argument("--runs-dir", help="where the runs go (default: runs/demo, or runs/demo-full with --full)")
     p.add_argument(
-        "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
+        "--methods",
+        default=",".join(DEMO_METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)} (default: {','.join(DEMO_METHODS)})",
     )
     p.add_argument(
         "--recipe",

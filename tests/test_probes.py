@@ -14,6 +14,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from rim_lens.analysis.capture import CaptureStore
 from rim_lens.analysis.probes import (
+    CONSTANT,
     MIN_EXAMPLES_PER_TYPE,
     control_labels,
     control_types,
@@ -297,3 +298,37 @@ def test_control_task_is_learnable_when_states_hold_the_type(tmp_path):
     row = df[df["variable"] == "value"].iloc[0]
     assert row["control"] > row["control_chance"] + 0.3  # the control task is learnable here
     assert row["selectivity"] < 0.2  # and the value, not encoded, is not selectively readable
+
+
+def test_states_equal_for_every_example_are_not_probed(tmp_path):
+    """Layer 0 at a block token holds its embedding, the same for every question: its cells are
+    NaN with a note, and the best cell is chosen among the others."""
+    rng = np.random.default_rng(2)
+    n = 200
+    value = rng.integers(4, size=n)
+    resid = rng.normal(size=(n, 2, 1, 2, 6)).astype(np.float32)
+    resid[:, 0] = 1.0  # every example the same at layer 0
+    resid[:, 1, 0, :, 0] += 3 * value[:, None]
+    correct = rng.random(n) < 0.5
+    records = [
+        {
+            "id": f"e{i}",
+            "question": f"w{i % 10} x{i}",
+            "answer": "0",
+            "steps": ["s"],
+            "values": [int(value[i])],
+            "readouts": ["0"],
+            "correct": [bool(correct[i])],
+        }
+        for i in range(n)
+    ]
+    store = write_capture(tmp_path / "c", resid, records, [0, 1], ["<b>", "</b>"])
+    table, hits = value_probes(store, **FAST)
+    first = table[table["layer"] == 0].iloc[0]
+    assert np.isnan(first["score"]) and first["note"] == CONSTANT
+    assert table[table["layer"] == 1].iloc[0]["score"] > 0.5  # four values: chance is about 0.25
+    assert [key[0] for key in hits] == [1]
+    best = ProbeResult(table, hits=hits, groups=question_groups(store)).best()
+    assert best["layer"] == 1
+    correctness = probe_correctness(store, **FAST)
+    assert correctness[correctness["layer"] == 0].iloc[0]["note"] == CONSTANT

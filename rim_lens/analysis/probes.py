@@ -222,6 +222,15 @@ def _features(store: CaptureStore, layer: int, block: int, slots: Slots) -> np.n
     return states.reshape(len(states), -1)
 
 
+CONSTANT = "block states are the same for every example here (e.g. a block token's embedding)"
+
+
+def constant(X: np.ndarray) -> bool:
+    """Whether every example has the same features: nothing to probe, and a probe fitted anyway
+    scores the majority class, which must not compete for the best cell."""
+    return not np.ptp(X, axis=0).any()
+
+
 def _cell(layer: int, block: int, slots: Slots) -> dict:
     chosen = _slot_list(slots)
     where = (
@@ -345,6 +354,9 @@ def probe_correctness(
                     else None
                 )
             pb = problems[k]
+            if constant(X):
+                rows.append({**row, "note": CONSTANT})
+                continue
             if pb is None:
                 what = (
                     f"all {'right' if y.mean() > 0.5 else 'wrong'}"
@@ -475,9 +487,12 @@ def _oof_hits(X: np.ndarray, labels: list[np.ndarray], folds: list[list], C: flo
 
 def _cell_hits(
     X: np.ndarray, problems: dict[tuple[str, int], _Problem], C: float
-) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]]:
+) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]] | None:
     """One (layer, block)'s out-of-fold hits per problem: (probe hits, control hits or None when
-    the control task has one class). A problem shared by several keys is fitted once."""
+    the control task has one class); None if the states are `constant`. A problem shared by
+    several keys is fitted once."""
+    if constant(X):
+        return None
     hits = {
         id(pb): (
             _oof_hits(X[pb.rows], pb.labels, pb.folds, C),
@@ -586,7 +601,9 @@ def value_probes(
                 "n": len(rows),
                 "note": note,
             }
-            if (variable, t) in problems:
+            if (variable, t) in problems and found is None:
+                row["note"] = CONSTANT
+            elif (variable, t) in problems:
                 pb = problems[variable, t]
                 hits, control = found[variable, t]
                 row["score"], row["chance"] = float(hits.mean()), _majority(labels)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from training.demo import gap_closure, k_curve, seed_table
@@ -42,3 +44,18 @@ def test_no_gap_when_cot_does_not_beat_direct():
         "closed": None,
         "note": "CoT is not above direct: there is no gap to close",
     }
+
+
+def test_data_files_with_the_same_bytes_are_the_same_recipe(tmp_path):
+    """A runs folder moved or copied keeps its data under a new path: the demo reuses its runs."""
+    from training.config import differences, load_config
+
+    recipe = Path(__file__).resolve().parents[1] / "training/recipes/demo.yaml"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for folder, text in (("a", "same"), ("b", "same")):
+        (tmp_path / folder / "train.jsonl").write_text(text)
+    (tmp_path / "other.jsonl").write_text("different")
+    at = lambda path: load_config(recipe, [f"data.train={path}"])  # noqa: E731
+    assert differences(at(tmp_path / "a/train.jsonl"), at(tmp_path / "b/train.jsonl")) == []
+    assert differences(at(tmp_path / "a/train.jsonl"), at(tmp_path / "other.jsonl")) == ["data.train"]

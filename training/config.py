@@ -210,7 +210,19 @@ def differences(a: RunConfig, b: RunConfig) -> list[str]:
         return out
 
     fa, fb = flat(a.to_dict()), flat(b.to_dict())
-    return [k for k in fa if fa[k] != fb.get(k) and k not in RESUMABLE_CHANGES]
+    return [
+        k
+        for k in fa
+        if fa[k] != fb.get(k) and k not in RESUMABLE_CHANGES and not _same_file(fa[k], fb.get(k))
+    ]
+
+
+def _same_file(a: object, b: object) -> bool:
+    """Whether two data settings name files with the same bytes: a runs folder that was moved or
+    copied keeps its runs' data under a new path, and that is no change of recipe."""
+    if not (isinstance(a, str) and isinstance(b, str) and Path(a).is_file() and Path(b).is_file()):
+        return False
+    return Path(a).stat().st_size == Path(b).stat().st_size and Path(a).read_bytes() == Path(b).read_bytes()
 
 
 # -- checking ------------------------------------------------------------------------------------

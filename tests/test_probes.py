@@ -264,6 +264,26 @@ def test_control_types_recur_often_enough_to_be_learned():
     assert len(set(control_types(examples[:100]))) == 4  # 100 examples: one word, 25 per type
 
 
+def one_step_records(
+    first: np.ndarray, value: np.ndarray, correct: np.ndarray, derived: list[dict] | None = None
+) -> list[dict]:
+    """Capture records of one-step examples: question `w<first> x<i>` (its first word is the
+    control type), the step's value, whether the one readout was right, derived values if given."""
+    return [
+        {
+            "id": f"e{i}",
+            "question": f"w{first[i]} x{i}",
+            "answer": "0",
+            "steps": ["s"],
+            "values": [int(value[i])],
+            **({"derived": derived[i]} if derived else {}),
+            "readouts": ["0"],
+            "correct": [bool(correct[i])],
+        }
+        for i in range(len(value))
+    ]
+
+
 def test_control_task_is_learnable_when_states_hold_the_type(tmp_path):
     """States that encode the control type (the question's first word): the control task is
     learned out of fold, far above its chance, so a real probe's selectivity is judged against a
@@ -274,19 +294,8 @@ def test_control_task_is_learnable_when_states_hold_the_type(tmp_path):
     value = rng.integers(5, size=n)
     resid = rng.normal(size=(n, 1, 1, 2, 8)).astype(np.float32)
     resid[:, 0, 0, :, :] += 3 * rng.normal(size=(10, 2, 8))[first]  # the first word, readable
-    records = [
-        {
-            "id": f"e{i}",
-            "question": f"w{first[i]} x{i}",
-            "answer": "0",
-            "steps": ["s"],
-            "values": [int(value[i])],
-            "derived": {"running_total": [int(value[i]) + 1], "copy": [int(value[i])]},
-            "readouts": ["0"],
-            "correct": [False],
-        }
-        for i in range(n)
-    ]
+    derived = [{"running_total": [int(v) + 1], "copy": [int(v)]} for v in value]
+    records = one_step_records(first, value, np.zeros(n, dtype=bool), derived)
     store = write_capture(tmp_path / "c", resid, records, [0], ["<b>", "</b>"])
     df = probe_values(store, **FAST)
     assert set(df["variable"]) == {"value", "running_total", "copy"}  # derived values, own names
@@ -310,18 +319,7 @@ def test_states_equal_for_every_example_are_not_probed(tmp_path):
     resid[:, 0] = 1.0  # every example the same at layer 0
     resid[:, 1, 0, :, 0] += 3 * value[:, None]
     correct = rng.random(n) < 0.5
-    records = [
-        {
-            "id": f"e{i}",
-            "question": f"w{i % 10} x{i}",
-            "answer": "0",
-            "steps": ["s"],
-            "values": [int(value[i])],
-            "readouts": ["0"],
-            "correct": [bool(correct[i])],
-        }
-        for i in range(n)
-    ]
+    records = one_step_records(np.arange(n) % 10, value, correct)
     store = write_capture(tmp_path / "c", resid, records, [0, 1], ["<b>", "</b>"])
     table, hits = value_probes(store, **FAST)
     first = table[table["layer"] == 0].iloc[0]

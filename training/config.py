@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import filecmp
 import math
 import types
 import typing
@@ -222,7 +223,7 @@ def _same_file(a: object, b: object) -> bool:
     copied keeps its runs' data under a new path, and that is no change of recipe."""
     if not (isinstance(a, str) and isinstance(b, str) and Path(a).is_file() and Path(b).is_file()):
         return False
-    return Path(a).stat().st_size == Path(b).stat().st_size and Path(a).read_bytes() == Path(b).read_bytes()
+    return filecmp.cmp(a, b, shallow=False)
 
 
 # -- checking ------------------------------------------------------------------------------------

@@ -107,6 +107,27 @@ def test_eval_run(trained, capsys):
         assert after[key] == before[key], key
 
 
+def test_eval_scores_test_for_a_run_searched_on_validation(trained, tmp_path, capsys):
+    """A run trained with eval.score_test off (a settings search) gets its test figures from
+    `rim-lens eval` once it is chosen; its recipe stays as trained."""
+    import shutil
+
+    run = tmp_path / "searched"
+    shutil.copytree(trained[0], run)
+    config = (run / "config.yaml").read_text()
+    assert "score_test: true\n" in config
+    (run / "config.yaml").write_text(config.replace("score_test: true\n", "score_test: false\n"))
+    full = json.loads((run / "metrics.json").read_text())
+    searched = {k: v for k, v in full.items() if not k.startswith("test_")}
+    (run / "metrics.json").write_text(json.dumps(dict(searched, scored_on="val")))
+    assert main(["eval", str(run)]) == 0
+    after = json.loads((run / "metrics.json").read_text())
+    assert after["scored_on"] == "test"
+    assert after["test_accuracy"] == after["accuracy"] == full["test_accuracy"]
+    assert after["val_accuracy"] == full["val_accuracy"]
+    assert "score_test: false\n" in (run / "config.yaml").read_text()
+
+
 def test_eval_sweep_over_K(trained, capsys):
     run, _ = trained
     assert main(["eval", str(run), "--K", "1,2"]) == 0

@@ -36,6 +36,9 @@ def test_k_curve_and_seed_table():
     assert curve.splitlines()[2:] == ["| 1 | 0.200 [0.100, 0.300] |", "| 2 | 0.300 [0.200, 0.400] |"]
     table = seed_table({"rim": [0.3, 0.5, 0.4], "direct": [0.1]})
     assert "| rim | 0.400 ± 0.100 | 3 |" in table and "| direct | 0.100 ± 0.000 | 1 |" in table
+    assert table.startswith("| method | test accuracy") and "| val accuracy" in seed_table(
+        {"rim": [0.3]}, "val"
+    )
 
 
 def test_no_gap_when_cot_does_not_beat_direct():
@@ -59,3 +62,25 @@ def test_data_files_with_the_same_bytes_are_the_same_recipe(tmp_path):
     at = lambda path: load_config(recipe, [f"data.train={path}"])  # noqa: E731
     assert differences(at(tmp_path / "a/train.jsonl"), at(tmp_path / "b/train.jsonl")) == []
     assert differences(at(tmp_path / "a/train.jsonl"), at(tmp_path / "other.jsonl")) == ["data.train"]
+
+
+@pytest.mark.parametrize(
+    "method, key, value, changed",
+    [
+        ("direct", "train.stage1_fraction", "0.4", False),
+        ("pause", "train.lambda_hold", "0.9", False),
+        ("cot", "coconut.c", "3", False),
+        ("rim", "train.stage1_fraction", "0.4", True),
+        ("pause", "train.alpha", "uniform", True),
+        ("coconut", "coconut.c", "3", True),
+        ("direct", "train.lr", "2.0e-3", True),
+    ],
+)
+def test_a_key_only_other_methods_read_is_no_change_of_recipe(method, key, value, changed):
+    """Moving RiM's schedule in a demo retrains RiM, not the baselines that never read it."""
+    from training.config import differences, load_config
+
+    recipe = Path(__file__).resolve().parents[1] / "training/recipes/demo.yaml"
+    base = load_config(recipe, [f"method={method}"])
+    moved = load_config(recipe, [f"method={method}", f"{key}={value}"])
+    assert differences(moved, base) == ([key] if changed else [])

@@ -196,10 +196,28 @@ class RunConfig:
 
 # Keys a resumed run may change: they do not alter what is computed.
 RESUMABLE_CHANGES = ("train.threads", "train.checkpoint_every")
+# Keys (or key prefixes) only some methods read (trainer.plan_stages, run_spec): changing one is no
+# change of recipe for another method's run, so a demo keeps its baselines when RiM's schedule moves.
+METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "train.stage1_fraction": ("rim",),
+    "train.stage2_lr": ("rim",),
+    "train.stage2_dropout": ("rim",),
+    "train.lambda_hold": ("rim",),
+    "train.alpha": ("rim", "pause"),
+    "train.K_choices": ("rim", "pause"),
+    "train.M_choices": ("rim", "pause"),
+    "coconut.": ("coconut",),
+}
+
+
+def reads(method: str, key: str) -> bool:
+    """Whether a run of `method` reads the dotted recipe key `key`."""
+    return all(method in methods for prefix, methods in METHOD_KEYS.items() if key.startswith(prefix))
 
 
 def differences(a: RunConfig, b: RunConfig) -> list[str]:
-    """Dotted keys whose values differ between two configs (those a resume may change excluded)."""
+    """Dotted keys whose values differ between two configs (those a resume may change, and those
+    the method does not read, excluded)."""
 
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
@@ -214,7 +232,10 @@ def differences(a: RunConfig, b: RunConfig) -> list[str]:
     return [
         k
         for k in fa
-        if fa[k] != fb.get(k) and k not in RESUMABLE_CHANGES and not _same_file(fa[k], fb.get(k))
+        if fa[k] != fb.get(k)
+        and k not in RESUMABLE_CHANGES
+        and not (a.method == b.method and not reads(a.method, k))
+        and not _same_file(fa[k], fb.get(k))
     ]
 
 

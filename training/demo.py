@@ -3,8 +3,8 @@ Coconut) on the same data and budget, score them side by side, time them in one 
 measurement, then run the causal report on the RiM run.
 
 Runs: runs_dir/<method> (seed 0: the table, the latency and the report) and, with several seeds,
-runs_dir/seed<s>/<method>. A completed run whose recipe is unchanged is reused, an interrupted
-one resumes, so a killed demo picks up where it stopped.
+runs_dir/seed<s>/<method>. A completed run whose recipe is unchanged in the keys its method
+reads is reused, an interrupted one resumes, so a killed demo picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def k_curve(metrics: dict) -> str:
     return "\n".join(rows)
 
 
-def seed_table(per_seed: dict[str, list[float]]) -> str:
-    rows = ["| method | test accuracy, mean ± sd over seeds | seeds |", "|---|---|---|"]
+def seed_table(per_seed: dict[str, list[float]], split: str = "test") -> str:
+    """Mean ± sd of each method's accuracy on `split` over its seeds."""
+    rows = [f"| method | {split} accuracy, mean ± sd over seeds | seeds |", "|---|---|---|"]
     for method, values in per_seed.items():
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         rows.append(f"| {method} | {statistics.mean(values):.3f} ± {sd:.3f} | {len(values)} |")
@@ -153,7 +154,7 @@ def run_demo(
     sections = [render(rows)]
     per_seed = {m: [results[(m, s)]["accuracy"] for s in range(seeds)] for m in metrics}
     if seeds > 1:
-        sections.append(seed_table(per_seed))
+        sections.append(seed_table(per_seed, next(iter(metrics.values())).get("scored_on", "test")))
     if "rim" in metrics and metrics["rim"].get("per_block_accuracy"):
         sections.append(
             "RiM's accuracy by memory budget K (answer read after block K):\n\n" + k_curve(metrics["rim"])

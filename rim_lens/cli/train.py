@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="re-score a trained run, or sweep the memory budget K / M",
         description="Without --K/--M/--n/--data: re-score the trained setting on the validation and test "
-        "splits (metrics.json). With --K or --M: accuracy at each budget on --split, written to sweep.json.",
+        "splits (metrics.json; how a run searched with eval.score_test off gets its test figures, "
+        "once it is chosen). With --K or --M: accuracy at each budget on --split, written to sweep.json.",
     )
     p.add_argument("run", help="run directory, e.g. runs/demo/rim")
     p.add_argument("--K", help="blocks at inference; a comma list sweeps (e.g. 1,2,4,8,16)")
@@ -119,7 +120,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     sweeping = args.K is not None or args.M is not None
     if not (sweeping or args.n or args.data):
-        # The trained setting on both held-out splits, as training scored it.
+        # The trained setting on both held-out splits. A settings search trains with
+        # eval.score_test off; this is how the chosen run's test split is scored, once.
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, score_test=True))
         splits = Splits(*(read(run.require(artefacts.split_file(s))) for s in ("train", "val", "test")))
         metrics, predictions = score(model, tokenizer, spec, splits, cfg)
         previous = _previous(run, artefacts.METRICS, {})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,8 +111,6 @@ def test_eval_run(trained, capsys):
 def test_eval_scores_test_for_a_run_searched_on_validation(trained, tmp_path, capsys):
     """A run trained with eval.score_test off (a settings search) gets its test figures from
     `rim-lens eval` once it is chosen; its recipe stays as trained."""
-    import shutil
-
     run = tmp_path / "searched"
     shutil.copytree(trained[0], run)
     config = (run / "config.yaml").read_text()

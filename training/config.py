@@ -25,7 +25,7 @@ import yaml
 from rim_lens.data.tasks import TASK_NAMES, get_task
 from rim_lens.errors import ConfigError, RimLensError, clip
 from rim_lens.fileio import read_text
-from rim_lens.methods import METHODS
+from rim_lens.methods import METHODS, Method
 from rim_lens.model.memory import TRAINING_FIELDS, MemorySpec
 from rim_lens.runs import check_name
 
@@ -196,23 +196,25 @@ class RunConfig:
 
 # Keys a resumed run may change: they do not alter what is computed.
 RESUMABLE_CHANGES = ("train.threads", "train.checkpoint_every")
-# Keys (or key prefixes) only some methods read (trainer.plan_stages, run_spec): changing one is no
-# change of recipe for another method's run, so a demo keeps its baselines when RiM's schedule moves.
-METHOD_KEYS: dict[str, tuple[str, ...]] = {
-    "train.stage1_fraction": ("rim",),
-    "train.stage2_lr": ("rim",),
-    "train.stage2_dropout": ("rim",),
-    "train.lambda_hold": ("rim",),
-    "train.alpha": ("rim", "pause"),
-    "train.K_choices": ("rim", "pause"),
-    "train.M_choices": ("rim", "pause"),
-    "coconut.": ("coconut",),
+# Keys (or key prefixes) only some methods read, with the `Method` property that says which
+# (trainer.plan_stages, run_spec): changing one is no change of recipe for another method's run,
+# so a demo keeps its baselines when RiM's schedule moves.
+METHOD_KEYS: dict[str, str] = {
+    "train.stage1_fraction": "grounded",
+    "train.stage2_lr": "grounded",
+    "train.stage2_dropout": "grounded",
+    "train.lambda_hold": "grounded",
+    "train.alpha": "uses_blocks",
+    "train.K_choices": "uses_blocks",
+    "train.M_choices": "uses_blocks",
+    "coconut.": "uses_thoughts",
 }
 
 
 def reads(method: str, key: str) -> bool:
     """Whether a run of `method` reads the dotted recipe key `key`."""
-    return all(method in methods for prefix, methods in METHOD_KEYS.items() if key.startswith(prefix))
+    m = Method(method)
+    return all(getattr(m, prop) for prefix, prop in METHOD_KEYS.items() if key.startswith(prefix))
 
 
 def differences(a: RunConfig, b: RunConfig) -> list[str]:

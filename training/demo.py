@@ -154,7 +154,8 @@ def run_demo(
     sections = [render(rows)]
     per_seed = {m: [results[(m, s)]["accuracy"] for s in range(seeds)] for m in metrics}
     if seeds > 1:
-        sections.append(seed_table(per_seed, next(iter(metrics.values())).get("scored_on", "test")))
+        split = next(iter(metrics.values())).get("scored_on", "test")
+        sections.append(seed_table(per_seed, split))
     if "rim" in metrics and metrics["rim"].get("per_block_accuracy"):
         sections.append(
             "RiM's accuracy by memory budget K (answer read after block K):\n\n" + k_curve(metrics["rim"])

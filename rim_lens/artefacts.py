@@ -20,6 +20,15 @@ SWEEP = "sweep.json"
 ANALYSIS = "analysis"
 # Everything needed to resume an interrupted training bit for bit; removed once the run completes.
 CHECKPOINT = "checkpoint"
+# With `train.snapshots`, the model at every periodic checkpoint, kept for analyses over training:
+# snapshots/<global step, 6 digits>/ is a checkpoint directory like `model/`.
+SNAPSHOTS = "snapshots"
+
+
+def snapshot_name(step: int) -> str:
+    """The folder of the snapshot taken after `step` optimizer steps (all stages counted)."""
+    return f"{step:06d}"
+
 
 # The data splits, disjoint by each task's canonical question key: settings are chosen on `val`,
 # `test` is scored once at the end.

@@ -374,6 +374,48 @@ def test_same_seed_same_metrics(copy_data, tmp_path):
     assert lc != la
 
 
+def test_compiled_loss_equals_the_eager_loss(copy_data):
+    """`train.compile` changes how the loss is computed, not what: loss and gradients agree with
+    the eager computation on the same weights and batch, for each stage of RiM."""
+    from rim_lens.data.tasks import get_task
+    from rim_lens.model.layouts import SequenceBuilder, collate
+
+    cfg = tiny_config(copy_data, "rim", train__compile=True)
+    task = get_task(cfg.task.name)
+    splits = trainer.load_data(cfg, task)
+    spec = trainer.run_spec(cfg, task)
+    model, tok = trainer.make_model(cfg, spec, trainer.all_texts(splits.train + splits.val + splits.test))
+    builder = SequenceBuilder(tok, spec, task.join_steps)
+    for stage in trainer.plan_stages(cfg, builder):
+        batch = collate([stage.layout(ex) for ex in splits.train[:8]], tok.pad_token_id, True)
+        weights = stage.weights(batch, 0.5)
+        results = []
+        for compiled in (False, True):
+            model.zero_grad(set_to_none=True)
+            loss = trainer.stage_loss(stage, compiled)(model, batch, weights)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        (eager, eager_grads), (fast, fast_grads) = results
+        torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-5)
+        for a, b in zip(fast_grads, eager_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_snapshots_keep_the_model_of_every_periodic_checkpoint(copy_data, tmp_path):
+    from rim_lens import artefacts
+
+    cfg = tiny_config(copy_data, "rim", train__steps=20, train__checkpoint_every=4, train__snapshots=True)
+    run = train(cfg, tmp_path / "rim")
+    names = sorted(p.name for p in (run.path / artefacts.SNAPSHOTS).iterdir())
+    # Stage 1 has 10 steps: checkpoints at 4 and 8 and its end; stage 2 at 14, 18 and the end.
+    assert names == [artefacts.snapshot_name(s) for s in (4, 8, 10, 14, 18, 20)]
+    last, _, spec = load_checkpoint(run.path / artefacts.SNAPSHOTS / names[-1])
+    final, _, final_spec = load_checkpoint(run.model_dir)
+    assert spec == final_spec
+    final_weights = final.state_dict()
+    assert all(torch.equal(v, final_weights[k]) for k, v in last.state_dict().items())
+
+
 # -- failures ------------------------------------------------------------------------------------
 def _snapshot(directory: Path) -> dict[str, bytes]:
     """Every file under `directory` (relative path -> bytes)."""

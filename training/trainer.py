@@ -139,6 +139,16 @@ class Stage:
     largest: Callable[[Example], Layout] | None = None  # the longest `layout` can be (None: `layout`)
 
 
+def stage_loss(stage: Stage, compile: bool) -> Callable[..., torch.Tensor]:
+    """(model, batch, weights) -> the stage's training loss, through torch.compile if `compile`.
+
+    Only the single-pass loss is compiled: Coconut's thought passes loop over a KV cache, and
+    held-out checks run eagerly (their shapes and modes differ from training's).
+    """
+    loss = partial(_loss, logits=stage.logits)
+    return torch.compile(loss) if compile and stage.logits is target_logits else loss
+
+
 def varied_budget(builder: SequenceBuilder, Ks: list[int], Ms: list[int], seed: int) -> Callable:
     """The refinement layout with each example's K and M drawn uniformly from `Ks` and `Ms`, the
     same for an example in every epoch and run of this seed (drawn from the example's id)."""
@@ -442,12 +452,13 @@ def run_stage(
     )
     start = time.perf_counter() - elapsed
     epoch, consumed = at.epoch, at.batch
+    loss_fn = stage_loss(stage, t.compile)
     stop.deferring = True
     while step < stage.steps:
         order.manual_seed(resumption.epoch_seed(cfg.seed, index, epoch))
         for batch in accelerator.skip_first_batches(loader, consumed) if consumed else loader:
             weights = stage.weights(batch, step / stage.steps)
-            loss = _loss(model, batch, weights, stage.logits)
+            loss = loss_fn(model, batch, weights)
             accelerator.backward(loss)
             if t.grad_clip:
                 accelerator.clip_grad_norm_(params, t.grad_clip)
@@ -754,6 +765,11 @@ def _train(
                 optimizer,
                 scheduler,
             )
+            if cfg.train.snapshots:
+                done = sum(s.steps for s in setup.stages[: position.stage]) + position.step
+                name = artefacts.snapshot_name(done)
+                snapshot = run.file(artefacts.SNAPSHOTS) / name
+                save_checkpoint(accelerator.unwrap_model(model), tokenizer, spec, snapshot)
 
     monitor = splits.val[: min(len(splits.val), 256)]
     for index, stage in enumerate(setup.stages):

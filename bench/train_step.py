@@ -1,16 +1,27 @@
-"""Training cost per optimizer step of every method and stage, side by side, at equal batch.
+"""Training throughput per core of every method, this code against a reference commit, side by side.
 
-    python bench/train_step.py [--recipe training/recipes/demo.yaml] [--repeat 10] [--threads 1]
+    python bench/train_step.py [--recipe training/recipes/demo.yaml] [--ref 4d55f21] [--rounds 12]
 
-For each method the recipe's model is built and its stages planned exactly as `rim-lens train`
-does (`training.trainer.plan_stages`); every stage gets one fixed batch of the same training
-examples (the recipe's batch size). One timed step is the stage's loss (one forward pass, or
-Coconut's n + 1 thought passes), backward and an AdamW step. Steps are interleaved over all
-(method, stage) pairs in an order that rotates each round, so machine noise hits all alike;
-medians are reported. A method's s/step over a whole run weights its stages by their steps.
-Coconut's extra cost is its n + 1 sequential passes per step (n = thoughts in the stage).
+Each variant is a worker process holding its own checkout: `head` (this working tree) and `ref`
+(the `--ref` commit, checked out into a temporary git worktree). Every worker builds each method's
+model and stages from the recipe exactly as `rim-lens train` does (`plan_stages`) and times its own
+training step on the same batches of the recipe's training set: the loss (one forward pass at
+the recipe's batch size), backward, gradient clipping and AdamW. `head` computes the loss as its
+trainer does (`stage_loss`: compiled when the recipe sets `train.compile`); `ref` as its trainer did
+(`_loss`). Rounds are interleaved: in every round each (method, stage) is stepped by every worker
+in turn, in an order that rotates, so the machine's noise hits both alike; medians are reported.
+The first steps of every (worker, method, stage) are untimed warm-up (compilation for `head`; its
+time is reported as compile_s).
 
-Writes bench/results/train_step.json (or --out).
+Reported per (method, stage) and per method (stages weighted by their steps in the recipe):
+tokens/s per core (non-padding tokens over s/step, divided by the threads), the speed-up of head
+over ref, and model FLOPs utilisation: the step's FLOPs (counted once with
+torch.utils.flop_counter on the eager step: matmuls and attention, forward and backward) over
+s/step, divided by this core's measured matmul peak (the best of several fp32 GEMMs at
+`--threads` threads, measured before and after the rounds).
+
+Writes bench/results/train_step.json (or --out). Absolute figures depend on the machine and its
+load: run it with nothing else running; the ratios within one run are the result.
 """
 
 from __future__ import annotations
@@ -19,152 +30,309 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-DEFAULT_RECIPE = HERE.parent / "training" / "recipes" / "demo.yaml"
+ROOT = HERE.parent
+DEFAULT_RECIPE = ROOT / "training" / "recipes" / "demo.yaml"
 DEFAULT_OUT = HERE / "results" / "train_step.json"
+DEFAULT_REF = "4d55f21"  # main before the training-speed work (issue 21)
+METHODS = ("direct", "cot", "pause", "rim")
+BATCHES = 4  # distinct batches each stage cycles through
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="recipe (default: the demo's)")
-    p.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
-    p.add_argument("--repeat", type=int, default=10, help="timed steps per stage (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per stage first (default 2)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timings)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: %(default)s)")
+    p.add_argument("--ref", default=DEFAULT_REF, help="reference commit (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=12, help="timed rounds (default 12)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per stage first (default 3)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # internal: a checkout to serve
     return p.parse_args(argv)
 
 
-def prepare(recipe: str, overrides: list[str], method: str) -> list[dict]:
-    """One entry per stage of `method`: model, optimizer, loss, fixed batch and weights."""
+# -- worker: one checkout's training steps, driven over stdin/stdout -------------------------------
+def serve(args: argparse.Namespace) -> int:
+    """Build every (method, stage) of the recipe from the checkout at `args.worker`, then answer
+    `step KEY N` lines with the seconds of N training steps."""
+    sys.path.insert(0, str(args.worker))
     import torch
 
+    torch.set_num_threads(args.threads)
     from rim_lens.data.tasks import get_task
-    from rim_lens.model.layouts import Role, SequenceBuilder, collate
+    from rim_lens.model.layouts import collate
+    from training import trainer
     from training.config import load_config
-    from training.trainer import _loss, all_texts, load_data, make_model, plan_stages, run_spec
 
-    cfg = load_config(recipe, overrides + [f"method={method}"])
-    task = get_task(cfg.task.name, **cfg.task.options)
-    splits = load_data(cfg, task)
-    spec = run_spec(cfg, task)
-    model, tokenizer = make_model(cfg, spec, all_texts(splits.train + splits.val + splits.test))
-    model.train()
-    builder = SequenceBuilder(tokenizer, spec.replace(K=cfg.memory.K), task.join_steps)
-    examples = splits.train[: cfg.train.batch_size]
-    entries = []
-    for stage in plan_stages(cfg, builder):
-        batch = collate(
-            [stage.layout(ex) for ex in examples], tokenizer.pad_token_id, spec.readout_sees_question
+    recipe, overrides = known_keys(args.worker, Path(args.recipe), args.overrides)
+    entries: dict[str, dict] = {}
+    for method in args.methods.split(","):
+        cfg = load_config(recipe, [*overrides, f"method={method}"])
+        task = get_task(cfg.task.name, **cfg.task.options)
+        splits = trainer.load_data(cfg, task)
+        spec = trainer.run_spec(cfg, task)
+        model, tokenizer = trainer.make_model(
+            cfg, spec, trainer.all_texts(splits.train + splits.val + splits.test)
         )
-        params = [p for p in model.parameters() if p.requires_grad]
-        entries.append(
-            {
-                "method": method,
-                "stage": stage.name,
-                "steps": stage.steps,
+        model.train()
+        builder = trainer.SequenceBuilder(tokenizer, spec.replace(K=cfg.memory.K), task.join_steps)
+        B = cfg.train.batch_size
+        for stage in trainer.plan_stages(cfg, builder):
+            batches = [
+                collate(
+                    [stage.layout(ex) for ex in splits.train[i * B : (i + 1) * B]],
+                    tokenizer.pad_token_id,
+                    spec.readout_sees_question,
+                )
+                for i in range(BATCHES)
+            ]
+            if hasattr(trainer, "stage_loss"):
+                loss = trainer.stage_loss(stage, cfg.train.compile)
+            else:  # the reference's trainer: one eager loss function
+                loss = lambda m, b, w, stage=stage: trainer._loss(m, b, w, stage.logits)  # noqa: E731
+            params = [p for p in model.parameters() if p.requires_grad]
+            entries[f"{method}:{stage.name}"] = {
                 "model": model,
+                "params": params,
                 "optimizer": torch.optim.AdamW(params, lr=stage.lr),
-                "loss": stage.loss or _loss,
-                "batch": batch,
-                "weights": stage.weights(batch, 0.5),
-                "passes": 1 + int((batch.roles == Role.THOUGHT).sum(1).max()),
-                "tokens": int((batch.roles > 0).sum()),
-                "times": [],
+                "loss": loss,
+                "batches": batches,
+                "weights": [stage.weights(b, 0.5) for b in batches],
+                "clip": cfg.train.grad_clip,
+                "done": 0,
+                "steps": stage.steps,
+                "tokens": statistics.mean(int((b.roles > 0).sum()) for b in batches),
             }
-        )
-    return entries
+
+    def step(e: dict) -> None:
+        i = e["done"] % BATCHES
+        e["loss"](e["model"], e["batches"][i], e["weights"][i]).backward()
+        if e["clip"]:
+            torch.nn.utils.clip_grad_norm_(e["params"], e["clip"])
+        e["optimizer"].step()
+        e["optimizer"].zero_grad(set_to_none=True)
+        e["done"] += 1
+
+    def flops(e: dict) -> int:
+        """FLOPs of one eager forward and backward of the loss (what a step computes)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            trainer._loss(e["model"], e["batches"][0], e["weights"][0]).backward()
+        e["optimizer"].zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    info = {k: {"tokens": e["tokens"], "steps": e["steps"]} for k, e in entries.items()}
+    print(json.dumps({"ready": info}), flush=True)
+    for line in sys.stdin:
+        command, key, n = line.split()
+        e = entries[key]
+        if command == "flops":
+            print(json.dumps({"flops": flops(e)}), flush=True)
+            continue
+        start = time.perf_counter()
+        for _ in range(int(n)):
+            step(e)
+        print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+    return 0
 
 
-def step(entry: dict) -> float:
-    start = time.perf_counter()
-    loss, _ = entry["loss"](entry["model"], entry["batch"], entry["weights"])
-    loss.backward()
-    entry["optimizer"].step()
-    entry["optimizer"].zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+def known_keys(checkout: Path, recipe: Path, overrides: list[str]) -> tuple[Path, list[str]]:
+    """The recipe and overrides without the keys `checkout`'s schema does not have (a reference
+    commit predates keys such as train.compile). A filtered recipe is written inside the checkout,
+    at the recipe's place there, so relative data paths resolve as they do in this tree."""
+    import dataclasses
+    import typing
+
+    import yaml
+
+    from training.config import RunConfig
+
+    sections = {
+        name: {f.name for f in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind) else None
+        for name, kind in typing.get_type_hints(RunConfig).items()
+    }
+
+    def known(key: str) -> bool:
+        section, _, name = key.partition(".")
+        fields = sections.get(section, set())
+        return section in sections and (not name or fields is None or name.split(".")[0] in fields)
+
+    raw = yaml.safe_load(recipe.read_text()) or {}
+    kept = {
+        k: {n: v for n, v in val.items() if known(f"{k}.{n}")}
+        if isinstance(val, dict) and sections[k]
+        else val
+        for k, val in raw.items()
+        if known(k)
+    }
+    kept_overrides = [o for o in overrides if known(o.partition("=")[0])]
+    if kept == raw:
+        return recipe, kept_overrides
+    target = checkout / recipe.resolve().relative_to(ROOT)
+    target = target.with_name(target.stem + ".bench.yaml")
+    target.write_text(yaml.safe_dump(kept, sort_keys=False))
+    return target, kept_overrides
+
+
+class Worker:
+    """A worker process over one checkout."""
+
+    def __init__(self, name: str, checkout: Path, args: argparse.Namespace) -> None:
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(checkout)]
+        command += ["--recipe", args.recipe, "--methods", args.methods, "--threads", str(args.threads)]
+        for item in args.overrides:
+            command += ["--set", item]
+        self.name = name
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._read()["ready"]
+
+    def _read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"worker {self.name} exited (code {self.proc.wait()})")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def ask(self, command: str, key: str, n: int = 1) -> dict:
+        self.proc.stdin.write(f"{command} {key} {n}\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def matmul_peak(threads: int) -> float:
+    """This core's fp32 GEMM throughput (FLOP/s): the best of several square sizes."""
+    import torch
+
+    torch.set_num_threads(threads)
+    best = 0.0
+    for n in (256, 512, 1024, 2048):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for _ in range(2):
+            a @ b
+        reps = max(2, int(2e9 / (2 * n**3)))
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.worker:
+        return serve(args)
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown or args.rounds < 1:
+        print(f"bench/train_step.py: unknown method(s) {unknown} or --rounds < 1", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="rim-ref-") as tmp:
+        ref_dir = Path(tmp) / "ref"
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(ref_dir), args.ref],
+            check=True,
+            capture_output=True,
+        )
+        try:
+            result = measure(args, ref_dir)
+        finally:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(ref_dir)], check=False
+            )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def measure(args: argparse.Namespace, ref_dir: Path) -> dict:
     import torch
-    from transformers.utils import logging as hf_logging
 
-    from rim_lens.errors import RimLensError
-    from rim_lens.methods import METHODS
-
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
-    methods = args.methods.split(",") if args.methods else list(METHODS)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or args.repeat < 1:
-        print(f"bench/train_step.py: unknown method(s) {unknown} or --repeat < 1", file=sys.stderr)
-        return 2
-    try:
-        entries = [e for m in methods for e in prepare(args.recipe, args.overrides, m)]
-    except RimLensError as err:
-        print(f"bench/train_step.py: {err}", file=sys.stderr)
-        return 2
-    for e in entries:
-        for _ in range(args.warmup):
-            step(e)
+    peak_before = matmul_peak(args.threads)
+    workers = [Worker("ref", ref_dir, args), Worker("head", ROOT, args)]
+    keys = list(workers[1].info)
+    compile_s = {}
+    for w in workers:
+        for key in keys:
+            seconds = w.ask("step", key, args.warmup)["seconds"]
+            if w.name == "head":
+                compile_s[key] = seconds
+    flops = {key: workers[0].ask("flops", key)["flops"] for key in keys}
+    times: dict[tuple[str, str], list[float]] = {(w.name, k): [] for w in workers for k in keys}
     start = time.perf_counter()
-    for i in range(args.repeat):
-        order = entries[i % len(entries) :] + entries[: i % len(entries)]
-        for e in order:
-            e["times"].append(step(e))
+    for r in range(args.rounds):
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            for w in workers if r % 2 == 0 else workers[::-1]:
+                times[(w.name, key)].append(w.ask("step", key)["seconds"])
     wall = time.perf_counter() - start
+    for w in workers:
+        w.close()
+    peak = max(peak_before, matmul_peak(args.threads))
 
-    stages = {
-        f"{e['method']}:{e['stage']}": {
-            "s_per_step": statistics.median(e["times"]),
-            "forward_passes": e["passes"],
-            "tokens": e["tokens"],
-            "steps_in_run": e["steps"],
-        }
-        for e in entries
-    }
-    summary = {}
-    for m in methods:
-        mine = [e for e in entries if e["method"] == m]
-        total = sum(e["steps"] for e in mine)
-        summary[m] = {
-            "s_per_step": sum(statistics.median(e["times"]) * e["steps"] for e in mine) / total,
-            "forward_passes_per_step": sum(e["passes"] * e["steps"] for e in mine) / total,
-            "run_s": sum(statistics.median(e["times"]) * e["steps"] for e in mine),
-        }
-    batch = entries[0]["batch"].roles.shape[0]
+    stages = {}
+    for key in keys:
+        tokens, steps = workers[1].info[key]["tokens"], workers[1].info[key]["steps"]
+        row = {"tokens_per_step": tokens, "steps_in_recipe": steps, "flops_per_step": flops[key]}
+        for name in ("ref", "head"):
+            s = statistics.median(times[(name, key)])
+            row[name] = {
+                "s_per_step": s,
+                "tokens_per_s_per_core": tokens / s / args.threads,
+                "mfu": flops[key] / s / args.threads / peak,
+            }
+        row["head"]["compile_s"] = compile_s[key]
+        row["speedup"] = row["ref"]["s_per_step"] / row["head"]["s_per_step"]
+        stages[key] = row
+    methods = {}
+    for method in args.methods.split(","):
+        mine = [stages[k] for k in keys if k.startswith(method + ":")]
+        out = {}
+        for name in ("ref", "head"):
+            run_s = sum(r[name]["s_per_step"] * r["steps_in_recipe"] for r in mine)
+            tokens = sum(r["tokens_per_step"] * r["steps_in_recipe"] for r in mine)
+            out[name] = {"run_s": run_s, "tokens_per_s_per_core": tokens / run_s / args.threads}
+        out["speedup"] = out["ref"]["run_s"] / out["head"]["run_s"]
+        methods[method] = out
+    ref_total = sum(m["ref"]["run_s"] for m in methods.values())
+    head_total = sum(m["head"]["run_s"] for m in methods.values())
+
     print(
-        f"Training step (loss, backward, AdamW) at batch {batch}, {args.threads} thread(s), "
-        f"medians of {args.repeat} interleaved steps ({wall:.0f}s); recipe {Path(args.recipe).name}"
+        f"Training steps at the recipe's batch, {args.threads} thread(s), medians of {args.rounds} "
+        f"interleaved rounds ({wall:.0f} s); matmul peak {peak / 1e9:.0f} GFLOP/s per core; "
+        f"ref {args.ref} vs head"
     )
-    print(f"{'method:stage':<20} {'s/step':>8} {'passes':>7} {'tokens':>7} {'steps':>6}")
-    for name, s in stages.items():
+    header = ("method:stage", "ref tok/s", "head tok/s", "speed-up", "MFU ref", "MFU head")
+    print("{:<22} {:>10} {:>11} {:>9} {:>8} {:>9}".format(*header))
+    for key, r in stages.items():
+        ref, head = r["ref"], r["head"]
         print(
-            f"{name:<20} {s['s_per_step']:>8.3f} {s['forward_passes']:>7} {s['tokens']:>7} "
-            f"{s['steps_in_run']:>6}"
+            f"{key:<22} {ref['tokens_per_s_per_core']:>10.0f} {head['tokens_per_s_per_core']:>11.0f} "
+            f"{r['speedup']:>8.2f}x {ref['mfu']:>8.1%} {head['mfu']:>9.1%}"
         )
-    print(f"\n{'method':<10} {'s/step (run)':>13} {'passes/step':>12} {'run s':>8} {'vs rim':>7}")
-    for m, s in summary.items():
-        vs = s["s_per_step"] / summary["rim"]["s_per_step"] if "rim" in summary else float("nan")
-        s["vs_rim"] = vs
-        print(
-            f"{m:<10} {s['s_per_step']:>13.3f} {s['forward_passes_per_step']:>12.2f} "
-            f"{s['run_s']:>8.0f} {vs:>6.2f}x"
-        )
-
-    result = {
+    print(f"\n{'method':<10} {'ref run s':>10} {'head run s':>11} {'speed-up':>9}")
+    for method, m in methods.items():
+        print(f"{method:<10} {m['ref']['run_s']:>10.0f} {m['head']['run_s']:>11.0f} {m['speedup']:>8.2f}x")
+    print(f"{'all':<10} {ref_total:>10.0f} {head_total:>11.0f} {ref_total / head_total:>8.2f}x")
+    return {
         "recipe": str(args.recipe),
         "overrides": args.overrides,
-        "batch_size": batch,
+        "ref": args.ref,
         "threads": args.threads,
-        "repeat": args.repeat,
+        "rounds": args.rounds,
+        "matmul_peak_flops_per_core": peak,
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
@@ -172,12 +340,9 @@ def main(argv=None) -> int:
         },
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "stages": stages,
-        "methods": summary,
+        "methods": methods,
+        "all": {"ref_run_s": ref_total, "head_run_s": head_total, "speedup": ref_total / head_total},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from training.demo import gap_closure, k_curve, seed_table
+from training.demo import gap_closure, k_curve, seed_table, verdict_table
 
 
 def _m(accuracy: float, lo: float, hi: float, **more) -> dict:
@@ -39,6 +39,23 @@ def test_k_curve_and_seed_table():
     assert table.startswith("| method | test accuracy") and "| val accuracy" in seed_table(
         {"rim": [0.3]}, "val"
     )
+
+
+def test_verdict_table_judges_every_seed_on_its_own_runs():
+    """A seed clears the bar against its own direct, CoT and pause runs, not the seed-0 ones."""
+    seeds = [
+        {"direct": _m(0.3, 0.26, 0.34), "cot": _m(0.99, 0.98, 1.0), "pause": _m(0.3, 0.26, 0.34),
+         "rim": _m(0.95, 0.93, 0.97)},  # clears: 0.93 > midpoint 0.645 and > pause 0.34
+        {"direct": _m(0.3, 0.26, 0.34), "cot": _m(0.99, 0.98, 1.0), "pause": _m(0.3, 0.26, 0.34),
+         "rim": _m(0.45, 0.41, 0.49)},  # below the midpoint
+        {"direct": _m(0.1, 0.08, 0.13), "cot": _m(0.9, 0.87, 0.92), "pause": _m(0.7, 0.66, 0.74),
+         "rim": _m(0.72, 0.68, 0.76)},  # above its midpoint (0.5) but not above its pause
+        {"direct": _m(0.1, 0.08, 0.13), "rim": _m(0.72, 0.68, 0.76)},  # no CoT: not judged
+    ]  # fmt: skip
+    table = verdict_table(seeds)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.rstrip(" |").rsplit("| ", 1)[-1] for row in rows] == ["yes", "no", "no", "–"]
+    assert table.splitlines()[-1] == "RiM clears the bar on 1 of 3 seeds."
 
 
 def test_no_gap_when_cot_does_not_beat_direct():

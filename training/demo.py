@@ -96,6 +96,37 @@ def seed_table(per_seed: dict[str, list[float]], split: str = "test") -> str:
     return "\n".join(rows)
 
 
+def seed_verdicts(per_seed_metrics: list[dict[str, dict]]) -> list[dict | None]:
+    """`gap_closure` of every seed's own runs (None for a seed without direct, CoT and RiM)."""
+    return [gap_closure(metrics) for metrics in per_seed_metrics]
+
+
+def verdict_table(per_seed_metrics: list[dict[str, dict]], split: str = "test") -> str:
+    """Per seed: each method's accuracy, how much of that seed's direct -> CoT gap RiM closes, and
+    whether RiM clears the bar on that seed (its lower bound above the seed's gap midpoint and
+    above the seed's pause upper bound); then on how many seeds it does."""
+    methods = [m for m in TRAINING_ORDER[::-1] if any(m in seed for seed in per_seed_metrics)]
+    head = " | ".join(f"{m} {split}" for m in methods)
+    rows = [f"| seed | {head} | RiM closes | midpoint | RiM lower bound | pause upper | clears |"]
+    rows.append("|---" * (len(methods) + 6) + "|")
+    cleared = counted = 0
+    for s, (metrics, gap) in enumerate(zip(per_seed_metrics, seed_verdicts(per_seed_metrics))):
+        cells = [f"{metrics[m]['accuracy']:.3f}" if m in metrics else "–" for m in methods]
+        if not gap or gap.get("closed") is None:
+            rows.append(f"| {s} | {' | '.join(cells)} | – | – | – | – | – |")
+            continue
+        clears = gap["rim_lo_above_midpoint"] and gap.get("rim_lo_above_pause_hi", True)
+        counted += 1
+        cleared += bool(clears)
+        pause = f"{gap['pause_hi']:.3f}" if "pause_hi" in gap else "–"
+        rows.append(
+            f"| {s} | {' | '.join(cells)} | {gap['closed']:.0%} | {gap['midpoint']:.3f} | "
+            f"{metrics['rim']['accuracy_ci'][0]:.3f} | {pause} | {'yes' if clears else 'no'} |"
+        )
+    rows.append(f"\nRiM clears the bar on {cleared} of {counted} seeds.")
+    return "\n".join(rows)
+
+
 def run_demo(
     runs_dir: str | Path = "runs/demo",
     full: bool = False,
@@ -106,9 +137,11 @@ def run_demo(
     seeds: int = 1,
     jobs: int = 1,
     latency_examples: int = 30,
+    method_seeds: dict[str, int] | None = None,
 ) -> dict:
-    """Train and compare the methods of the demo recipe (or `recipe`) over `seeds` training seeds,
-    `jobs` runs at a time; returns the summary written to runs_dir."""
+    """Train and compare the methods of the demo recipe (or `recipe`) over `seeds` training seeds
+    (`method_seeds`: fewer for some methods, e.g. {"coconut": 1}), `jobs` runs at a time; returns
+    the summary written to runs_dir."""
     from training.config import load_config
     from training.trainer import load_data
 
@@ -128,11 +161,12 @@ def run_demo(
     print(f"demo: task {task!r}, {sizes} examples{covered}, recipe {recipe.name}")
 
     data = [f"data.{name}={path}" for name, path in files.items()]
+    seeds_of = {m: (method_seeds or {}).get(m, seeds) for m in methods}
     planned = [
         (str(method), s, [*overrides, f"method={method}", f"seed={base.seed + s}", *data])
         for s in range(seeds)
         for method in TRAINING_ORDER
-        if method in methods
+        if method in methods and s < seeds_of[method]
     ]
     if jobs > 1:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
@@ -152,10 +186,12 @@ def run_demo(
         latency = latency_side_by_side({m: runs_dir / m for m in metrics}, n=latency_examples)
     rows = comparison(metrics, latency)
     sections = [render(rows)]
-    per_seed = {m: [results[(m, s)]["accuracy"] for s in range(seeds)] for m in metrics}
+    per_seed = {m: [results[(m, s)]["accuracy"] for s in range(seeds_of[m])] for m in metrics}
+    per_seed_metrics = [{m: results[(m, s)] for m in methods if (m, s) in results} for s in range(seeds)]
     if seeds > 1:
         split = next(iter(metrics.values())).get("scored_on", "test")
         sections.append(seed_table(per_seed, split))
+        sections.append(verdict_table(per_seed_metrics, split))
     if "rim" in metrics and metrics["rim"].get("per_block_accuracy"):
         sections.append(
             "RiM's accuracy by memory budget K (answer read after block K):\n\n" + k_curve(metrics["rim"])
@@ -180,6 +216,7 @@ def run_demo(
         "rows": rows,
         "per_seed_accuracy": per_seed,
         "gap": gap,
+        "per_seed_gap": seed_verdicts(per_seed_metrics),
         "latency": latency,
         "seconds_training": seconds_training,
     }

@@ -26,6 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seeds", type=positive_int, default=1, help="training seeds per method (mean ± sd)")
     p.add_argument(
+        "--seeds-for",
+        action="append",
+        default=[],
+        metavar="METHOD=N",
+        help="fewer seeds for one method, e.g. --seeds 5 --seeds-for coconut=1 (repeatable)",
+    )
+    p.add_argument(
         "--jobs", type=positive_int, default=1, help="runs trained at a time (each with train.threads)"
     )
     p.add_argument(
@@ -54,6 +61,14 @@ def _demo(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+    method_seeds = {}
+    for item in args.seeds_for:
+        method, _, count = item.partition("=")
+        if method not in methods or not count.isdigit() or not 1 <= int(count) <= args.seeds:
+            raise ConfigError(
+                f"--seeds-for {item}: expected METHOD=N with METHOD one of --methods and 1 <= N <= --seeds"
+            )
+        method_seeds[method] = int(count)
     runs_dir = args.runs_dir or ("runs/demo-full" if args.full else "runs/demo")
     run_demo(
         runs_dir,
@@ -63,6 +78,7 @@ def _demo(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         recipe=args.recipe,
         seeds=args.seeds,
+        method_seeds=method_seeds,
         jobs=args.jobs,
         latency_examples=args.latency_examples,
     )

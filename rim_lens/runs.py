@@ -20,7 +20,7 @@ from typing import Any
 from rim_lens import artefacts
 from rim_lens.artefacts import PRODUCERS
 from rim_lens.errors import ConfigError, RunError, clip
-from rim_lens.fileio import atomic_write_json, old_path, read_json, read_jsonl
+from rim_lens.fileio import append_line, atomic_write_json, old_path, read_json, read_jsonl, writing
 
 # Status values. `interrupted` is also what a `running` status reads as once its process is gone.
 RUNNING, COMPLETED, FAILED, INTERRUPTED = "running", "completed", "failed", "interrupted"
@@ -157,8 +157,7 @@ class Run:
         )
 
     def log(self, record: dict) -> None:
-        with open(self.path / artefacts.TRAIN_LOG, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path / artefacts.TRAIN_LOG, json.dumps(record))
 
     def read_log(self) -> list[dict]:
         return read_jsonl(self.require(artefacts.TRAIN_LOG))

@@ -41,7 +41,7 @@ from rim_lens.data import Example, Splits, make_splits, read_examples, write_exa
 from rim_lens.data.tasks import Task, get_task
 from rim_lens.errors import ConfigError, RimLensError, RunError, clip
 from rim_lens.evaluation import decode_budget, evaluate
-from rim_lens.fileio import atomic_write_text, replace_dir
+from rim_lens.fileio import atomic_write_many, atomic_write_text, recover_dir, replace_dir
 from rim_lens.methods import Method
 from rim_lens.model import spread
 from rim_lens.model.checkpoints import build_model, load_pretrained, save_checkpoint, set_dropout
@@ -864,8 +864,10 @@ def resolve_max_new_tokens(cfg: RunConfig, tokenizer, spec: MemorySpec, seen: li
 
 
 def write_results(run: Run, metrics: dict, predictions: dict[str, list[dict]], suffix: str = "") -> None:
-    """metrics{suffix}.json and predictions{suffix}[_split].jsonl (test unsuffixed), written atomically."""
-    run.write_json(f"metrics{suffix}.json", metrics)
+    """metrics{suffix}.json and predictions{suffix}[_split].jsonl (test unsuffixed), written
+    atomically and together: a refused write leaves all of them as they were."""
+    files = {run.path / f"metrics{suffix}.json": (json.dumps(metrics, indent=2) + "\n").encode()}
     for split, records in predictions.items():
         name = f"predictions{suffix}{'' if split == 'test' else '_' + split}.jsonl"
-        atomic_write_text(run.path / name, "".join(json.dumps(p) + "\n" for p in records))
+        files[run.path / name] = "".join(json.dumps(p) + "\n" for p in records).encode()
+    atomic_write_many(files)

@@ -23,7 +23,15 @@ from transformers import (
 )
 
 from rim_lens.errors import ConfigError, RimLensError, RunError, clip
-from rim_lens.fileio import check_safetensors, follow_umask, read_json, recover_dir, replace_dir, temp_dir
+from rim_lens.fileio import (
+    check_safetensors,
+    follow_umask,
+    read_json,
+    recover_dir,
+    replace_dir,
+    temp_dir,
+    writing,
+)
 from rim_lens.model.memory import MemorySpec
 from rim_lens.model.tokenizer import add_memory_tokens
 
@@ -188,8 +196,9 @@ def write_directory(directory: str | Path, write: Callable[[Path], None]) -> Pat
     directory = Path(directory)
     tmp = temp_dir(directory)
     try:
-        write(tmp)
-        follow_umask(tmp)
+        with writing(directory):
+            write(tmp)
+            follow_umask(tmp)
         replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -26,9 +26,28 @@ from rim_lens.fileio import append_line, atomic_write_json, old_path, read_json,
 RUNNING, COMPLETED, FAILED, INTERRUPTED = "running", "completed", "failed", "interrupted"
 
 
-def check_name(name: str, key: str = "name") -> str:
-    """A run name is one directory name under the runs directory: no separators, no `..`, not
-    absolute, not hidden (names starting with "." are rim-lens's own staging and lock files)."""
+# What rim-lens adds around a run name in its own files: `.NAME.lock`, `.NAME.next`, `.NAME.old`
+# and the temporary `.NAME.1a2b3c4d.tmp` (fileio), the longest.
+NAME_AFFIXES = len(".") + len(".12345678.tmp")
+
+
+def name_limit(parent: str | Path = ".") -> int:
+    """The longest run name in bytes under `parent`: its filesystem's limit on a file name (found
+    from the nearest folder that exists) less what rim-lens adds around the name."""
+    folder = Path(parent).absolute()
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255  # what Linux and macOS filesystems take
+    return limit - NAME_AFFIXES
+
+
+def check_name(name: str, key: str = "name", parent: str | Path = ".") -> str:
+    """A run name is one directory name under the runs directory `parent`: no separators, no `..`,
+    not absolute, not hidden (names starting with "." are rim-lens's own staging and lock files),
+    and short enough in bytes for the filesystem."""
     bad = (
         not name
         or name.startswith(".")
@@ -37,12 +56,18 @@ def check_name(name: str, key: str = "name") -> str:
         or "\\" in name
         or "\0" in name
         or os.path.isabs(name)
-        or len(name) > 200
     )
     if bad:
         raise ConfigError(
             f"{key}: {clip(repr(name))} is not a run name; give one folder name without path separators, "
             "'..' or a leading '.', e.g. mult-rim (--runs-dir chooses where it goes)"
+        )
+    size, limit = len(name.encode("utf-8", "surrogateescape")), name_limit(parent)
+    if size > limit:
+        raise ConfigError(
+            f"{key}: {clip(repr(name), 40)} is {size} bytes, too long a run name: this filesystem takes "
+            f"at most {limit} bytes (file names of {limit + NAME_AFFIXES} bytes, less rim-lens's own "
+            f"affixes); give a shorter name"
         )
     return name
 

@@ -60,7 +60,7 @@ from rim_lens.runs import (
     staging_path,
 )
 from training import resume as resumption
-from training.config import RunConfig, differences, load_config
+from training.config import RunConfig, check_data_tokens, differences, layout_problem, load_config
 from training.sampling import LengthBuckets
 from training.schedules import coconut_stage, grounding_weights, refinement_weights
 
@@ -522,17 +522,26 @@ def make_accelerator(precision: str) -> Accelerator:
 
 def prepare(cfg: RunConfig) -> Setup:
     """Data, model, tokenizer and stages of `cfg`; every input is checked here."""
-    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads(cfg.train.threads))
     seed_everything(cfg.seed)
     task = get_task(cfg.task.name, **cfg.task.options)
     splits = load_data(cfg, task)
     spec = run_spec(cfg, task)
+    check_data_tokens(cfg, spec, [(name, getattr(splits, name)) for name in SPLITS])
     model, tokenizer = make_model(cfg, spec, all_texts(splits.train + splits.val + splits.test))
     builder = SequenceBuilder(tokenizer, spec.replace(K=cfg.memory.K), task.join_steps)
     stages = plan_stages(cfg, builder)
     check_positions(cfg, model, builder, stages, splits)
     data = resumption.fingerprint([splits.train, splits.val, splits.test])
     return Setup(task, splits, spec, model, tokenizer, builder, stages, data)
+
+
+def threads(wanted: int | None) -> int:
+    """`train.threads`, at most the CPUs this process may use (more only slow training down)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if wanted is not None and wanted > cpus:
+        print(f"rim-lens: warning: train.threads {wanted} is more than the {cpus} CPUs here; using {cpus}")
+    return min(wanted or cpus, cpus)
 
 
 def position_limit(model) -> int | None:
@@ -554,24 +563,40 @@ def longest(layout: Callable[[Example], Layout], examples: list[Example]) -> tup
 def check_positions(
     cfg: RunConfig, model, builder: SequenceBuilder, stages: list[Stage], splits: Splits
 ) -> None:
-    """ConfigError unless the model takes the longest training sequence and scored prompt."""
+    """ConfigError unless the model takes the memory layout, the longest training sequence, and
+    the longest scored prompt with the answer it decodes (up to the decoding budget)."""
     limit = position_limit(model)
     if not limit:
         return
-    layouts = [(stage.name, stage.largest or stage.layout, splits.train) for stage in stages]
-    layouts.append(("scored", builder.scored, splits.val + splits.test))
-    for what, layout, examples in layouts:
-        need, ex = longest(layout, examples)
+    key, problem = layout_problem(cfg, limit)
+    if problem:
+        raise ConfigError(f"{problem}; the model's positions are fixed")
+    fix = (
+        "set model.max_positions to at least {need}"
+        if cfg.model.pretrained is None
+        else "shorten the data or use fewer memory blocks (memory.K)"
+    )
+    for stage in stages:
+        need, ex = longest(stage.largest or stage.layout, splits.train)
         if need > limit:
-            fix = (
-                f"set model.max_positions to at least {need}"
-                if cfg.model.pretrained is None
-                else "shorten the data or use fewer memory blocks (memory.K)"
-            )
-            raise ConfigError(
-                f"model.max_positions: the model takes {limit} positions but the {what} sequence of "
-                f"example {clip(ex.id, 40)} needs {need}; {fix}"
-            )
+            _too_long(limit, f"the {stage.name} sequence of example {clip(ex.id, 40)}", need, fix)
+    held_out = splits.val + splits.test
+    need, ex = longest(builder.scored, held_out)
+    if need > limit:
+        _too_long(limit, f"the scored sequence of example {clip(ex.id, 40)}", need, fix)
+    # Decoding feeds the answer back after the prompt: up to max_new_tokens - 1 more positions.
+    budget = resolve_max_new_tokens(cfg, builder.tokenizer, builder.spec, splits.train + splits.val)
+    prompt, ex = longest(builder.prompt, held_out)
+    if prompt + budget - 1 > limit:
+        what = f"decoding example {clip(ex.id, 40)} ({prompt} prompt positions, then up to {budget} tokens)"
+        _too_long(limit, what, prompt + budget - 1, fix + " (or lower eval.max_new_tokens)")
+
+
+def _too_long(limit: int, what: str, need: int, fix: str) -> None:
+    raise ConfigError(
+        f"model.max_positions: the model takes {limit} positions but {what} needs {need}; "
+        + fix.format(need=need)
+    )
 
 
 # -- runs: start, resume, overwrite --------------------------------------------------------------

@@ -58,12 +58,12 @@ def _train(args: argparse.Namespace) -> int:
     from training.trainer import train
 
     cfg = load_config(args.recipe, args.overrides)
+    runs_dir = Path(args.runs_dir)
     if args.name is not None:
-        name = check_name(args.name, "--name")
+        name = check_name(args.name, "--name", runs_dir)
     else:
         name = cfg.name or (f"{Path(args.recipe).stem}-{cfg.method}" if args.recipe else cfg.method)
-        check_name(name, "name (from the recipe's file name; give --name)")
-    runs_dir = Path(args.runs_dir)
+        check_name(name, "name (from the recipe's file name; give --name)", runs_dir)
     if runs_dir.exists() and not runs_dir.is_dir():
         raise ConfigError(
             f"--runs-dir {clip(args.runs_dir)}: is a file; give a folder (it is made if missing)"

@@ -44,6 +44,17 @@ PRESETS: dict[str, tuple[int, int, int]] = {
     "large": (8, 256, 8),
 }
 ARCHITECTURES = ("gpt2", "llama")
+# Training memory per parameter: fp32 weights, gradients and AdamW's two moments.
+TRAIN_BYTES_PER_PARAMETER = 16
+
+
+def parameter_count(arch: str, preset: str, max_positions: int, vocab: int = 0) -> int:
+    """About how many parameters `build_model` makes, without making them: embeddings, GPT-2's
+    learned position embeddings (Llama's rotary positions have none) and the layers."""
+    layers, width, _ = PRESETS[preset]
+    per_layer = (12 if arch == "gpt2" else 16) * width**2  # attention 4 d^2, MLP 8 d^2 (Llama 12 d^2)
+    positions = max_positions * width if arch == "gpt2" else 0
+    return vocab * width + positions + layers * per_layer
 
 
 def build_model(

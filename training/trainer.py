@@ -655,8 +655,10 @@ def plan_run(cfg: RunConfig, target: Run, overwrite: bool, restart: bool) -> Pla
                 "stays until the new one completes), or choose another --name"
             )
         staging = Run(staging_path(target.path))
+        recover_dir(staging.checkpoint_dir)
         resumable = staging.exists(artefacts.CHECKPOINT) and not restart
         return Plan(staging.path, resumable and recipe_change(cfg, staging) is None, True)
+    recover_dir(target.checkpoint_dir)  # a kill between a checkpoint's two renames
     if target.exists(artefacts.CHECKPOINT) and not restart:
         change = recipe_change(cfg, target)
         if change is None:
@@ -702,6 +704,8 @@ def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False, restart:
             raise RunError(
                 f"{run.path}: the recipe's data changed since this run started; {resumption.RESTART}"
             )
+        if ckpt is not None:
+            ckpt.check_position([stage.steps for stage in setup.stages])
         if main:
             _open(run, cfg, setup, ckpt, plan.staging)
         accelerator.wait_for_everyone()

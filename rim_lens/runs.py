@@ -24,6 +24,7 @@ from rim_lens.fileio import append_line, atomic_write_json, old_path, read_json,
 
 # Status values. `interrupted` is also what a `running` status reads as once its process is gone.
 RUNNING, COMPLETED, FAILED, INTERRUPTED = "running", "completed", "failed", "interrupted"
+DIVERGED = "diverged"
 
 
 # What rim-lens adds around a run name in its own files: `.NAME.lock`, `.NAME.next`, `.NAME.old`
@@ -132,16 +133,18 @@ class Run:
         """The artefact's path, or a RunError naming the command that produces it."""
         path = self.path / name
         if not path.exists():
-            if self.status()["status"] in (INTERRUPTED, RUNNING) and name.split("/")[0] in (
+            state = self.status()["status"]
+            if state in (INTERRUPTED, RUNNING, DIVERGED) and name.split("/")[0] in (
                 artefacts.MODEL,
                 artefacts.METRICS,
                 artefacts.PREDICTIONS,
             ):
-                state = self.status()["status"]
-                raise RunError(
-                    f"{self.path}: run is {state} and has no {name} yet; "
-                    "run its `rim-lens train` command again to resume it"
+                fix = (
+                    "train it again with a lower learning rate and --restart (see its status.json)"
+                    if state == DIVERGED
+                    else "run its `rim-lens train` command again to resume it"
                 )
+                raise RunError(f"{self.path}: run is {state} and has no {name} yet; {fix}")
             fix = PRODUCERS.get(name.split("/")[0], "").format(run=self.path)
             hint = f"; produce it with `{fix}`" if fix else ""
             raise RunError(f"{self.path}: run has no {name}{hint}")
@@ -156,8 +159,8 @@ class Run:
         return atomic_write_json(self.path / name, obj)
 
     def status(self) -> dict:
-        """The run's state: `status` is running, completed, failed, interrupted or unknown (no
-        status.json). A `running` run whose process is gone reads as interrupted."""
+        """The run's state: `status` is running, completed, failed, interrupted, diverged or unknown
+        (no status.json). A `running` run whose process is gone reads as interrupted."""
         path = self.path / artefacts.STATUS
         if not path.exists():
             return {"status": "unknown"}
@@ -174,7 +177,8 @@ class Run:
         return status
 
     def mark(self, status: str, **info: Any) -> None:
-        """Record the run's state: running (with this process), completed, failed or interrupted."""
+        """Record the run's state: running (with this process), completed, failed, interrupted or
+        diverged."""
         if status == RUNNING:
             info["process"] = this_process()
         self.write_json(

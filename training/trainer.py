@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import random
 import shutil
@@ -51,6 +52,7 @@ from rim_lens.model.memory import MemorySpec
 from rim_lens.model.tokenizer import build_word_tokenizer, memory_token_ids
 from rim_lens.runs import (
     COMPLETED,
+    DIVERGED,
     FAILED,
     INTERRUPTED,
     RUNNING,
@@ -137,6 +139,7 @@ class Stage:
     logits: Logits = target_logits
     held_out: Callable[[Example], Layout] | None = None  # the held-out check's layout (None: `layout`)
     largest: Callable[[Example], Layout] | None = None  # the longest `layout` can be (None: `layout`)
+    lr_key: str = "train.lr"  # the recipe key of `lr`, for the divergence message
 
 
 def varied_budget(builder: SequenceBuilder, Ks: list[int], Ms: list[int], seed: int) -> Callable:
@@ -171,7 +174,13 @@ def plan_stages(cfg: RunConfig, builder: SequenceBuilder) -> list[Stage]:
         stages = [
             Stage("grounding", stage1, t.lr, t.dropout, builder.grounding, ground),
             Stage(
-                "refinement", t.steps - stage1, t.stage2_lr, t.stage2_dropout, weights=refine, **refinement
+                "refinement",
+                t.steps - stage1,
+                t.stage2_lr,
+                t.stage2_dropout,
+                weights=refine,
+                lr_key="train.stage2_lr",
+                **refinement,
             ),
         ]
         return [s for s in stages if s.steps > 0]
@@ -366,6 +375,38 @@ class StopSignals:
 Save = Callable[..., None]
 
 
+class Diverged(RunError):
+    """Training met a non-finite loss or gradient; the run keeps its last checkpoint."""
+
+
+@dataclass
+class FiniteGuard:
+    """Stops a stage at the first non-finite loss, or non-finite gradient, with what the user needs
+    to know. Under fp16 a loss scaler skips the steps whose gradients overflow and lowers its scale:
+    those steps are not divergence, so `scaled` leaves gradients to it."""
+
+    stage: Stage
+    scaled: bool
+    last: tuple[int, float] | None = None  # (step, loss) of the last finite step
+
+    def check(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> float:
+        """The loss as a number, or Diverged at `step` (1-based)."""
+        value = loss.item()
+        if math.isfinite(value) and (self.scaled or bool(torch.isfinite(grad_norm))):
+            self.last = (step, value)
+            return value
+        what = f"loss {value}" if not math.isfinite(value) else f"gradient norm {float(grad_norm)}"
+        before = (
+            f"the last finite loss was {self.last[1]:.4g} at step {self.last[0]}"
+            if self.last
+            else "no finite step before it in this stage"
+        )
+        raise Diverged(
+            f"training diverged at step {step} of stage {self.stage.name}: {what} ({before}); "
+            f"lower {self.stage.lr_key} (now {self.stage.lr:g})"
+        )
+
+
 def run_stage(
     stage: Stage,
     index: int,
@@ -442,6 +483,7 @@ def run_stage(
     )
     start = time.perf_counter() - elapsed
     epoch, consumed = at.epoch, at.batch
+    guard = FiniteGuard(stage, scaled=accelerator.scaler is not None)
     stop.deferring = True
     while step < stage.steps:
         order.manual_seed(resumption.epoch_seed(cfg.seed, index, epoch))
@@ -450,7 +492,10 @@ def run_stage(
             loss = _loss(model, batch, weights, stage.logits)
             accelerator.backward(loss)
             if t.grad_clip:
-                accelerator.clip_grad_norm_(params, t.grad_clip)
+                norm = accelerator.clip_grad_norm_(params, t.grad_clip)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            guard.check(step + 1, loss, norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -665,8 +710,9 @@ def plan_run(cfg: RunConfig, target: Run, overwrite: bool, restart: bool) -> Pla
             return Plan(target.path, True, False)
         if overwrite:
             return Plan(staging_path(target.path), False, True)
+        state = "diverged" if status == DIVERGED else "interrupted"
         raise RunError(
-            f"{target.path}: this interrupted run was started with another recipe ({change}); "
+            f"{target.path}: this {state} run was started with another recipe ({change}); "
             "train it with its own recipe to resume it, or pass --restart to start it over with this one"
         )
     return Plan(target.path, False, False)
@@ -716,6 +762,13 @@ def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False, restart:
                 where = "; resume it by running the same command"
                 run.mark(INTERRUPTED, method=cfg.method, error=f"{type(err).__name__}: {err}{where}")
             raise
+        except Diverged as err:
+            kept = resumption.Checkpoint.position_of(run.checkpoint_dir)
+            kept = f"its last checkpoint ({kept}) is kept" if kept else "it has no checkpoint"
+            message = f"{run.path}: {err}; {kept}: pass --restart with the new value to train it again"
+            if main:
+                run.mark(DIVERGED, method=cfg.method, error=message)
+            raise Diverged(message) from None
         except BaseException as err:
             if main:
                 run.mark(FAILED, method=cfg.method, error=f"{type(err).__name__}: {err}")
@@ -784,6 +837,8 @@ def _train(
                 scheduler,
             )
 
+    if ckpt is None and cfg.train.checkpoint_every:
+        checkpoint(resumption.Position())  # the start: what a run that diverges at once keeps
     monitor = splits.val[: min(len(splits.val), 256)]
     for index, stage in enumerate(setup.stages):
         if index < at.stage:

@@ -2,17 +2,19 @@
 
 `Run.status()` is the one place that says what state a run is in. A run marked `running` whose
 process is gone (killed, machine rebooted) reads as `interrupted`: the status records the pid,
-host and start time of the process that trains it. `RunLock` keeps two trainings out of one run
-directory; it is an OS lock, so a killed process never leaves it held.
+host and start time of the process that trains it. `RunLock` keeps two commands from writing one
+run directory at once; it is an OS lock, so a killed process never leaves it held.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import shutil
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,8 @@ from rim_lens.artefacts import PRODUCERS
 from rim_lens.errors import ConfigError, RunError, clip
 from rim_lens.fileio import append_line, atomic_write_json, old_path, read_json, read_jsonl, writing
 
-# Status values. `interrupted` is also what a `running` status reads as once its process is gone.
+# Status values. `interrupted` is also what a `running` status reads as once its process is gone;
+# `diverged`: training met a non-finite loss or gradient and stopped, keeping its last checkpoint.
 RUNNING, COMPLETED, FAILED, INTERRUPTED = "running", "completed", "failed", "interrupted"
 DIVERGED = "diverged"
 
@@ -225,44 +228,73 @@ def recover_swap(target: str | Path) -> None:
 
 # -- locks ---------------------------------------------------------------------------------------
 class RunLock:
-    """An exclusive lock on one run name (the run and its staging directory), held while training.
+    """An exclusive lock on one run name (the run and its staging directory), held while a command
+    writes the run: `train` for all of its training, `eval` while it scores and writes its results.
 
     The lock is `.{name}.lock` beside the run, locked with flock: the OS releases it when its
     process ends, however it ends, so a stale lock file is simply taken over. The file records
-    who holds it (pid, host, start time) for the message a second training gets.
+    who holds it (command, pid, host, start time) for the message the next command gets. It is
+    never followed if it is a link, nor written if it is not a plain file of its own.
     """
 
-    def __init__(self, target: str | Path) -> None:
+    def __init__(self, target: str | Path, command: str = "train") -> None:
         target = Path(target)
         self.target = target
+        self.command = command
         self.path = target.with_name(f".{target.name}.lock")
         self._fd: int | None = None
 
-    def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def acquire(self, wait_for: tuple[str, ...] = (), poll: float = 0.05) -> RunLock:
+        """Take the lock; while a command named in `wait_for` holds it, wait; else RunError."""
+        with writing(self.target):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
+                if holder.get("command", "train") in wait_for:
+                    time.sleep(poll)
+                    continue
                 raise RunError(
-                    f"{self.target}: another `rim-lens train` is writing this run ({holder}); "
-                    "wait for it to finish, or stop it and run this command again"
+                    f"{self.target}: another `rim-lens {holder.get('command', 'train')}` is writing this run "
+                    f"({_describe(holder)}); wait for it to finish, or stop it and run this command again"
                 ) from None
             # The holder before us may have removed the file between our open and our lock.
             try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
             if same:
                 break
             os.close(fd)
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({**this_process(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
+        record = {**this_process(), "command": self.command, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.write(fd, json.dumps(record).encode())
         self._fd = fd
         return self
+
+    def _open(self) -> int:
+        """The lock file, opened without following a link; RunError if it is not a plain file
+        of its own (a link, a hard link to another file, a device)."""
+        refused = RunError(
+            f"{self.path}: is not a lock file of rim-lens's own (a link, or not a plain file); "
+            "rim-lens does not write through it: remove it and run the command again"
+        )
+        try:
+            with writing(self.target):
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise refused from None
+            raise
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+            os.close(fd)
+            raise refused
+        return fd
 
     def release(self) -> None:
         if self._fd is not None:
@@ -277,9 +309,16 @@ class RunLock:
         self.release()
 
 
-def _read_holder(fd: int) -> str:
+def _read_holder(fd: int) -> dict:
     try:
         info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f"pid {info['pid']} on {info['host']}, since {info['time']}"
-    except (ValueError, KeyError, TypeError, OSError):
+    except (ValueError, OSError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _describe(holder: dict) -> str:
+    try:
+        return f"pid {holder['pid']} on {holder['host']}, since {holder['time']}"
+    except KeyError:
         return "holder unknown"

@@ -36,6 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-report", action="store_true", help="skip the causal report on the RiM run")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="retrain runs in --runs-dir that were trained with another recipe (never without it)",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -65,5 +70,6 @@ def _demo(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         jobs=args.jobs,
         latency_examples=args.latency_examples,
+        overwrite=args.overwrite,
     )
     return 0

@@ -82,6 +82,11 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
 
 
+def is_temp(path: str | Path) -> bool:
+    """Whether `path` is a temporary sibling of these writers (what a killed write leaves)."""
+    return re.fullmatch(r"\..+\.[0-9a-f]{8}\.tmp", Path(path).name) is not None
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """`write(tmp)` fills a temporary sibling of `path`, then it is renamed over `path`, so readers
     never see half a file (for writers that take a path: pyarrow, safetensors)."""
@@ -204,6 +209,16 @@ def replace_dir(tmp: str | Path, final: str | Path) -> Path:
         tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_dir(path: str | Path) -> None:
+    """Remove a directory as one step: renamed to a temporary sibling first, so a kill midway
+    leaves no half-deleted directory under its name."""
+    path = Path(path)
+    tmp = _temp_name(path)
+    with writing(path):
+        path.rename(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def recover_dir(final: str | Path) -> None:

@@ -42,7 +42,14 @@ from rim_lens.data import Example, Splits, make_splits, read_examples, write_exa
 from rim_lens.data.tasks import Task, get_task
 from rim_lens.errors import ConfigError, RimLensError, RunError, clip
 from rim_lens.evaluation import decode_budget, evaluate
-from rim_lens.fileio import atomic_write_many, atomic_write_text, recover_dir, replace_dir
+from rim_lens.fileio import (
+    atomic_write_many,
+    atomic_write_text,
+    is_temp,
+    recover_dir,
+    remove_dir,
+    replace_dir,
+)
 from rim_lens.methods import Method
 from rim_lens.model import spread
 from rim_lens.model.checkpoints import build_model, load_pretrained, save_checkpoint, set_dropout
@@ -396,13 +403,9 @@ class FiniteGuard:
             self.last = (step, value)
             return value
         what = f"loss {value}" if not math.isfinite(value) else f"gradient norm {float(grad_norm)}"
-        before = (
-            f"the last finite loss was {self.last[1]:.4g} at step {self.last[0]}"
-            if self.last
-            else "no finite step before it in this stage"
-        )
+        before = f"last finite loss {self.last[1]:.4g} at step {self.last[0]}" if self.last else "none before"
         raise Diverged(
-            f"training diverged at step {step} of stage {self.stage.name}: {what} ({before}); "
+            f"training diverged at step {step} of {self.stage.name}: {what} ({before}); "
             f"lower {self.stage.lr_key} (now {self.stage.lr:g})"
         )
 
@@ -613,7 +616,7 @@ def check_positions(
     limit = position_limit(model)
     if not limit:
         return
-    key, problem = layout_problem(cfg, limit)
+    _, problem = layout_problem(cfg, limit)
     if problem:
         raise ConfigError(f"{problem}; the model's positions are fixed")
     fix = (
@@ -683,7 +686,8 @@ def plan_run(cfg: RunConfig, target: Run, overwrite: bool, restart: bool) -> Pla
     if status == COMPLETED and target.exists(artefacts.CHECKPOINT):
         shutil.rmtree(target.checkpoint_dir, ignore_errors=True)  # a kill right after completing
     legacy = status == "unknown" and (target.exists(artefacts.MODEL) or target.exists(artefacts.CONFIG))
-    if status == "unknown" and not legacy and any(target.path.iterdir()):
+    # What a run killed before its first status leaves is its own temporary files: no foreign run.
+    if status == "unknown" and not legacy and any(not is_temp(p) for p in target.path.iterdir()):
         raise RunError(
             f"{target.path}: exists and is not a rim-lens run; choose another --name or --runs-dir"
         )
@@ -764,8 +768,8 @@ def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False, restart:
             raise
         except Diverged as err:
             kept = resumption.Checkpoint.position_of(run.checkpoint_dir)
-            kept = f"its last checkpoint ({kept}) is kept" if kept else "it has no checkpoint"
-            message = f"{run.path}: {err}; {kept}: pass --restart with the new value to train it again"
+            kept = f"checkpoint kept: {kept}" if kept else "no checkpoint"
+            message = f"{run.path}: {err} and pass --restart ({kept})"
             if main:
                 run.mark(DIVERGED, method=cfg.method, error=message)
             raise Diverged(message) from None
@@ -791,7 +795,7 @@ def _open(run: Run, cfg: RunConfig, setup: Setup, ckpt: resumption.Checkpoint | 
     if ckpt is None:
         # Only what rim-lens made is removed: a run that did not complete, or a staging directory.
         if run.path.exists() and (run.exists(artefacts.STATUS) or staging):
-            shutil.rmtree(run.path)
+            remove_dir(run.path)
         run.path.mkdir(parents=True, exist_ok=True)
         # The status comes first: a run killed from here on reads as interrupted, never as foreign.
         run.mark(RUNNING, method=cfg.method)

@@ -77,8 +77,10 @@ class Server:
         return Done(**reply)
 
     def __exit__(self, *exc: object) -> None:
-        self.proc.stdin.close()
+        self.proc.kill()  # nothing to flush; an orderly exit of torch & co. takes seconds
         self.proc.wait(timeout=60)
+        self.proc.stdin.close()
+        self.proc.stdout.close()
 
 
 # -- the server (runs as __main__) ----------------------------------------------------------------

@@ -98,7 +98,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             write(tmp)
             os.replace(tmp, path)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only folder refuses even that
+                tmp.unlink(missing_ok=True)
             raise
     return path
 
@@ -131,7 +132,8 @@ def atomic_write_many(files: dict[Path, bytes]) -> None:
             os.replace(tmp, path)
     except BaseException:
         for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         raise
 
 

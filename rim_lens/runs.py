@@ -227,6 +227,9 @@ def recover_swap(target: str | Path) -> None:
 
 
 # -- locks ---------------------------------------------------------------------------------------
+RECORD_WAIT = 2.0  # seconds a lock's holder has to write who it is before it counts as unknown
+
+
 class RunLock:
     """An exclusive lock on one run name (the run and its staging directory), held while a command
     writes the run: `train` for all of its training, `eval` while it scores and writes its results.
@@ -248,6 +251,7 @@ class RunLock:
         """Take the lock; while a command named in `wait_for` holds it, wait; else RunError."""
         with writing(self.target):
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        unnamed = time.monotonic() + RECORD_WAIT
         while True:
             fd = self._open()
             try:
@@ -255,12 +259,14 @@ class RunLock:
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
-                if holder.get("command", "train") in wait_for:
+                # No record yet: the holder has just locked and not yet written who it is.
+                if (not holder and time.monotonic() < unnamed) or holder.get("command") in wait_for:
                     time.sleep(poll)
                     continue
+                command = f"`rim-lens {holder['command']}`" if holder.get("command") else "rim-lens command"
                 raise RunError(
-                    f"{self.target}: another `rim-lens {holder.get('command', 'train')}` is writing this run "
-                    f"({_describe(holder)}); wait for it to finish, or stop it and run this command again"
+                    f"{self.target}: another {command} is writing this run ({_describe(holder)}); "
+                    "wait for it to finish, or stop it and run this command again"
                 ) from None
             # The holder before us may have removed the file between our open and our lock.
             try:
@@ -270,9 +276,14 @@ class RunLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
         record = {**this_process(), "command": self.command, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        os.write(fd, json.dumps(record).encode())
+        try:
+            with writing(self.target):
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps(record).encode())
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd = fd
         return self
 

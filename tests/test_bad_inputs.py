@@ -1322,3 +1322,39 @@ def test_a_run_trained_with_custom_code_reopens_with_trust_remote_code(tmp_path,
     code, err = run_cli(capsys, "eval", run, "--trust-remote-code")
     assert code == 0 and "--trust-remote-code: Python code from" in err[0]
     assert json.loads((run / "metrics.json").read_text())["n_test"] == 8
+
+
+def test_an_eval_waits_for_a_holder_that_has_not_yet_said_who_it_is(tiny_runs, tmp_path):
+    """A lock taken a moment ago holds no record yet (its holder writes it right after locking):
+    a second eval waits instead of taking it for a training and giving up."""
+    import fcntl
+    import threading
+    import time
+
+    run = clone_runs({"rim": tiny_runs["rim"]}, tmp_path)["rim"]
+    fd = os.open(run.with_name(".rim.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    codes = []
+    sweep = threading.Thread(target=lambda: codes.append(main(["eval", str(run), "--K", "1"])))
+    sweep.start()
+    time.sleep(1.0)
+    assert sweep.is_alive() and codes == []
+    os.close(fd)
+    sweep.join(timeout=120)
+    assert codes == [0] and [e["K"] for e in json.loads((run / "sweep.json").read_text())] == [1]
+
+
+def test_a_read_only_folder_names_the_file_not_its_temporary(tmp_path, monkeypatch):
+    """On a read-only filesystem even removing the unwritten temporary file fails (EROFS): the
+    error still names the file asked for."""
+    import errno
+
+    from rim_lens.fileio import StorageError, atomic_write_many
+
+    def refused(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(os, "open", refused)
+    monkeypatch.setattr(Path, "unlink", refused)
+    with pytest.raises(StorageError, match=r"/x\.json: cannot write \(Read-only file system\)"):
+        atomic_write_many({tmp_path / "x.json": b"{}"})

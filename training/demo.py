@@ -164,7 +164,10 @@ def run_demo(
     with tempfile.TemporaryDirectory() as staged:
         for name in SPLITS:
             write_examples(Path(staged) / split_file(name), getattr(splits, name))
-        check_runs(recipe, plan(Path(staged)), overwrite)
+        try:
+            check_runs(recipe, plan(Path(staged)), overwrite)
+        except RunError as err:  # name the data files where the demo would write them
+            raise RunError(str(err).replace(staged, str(runs_dir))) from None
     for name in SPLITS:
         write_examples(runs_dir / split_file(name), getattr(splits, name))
     coverage = splits.coverage(task)

@@ -8,6 +8,7 @@ run directory at once; it is an OS lock, so a killed process never leaves it hel
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -246,9 +247,12 @@ class RunLock:
         self.command = command
         self.path = target.with_name(f".{target.name}.lock")
         self._fd: int | None = None
+        self._made: list[Path] = []
 
     def acquire(self, wait_for: tuple[str, ...] = (), poll: float = 0.05) -> RunLock:
         """Take the lock; while a command named in `wait_for` holds it, wait; else RunError."""
+        # A runs folder made only for the lock goes again with it (a refused command leaves nothing).
+        self._made = [] if self.path.parent.is_dir() else [self.path.parent]
         with writing(self.target):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         unnamed = time.monotonic() + RECORD_WAIT
@@ -312,6 +316,9 @@ class RunLock:
             self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
+            for folder in self._made:
+                with contextlib.suppress(OSError):  # not empty: a run was made in it
+                    folder.rmdir()
 
     def __enter__(self) -> RunLock:
         return self.acquire()

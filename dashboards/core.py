@@ -25,7 +25,7 @@ import yaml
 from rim_lens import artefacts
 from rim_lens.artefacts import PRODUCERS
 from rim_lens.errors import RimLensError, RunError
-from rim_lens.fileio import read_jsonl
+from rim_lens.fileio import read_jsonl, read_text
 from rim_lens.methods import Method
 from rim_lens.model.memory import SPEC_FILENAME
 from rim_lens.runs import Run
@@ -214,7 +214,7 @@ def tree_stamp(path: Path) -> int:
 @st.cache_data(show_spinner=False, max_entries=256)
 def _read_json(path: str, mtime: int) -> Any:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise RunError(f"{path}: corrupt JSON ({err})") from None
 
@@ -237,7 +237,7 @@ def _read_parquet(path: str, mtime: int):
 @st.cache_data(show_spinner=False, max_entries=64)
 def _read_yaml(path: str, mtime: int) -> dict:
     try:
-        return yaml.safe_load(Path(path).read_text()) or {}
+        return yaml.safe_load(read_text(path)) or {}
     except yaml.YAMLError as err:
         raise RunError(f"{path}: corrupt YAML ({err})") from None
 
@@ -274,8 +274,13 @@ def analysis_name(name: str) -> str:
 
 
 # -- run facts -----------------------------------------------------------------------------------
+UNREADABLE = "unreadable"  # the status of a run whose files cannot be summarised
+
+
 def run_summary(root: Root, run: RunInfo) -> dict:
-    """Method, task, model size and status of a run, from its config, memory spec and status."""
+    """Method, task, model size and status of a run, from its config, memory spec and status.
+    `readable` is False, and `error` says why, when some of these files cannot be read (status
+    `unreadable` when none can): one malformed run must not hide the others."""
     row: dict = {
         "run": run.name,
         "method": None,
@@ -286,13 +291,38 @@ def run_summary(root: Root, run: RunInfo) -> dict:
         "status": "unknown",
         "error": "",
         "accuracy": None,
+        "readable": True,
     }
+    try:
+        problems = _summarise(root, run, row)
+    except Exception as err:  # noqa: BLE001 - any damage means the same here: say which run and why
+        problems = [
+            str(err) if isinstance(err, RimLensError) else f"{run.shown}: {type(err).__name__}: {err}"
+        ]
+        row["status"] = UNREADABLE
+    if problems:
+        row["error"] = "; ".join([row["error"], *problems]).strip("; ")
+        row["readable"] = False
+    return row
+
+
+def _mapping(value: Any, path: Path) -> dict:
+    """`value` if it is a mapping (or missing: {}); RunError naming the file otherwise."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RunError(f"{path}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _summarise(root: Root, run: RunInfo, row: dict) -> list[str]:
+    """Fill `row` from the run's files; the problems met reading them."""
     problems = []
     try:
-        cfg = read(root, run, artefacts.CONFIG) or {}
+        cfg = _mapping(read(root, run, artefacts.CONFIG), run.path / artefacts.CONFIG)
     except RunError as err:
         cfg, problems = {}, [str(err)]
-    model = cfg.get("model") or {}
+    model = _mapping(cfg.get("model"), run.path / artefacts.CONFIG)
     row["method"] = cfg.get("method")
     row["task"] = (cfg.get("task") or {}).get("name")
     if model.get("pretrained"):
@@ -303,7 +333,7 @@ def run_summary(root: Root, run: RunInfo) -> dict:
         layers, width, _ = PRESETS.get(model.get("preset"), (None, None, None))
         size = f" ({layers} layers, width {width})" if layers else ""
         row["model"] = f"{model.get('arch', '?')} {model.get('preset', '?')}{size}"
-    mem = cfg.get("memory") or {}
+    mem = _mapping(cfg.get("memory"), run.path / artefacts.CONFIG)
     if row["method"] in BLOCK_METHODS:
         row["K"], row["M"] = mem.get("K"), mem.get("M")
     try:
@@ -316,29 +346,24 @@ def run_summary(root: Root, run: RunInfo) -> dict:
     except RunError as err:
         row["status"], problems = "corrupt status.json", problems + [str(err)]
     try:
-        metrics = read(root, run, artefacts.METRICS)
-        if metrics:
-            row["accuracy"] = metrics.get("accuracy")
+        metrics = _mapping(read(root, run, artefacts.METRICS), run.path / artefacts.METRICS)
+        row["accuracy"] = metrics.get("accuracy")
     except RunError as err:
         problems.append(str(err))
-    if problems:
-        row["error"] = "; ".join([row["error"], *problems]).strip("; ")
-    return row
+    return problems
 
 
 def uses_blocks(root: Root, run: RunInfo, methods: tuple[str, ...] = BLOCK_METHODS) -> bool:
-    """Whether the run's method is one of `methods` (default: the methods with memory blocks)."""
-    try:
-        spec = read(root, run, f"{artefacts.MODEL}/{SPEC_FILENAME}")
-    except RunError:
-        spec = None
-    if spec:
-        return spec.get("method") in methods
-    try:
-        cfg = read(root, run, artefacts.CONFIG) or {}
-    except RunError:
-        return False
-    return cfg.get("method") in methods
+    """Whether the run's method is one of `methods` (default: the methods with memory blocks);
+    False for a run whose spec and config cannot be read."""
+    for name in (f"{artefacts.MODEL}/{SPEC_FILENAME}", artefacts.CONFIG):
+        try:
+            found = read(root, run, name)
+        except (RunError, OSError, ValueError):
+            continue
+        if isinstance(found, dict) and found.get("method"):
+            return found["method"] in methods
+    return False
 
 
 def siblings(runs: list[RunInfo], run: RunInfo) -> list[RunInfo]:

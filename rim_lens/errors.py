@@ -21,3 +21,12 @@ def clip(value: object, limit: int = 60) -> str:
     """`value` as text cut to `limit` characters: error messages quote fields, never whole files."""
     text = str(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def size_text(n: float) -> str:
+    """A number of bytes for a message, e.g. "23.5 GiB"."""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024:
+            return f"{n:,.0f} bytes" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} PiB"

@@ -1,20 +1,25 @@
 """File helpers: atomic writes that follow the umask, and bounded, checked reads.
 
 Writes go to a temporary sibling that is renamed over the target, so a reader (or a run killed
-mid-write) never sees half a file. Reads stream and cap what they hold: a line longer than
-`MAX_LINE` characters or a file longer than its cap is an error naming the file, never a
-MemoryError. Every reader raises the caller's error class (DataError for data, RunError for
-run files) with one line: what is wrong, where, and what to do.
+mid-write) never sees half a file. A write the storage refuses (disk full, file too large,
+read-only, not permitted) is a `StorageError`: one line naming the path, the old file intact. Reads
+stream and cap what they hold: a line longer than `MAX_LINE` characters or a file longer than
+its cap is an error naming the file, never a MemoryError. Every reader raises the caller's error
+class (DataError for data, RunError for run files) with one line: what is wrong, where, and what
+to do.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +29,79 @@ MAX_LINE = 1 << 20  # characters in one line of a data or log file
 MAX_TEXT = 64 << 20  # characters in a whole JSON or YAML file
 
 
+# -- storage errors ------------------------------------------------------------------------------
+# What a refused write means: the storage is full (or the file over its size limit), or it cannot
+# be written at all.
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class StorageError(RunError):
+    """The storage refused a write: full, over a size limit, read-only or not permitted."""
+
+
+def storage_errno(err: BaseException) -> int | None:
+    """The errno of a refused write behind `err` (an OSError, or a library's error quoting one,
+    as safetensors' "os error 28" does), or None if `err` is no such error."""
+    code = getattr(err, "errno", None)
+    if code is None:
+        found = re.search(r"(?:errno|Errno|code:|os error)\s*(\d+)", str(err))
+        code = int(found[1]) if found else None
+    return code if code in FULL + READ_ONLY else None
+
+
+def storage_error(where: object, code: int) -> StorageError:
+    """The one line for a write to `where` refused with `code`."""
+    fix = (
+        "free some space (or raise the file-size limit)"
+        if code in FULL
+        else "make it writable (or work on a copy elsewhere)"
+    )
+    return StorageError(
+        f"{where}: cannot write ({os.strerror(code)}); {fix} and run the same command again: "
+        "what was written before is unchanged"
+    )
+
+
+@contextlib.contextmanager
+def writing(where: str | Path) -> Iterator[None]:
+    """Turn a refused write inside the block into a StorageError naming `where`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - OSError, or a library's own error quoting the errno
+        code = storage_errno(err)
+        if code is None:
+            raise
+        raise storage_error(where, code) from None
+
+
 # -- writes --------------------------------------------------------------------------------------
 def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def is_temp(path: str | Path) -> bool:
+    """Whether `path` is a temporary sibling of these writers (what a killed write leaves)."""
+    return re.fullmatch(r"\..+\.[0-9a-f]{8}\.tmp", Path(path).name) is not None
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` fills a temporary sibling of `path`, then it is renamed over `path`, so readers
+    never see half a file (for writers that take a path: pyarrow, safetensors)."""
+    path = Path(path)
+    tmp = _temp_name(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # a read-only folder refuses even that
+                tmp.unlink(missing_ok=True)
+            raise
+    return path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -34,18 +109,42 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
     The file is created with mode 0o666 minus the umask, like any file `open` creates.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: Path) -> None:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+
+    return atomic_write(path, write)
+
+
+def atomic_write_many(files: dict[Path, bytes]) -> None:
+    """Write several files as `atomic_write_bytes` does, all of them before any is renamed into
+    place: a refused write leaves every one of them as it was."""
+    temps = {}
+    try:
+        for path, data in files.items():
+            temps[path] = tmp = _temp_name(Path(path))
+            with writing(path):
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+                    f.write(data)
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in temps.values():
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a log in a single write: a killed process leaves no half line."""
+    with writing(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        try:
+            os.write(fd, (line + "\n").encode("utf-8"))
+        finally:
+            os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -60,9 +159,10 @@ def temp_dir(final: str | Path) -> Path:
     """A new empty directory beside `final` (mode 0o777 minus the umask), to be filled and then
     moved into place with `replace_dir`."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(final)
-    os.mkdir(tmp, 0o777)
+    with writing(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(tmp, 0o777)
     return tmp
 
 
@@ -104,12 +204,23 @@ def replace_dir(tmp: str | Path, final: str | Path) -> Path:
     """
     tmp, final = Path(tmp), Path(final)
     old = old_path(final)
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
+    with writing(final):
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_dir(path: str | Path) -> None:
+    """Remove a directory as one step: renamed to a temporary sibling first, so a kill midway
+    leaves no half-deleted directory under its name."""
+    path = Path(path)
+    tmp = _temp_name(path)
+    with writing(path):
+        path.rename(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def recover_dir(final: str | Path) -> None:
@@ -187,6 +298,8 @@ def read_json(path: str | Path, error: type[RimLensError] = RunError, fix: str =
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise _fail(error, f"{path}:{err.lineno}: corrupt JSON ({err.msg})", fix) from None
+    except RecursionError:
+        raise _fail(error, f"{path}: corrupt JSON (nested too deeply)", fix) from None
 
 
 def read_jsonl(path: str | Path, error: type[RimLensError] = RunError, fix: str = "") -> list[dict]:

@@ -223,8 +223,9 @@ def _shared_root(tmp_path_factory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-def _trained_once(tmp_path_factory, name: str, build) -> dict[str, Path]:
-    """Run `build(root)` once per session, whichever worker gets here first; the others wait."""
+def once_per_session(tmp_path_factory, name: str, build) -> dict[str, Path]:
+    """Run `build(root)` once per session, whichever worker gets here first; the others wait.
+    `build` returns the paths it made, by name."""
     import torch
     from filelock import FileLock
 
@@ -253,14 +254,14 @@ def _trained_once(tmp_path_factory, name: str, build) -> dict[str, Path]:
 def tiny_runs(tmp_path_factory) -> dict[str, Path]:
     """{"rim", "pause", "direct"}: run directories of the copy task (see module docstring).
     Read-only; copy with `clone_runs` before writing analyses."""
-    return _trained_once(tmp_path_factory, "tiny_runs", train_copy_runs)
+    return once_per_session(tmp_path_factory, "tiny_runs", train_copy_runs)
 
 
 @pytest.fixture(scope="session")
 def tiny_modchain_runs(tmp_path_factory) -> dict[str, Path]:
     """{"rim", "pause", "direct"}: variable-length modchain runs (synthetic: patching works).
     Read-only; copy with `clone_runs` before writing analyses."""
-    return _trained_once(tmp_path_factory, "tiny_modchain_runs", train_modchain_runs)
+    return once_per_session(tmp_path_factory, "tiny_modchain_runs", train_modchain_runs)
 
 
 @pytest.fixture

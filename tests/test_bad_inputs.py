@@ -15,6 +15,7 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,45 @@ def pretrained(kind: str) -> Callable[[Path], None]:
 
     return make
 
+
+def edit_state(change: Callable[[dict], None], checksum: bool = False) -> Callable[[Path], None]:
+    """runs/int's checkpoint/state.json edited by `change`; with `checksum`, sha256.json made to
+    match the edit (so that only the schema can catch it)."""
+
+    def make(ws: Path) -> None:
+        ckpt = ws / "runs" / "int" / "checkpoint"
+        state = json.loads((ckpt / "state.json").read_text())
+        change(state)
+        (ckpt / "state.json").unlink()
+        (ckpt / "state.json").write_text(json.dumps(state))
+        if checksum:
+            sums = json.loads((ckpt / "sha256.json").read_text())
+            sums["state.json"] = hashlib.sha256((ckpt / "state.json").read_bytes()).hexdigest()
+            (ckpt / "sha256.json").unlink()
+            (ckpt / "sha256.json").write_text(json.dumps(sums))
+
+    return make
+
+
+def position(**changes: int) -> Callable[[dict], None]:
+    return lambda state: state["position"].update(
+        {k: state["position"][k] + v if k == "step" else v for k, v in changes.items()}
+    )
+
+
+def prosqa_other_option(ws: Path) -> None:
+    """A ProsQA record whose answer and last step name the option the question's facts do not
+    lead to (the proof's last step is no fact of the question)."""
+    record = json.loads((REPO / "data" / "prosqa" / "valid.json").read_text())[0]
+    names = record["idx_to_symbol"]
+    wrong = names[record["neg_target"]]
+    record["answer"] = f"{names[record['root']]} is a {wrong}."
+    record["steps"][-1] = record["steps"][-1].rsplit(" ", 1)[0] + f" {wrong}."
+    (ws / "x.json").write_text(json.dumps([record]))
+
+
+REPO = Path(__file__).resolve().parents[1]
+NESTED = "[" * 20_000 + "]" * 20_000
 
 # model.pretrained is a path relative to the working directory (the workspace), unlike data files.
 PRE_RECIPE = RECIPE_OK.replace("model: {preset: tiny, max_positions: 64}", "model: {pretrained: pre}")
@@ -290,6 +330,35 @@ DATA = [
     ),
     Case("json-dev-zero", "data validate {ws}/x.json", "longer than", link("x.json", "/dev/zero")),
     Case(
+        "gsm8k-wrong-step",
+        "data validate {ws}/x.txt",
+        "x.txt:1: expected '<<2+2=4>>' (the step's arithmetic), got '<<2+2=5>>'",
+        write("x.txt", "How much is two and two?||<<2+2=5>> #### 7\n"),
+    ),
+    Case(
+        "prosqa-other-option",
+        "data validate {ws}/x.json",
+        "x.json: record 1: expected a step the question states",
+        prosqa_other_option,
+    ),
+    Case(
+        "prosqa-answer-not-reached",
+        "data validate {ws}/x.json",
+        "x.json: record 1: expected the answer 'Tom is a lempus.', the option the facts lead to",
+        write(
+            "x.json",
+            json.dumps(
+                [
+                    {
+                        "question": "Tom is a terpus. Every terpus is a lempus. Is Tom a lempus or scrompus?",
+                        "steps": [],
+                        "answer": "Tom is a scrompus.",
+                    }
+                ]
+            ),
+        ),
+    ),
+    Case(
         "json-task-mismatch",
         "data validate {ws}/x.json --task mult",
         ".json files hold ProsQA records",
@@ -305,7 +374,7 @@ DATA = [
     Case(
         "generate-negative-seed",
         "data generate mult --n 3 --seed -1 --out {ws}/g.txt",
-        "--seed: must be >= 0",
+        "--seed: must be in 0..4294967295, got -1",
     ),
     Case("generate-unknown-task", "data generate chess --n 3 --out {ws}/g.txt", "unknown task 'chess'"),
     Case("generate-no-generator", "data generate gsm8k --n 3 --out {ws}/g.txt", "has no generator"),
@@ -315,6 +384,16 @@ DATA = [
         "generate-too-many",
         "data generate mult --n 1000 --option n=1 --out {ws}/g.txt",
         "has only 81 distinct questions",
+    ),
+    Case(
+        "generate-more-than-memory",
+        "data generate mult --option n=9 --n 1000000000000 --out {ws}/g.txt",
+        "mult(n=9): 1,000,000,000,000 examples take about",
+    ),
+    Case(
+        "generate-seed-too-large",
+        "data generate mult --n 3 --seed 4294967296 --out {ws}/g.txt",
+        "--seed: must be in 0..4294967295, got 4294967296",
     ),
     Case(
         "generate-exclude-missing",
@@ -370,13 +449,13 @@ RECIPES = [
     Case(
         "recipe-negative-seed",
         "train {ws}/r.yaml --runs-dir {ws}/runs",
-        "r.yaml:1: seed: must be >= 0",
+        "r.yaml:1: seed: must be in [0, 4294967295], got -3",
         recipe("seed: -3\n"),
     ),
     Case(
         "recipe-negative-threads",
         "train {ws}/r.yaml --runs-dir {ws}/runs",
-        "train.threads: must be >= 1",
+        "train.threads: must be in [1, 1024], got -1",
         recipe("train: {threads: -1}\n"),
     ),
     Case(
@@ -451,7 +530,7 @@ RECIPES = [
     Case(
         "recipe-same-tokens",
         "train {ws}/r.yaml --runs-dir {ws}/runs",
-        "three different tokens",
+        "r.yaml:1: memory.begin: '<m>' is also memory.memory ('<m>'); the special tokens",
         recipe("memory: {begin: <m>}\n"),
     ),
     Case(
@@ -498,6 +577,99 @@ RECIPES = [
     Case("set-unknown-key", "train --runs-dir {ws}/runs --set train.lrr=1", "unknown key 'train.lrr'"),
     Case("set-bad-choice", "train --runs-dir {ws}/runs --set method=cot2", "method: must be one of"),
     Case("name-with-slash", "train --runs-dir {ws}/runs --name a/b", "--name: 'a/b' is not a run name"),
+    Case(
+        "name-too-many-bytes",
+        "train {ws}/r.yaml --runs-dir {ws}/runs --name " + "é" * 200,
+        "is 400 bytes, too long a run name: this filesystem takes at most",
+        recipe(RECIPE_OK),
+    ),
+    Case(
+        "set-seed-2-32",
+        "train --runs-dir {ws}/runs --set seed=4294967296",
+        "seed: must be in [0, 4294967295]",
+    ),
+    Case(
+        "set-threads-huge",
+        "train --runs-dir {ws}/runs --set train.threads=1099511627776",
+        "train.threads: must be in [1, 1024], got 1099511627776",
+    ),
+    Case(
+        "set-positions-huge",
+        "train {ws}/r.yaml --runs-dir {ws}/runs --set model.max_positions=1000000000000",
+        "model.max_positions: 1,000,000,000,000 positions need about",
+        recipe(RECIPE_OK),
+    ),
+    Case(
+        "set-step-offset-huge",
+        "train {ws}/r.yaml --runs-dir {ws}/runs --set memory.step_offset=" + "1" + "0" * 30,
+        "memory.step_offset: the memory layout alone takes",
+        recipe(RECIPE_OK),
+    ),
+    Case(
+        "set-K-huge",
+        "train {ws}/r.yaml --runs-dir {ws}/runs --set memory.K=1000000000000",
+        "memory.K: the memory layout alone takes 3,000,000,000,000 positions",
+        recipe(RECIPE_OK),
+    ),
+    Case(
+        "set-thoughts-huge",
+        "train {ws}/r.yaml --runs-dir {ws}/runs --set method=coconut --set coconut.c=1000000000",
+        "coconut.c: the memory layout alone takes",
+        recipe(RECIPE_OK),
+    ),
+    Case(
+        "set-nested", "train --runs-dir {ws}/runs --set train.lora=" + NESTED, "nested deeper than 16 levels"
+    ),
+    Case(
+        "set-nested-key",
+        "train --runs-dir {ws}/runs --set " + ".".join(["a"] * 20_000) + "=1",
+        "nested deeper than 16 levels",
+    ),
+    Case(
+        "recipe-nested",
+        "train {ws}/r.yaml --runs-dir {ws}/runs",
+        "r.yaml:1: nested deeper than 16 levels",
+        recipe("train: " + NESTED + "\n"),
+    ),
+    Case(
+        "set-memory-token-in-data",
+        "train {ws}/r.yaml --runs-dir {ws}/runs --set memory.memory='1'",
+        "memory.memory: '1' occurs in the data",
+        recipe(RECIPE_OK),
+    ),
+    Case(
+        "set-answer-prefix-is-memory",
+        "train {ws}/r.yaml --runs-dir {ws}/runs --set memory.answer_prefix=<m>",
+        "memory.answer_prefix: '<m>' is also memory.memory",
+        recipe(RECIPE_OK),
+    ),
+    Case(
+        "recipe-blank-token",
+        "train {ws}/r.yaml --runs-dir {ws}/runs",
+        "r.yaml:1: memory.begin: expected a token of 1-64 characters, not blank",
+        recipe('memory: {begin: " "}\n'),
+    ),
+    Case(
+        "recipe-decoding-past-positions",
+        "train {ws}/r.yaml --runs-dir {ws}/runs --set model.max_positions=20",
+        "model.max_positions: the model takes 20 positions but decoding example",
+        recipe(RECIPE_OK),
+    ),
+    Case(
+        "pretrained-missing-dir",
+        "train {ws}/sub/r.yaml --runs-dir {ws}/runs",
+        "model.pretrained: in/nodir: no such directory",
+        both(
+            lambda ws: (ws / "in").mkdir(),
+            recipe(PRE_RECIPE.replace("pretrained: pre", "pretrained: in/nodir"), "sub/r.yaml"),
+        ),
+    ),
+    Case(
+        "pretrained-missing-dot-dir",
+        "train {ws}/sub/r.yaml --runs-dir {ws}/runs",
+        "model.pretrained: ./nodir: no such directory",
+        recipe(PRE_RECIPE.replace("pretrained: pre", "pretrained: ./nodir"), "sub/r.yaml"),
+    ),
     Case("name-dotdot", "train --runs-dir {ws}/runs --name ..", "is not a run name"),
     Case("name-hidden", "train --runs-dir {ws}/runs --name .x", "is not a run name"),
     Case(
@@ -542,6 +714,27 @@ RUNS = [
     Case("eval-n-negative", "eval {ws}/runs/rim --n -5", "must be >= 1, got -5"),
     Case("eval-K-too-many", "eval {ws}/runs/rim --K 500", "positions but the model takes 64"),
     Case("eval-K-on-direct", "eval {ws}/runs/direct --K 2", "is a direct model, which has no memory blocks"),
+    Case(
+        "eval-K-huge",
+        "eval {ws}/runs/rim --K 1000000000000",
+        "the blocks alone take 3,000,000,000,000 positions",
+    ),
+    Case(
+        "lock-is-a-symlink",
+        "eval {ws}/runs/rim --K 1",
+        ".rim.lock: is not a lock file of rim-lens's own",
+        both(write("outside.txt", "mine"), link("runs/.rim.lock", "../outside.txt")),
+    ),
+    Case(
+        "lock-is-a-hard-link",
+        "train {ws}/r.yaml --runs-dir {ws}/runs --name x",
+        ".x.lock: is not a lock file of rim-lens's own",
+        both(
+            recipe(RECIPE_OK),
+            write("outside.txt", "mine"),
+            lambda ws: os.link(ws / "outside.txt", ws / "runs" / ".x.lock"),
+        ),
+    ),
     Case("eval-bad-split", "eval {ws}/runs/rim --split train", "invalid choice: 'train'"),
     Case("eval-data-missing", "eval {ws}/runs/rim --n 3 --data {ws}/nope.jsonl", "nope.jsonl: no such file"),
     Case(
@@ -612,7 +805,7 @@ CHECKPOINTS = [
     Case(
         "resume-corrupt-state",
         RESUME,
-        "checkpoint/state.json:1: corrupt JSON",
+        "checkpoint/state.json: does not match its checksum (sha256.json); pass --restart",
         both(recipe(RECIPE_OK), garble("int", "checkpoint/state.json")),
     ),
     Case(
@@ -624,13 +817,49 @@ CHECKPOINTS = [
     Case(
         "resume-foreign-weights",
         RESUME,
-        "checkpoint/model.safetensors: changed since the checkpoint was written",
+        "checkpoint/model.safetensors: does not match its checksum (sha256.json); pass --restart",
         both(
             recipe(RECIPE_OK),
             lambda ws: shutil.copy(
                 ws / "runs/rim/model/model.safetensors", ws / "runs/int/checkpoint/model.safetensors"
             ),
         ),
+    ),
+    Case(
+        "resume-state-step-edited",
+        RESUME,
+        "checkpoint/state.json: does not match its checksum (sha256.json); pass --restart",
+        both(recipe(RECIPE_OK), edit_state(position(step=10))),
+    ),
+    Case(
+        "resume-state-stage-edited",
+        RESUME,
+        "checkpoint/state.json: does not match its checksum (sha256.json); pass --restart",
+        both(recipe(RECIPE_OK), edit_state(position(stage=7))),
+    ),
+    Case(
+        "resume-state-rng-null",
+        RESUME,
+        "checkpoint/state.json: does not match its checksum (sha256.json); pass --restart",
+        both(recipe(RECIPE_OK), edit_state(lambda s: s.update(rng=None))),
+    ),
+    Case(
+        "resume-state-stage-rechecksummed",
+        RESUME,
+        "checkpoint/state.json: position stage 7, step 0 lies outside this run's stages",
+        both(recipe(RECIPE_OK), edit_state(position(stage=7), checksum=True)),
+    ),
+    Case(
+        "resume-state-rng-null-rechecksummed",
+        RESUME,
+        "checkpoint/state.json: rng: expected the random-number generator states",
+        both(recipe(RECIPE_OK), edit_state(lambda s: s.update(rng=None), checksum=True)),
+    ),
+    Case(
+        "resume-state-no-checksums",
+        RESUME,
+        "a checkpoint of an older rim-lens (no sha256.json); pass --restart",
+        both(recipe(RECIPE_OK), lambda ws: (ws / "runs/int/checkpoint/sha256.json").unlink()),
     ),
     Case(
         "resume-other-recipe",
@@ -838,3 +1067,293 @@ def test_a_remote_dashboard_warns_and_is_read_only_unless_actions_are_allowed(tm
         err = capsys.readouterr().err
         assert ("--read-only" in launched[-1]) == read_only, host
         assert ("anyone who can reach this machine" in err) == bool(extra), err
+
+
+# -- edges that need more than one command, or a fault ---------------------------------------------
+def run_cli(capsys, *argv) -> tuple[int, list[str]]:
+    """Exit code and stderr lines of one in-process command."""
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def one_line(code: int, err: list[str]) -> str:
+    assert code == 2 and len(err) == 1 and err[0].startswith("rim-lens: error: "), err
+    assert len(err[0]) <= MAX_LINE and "Traceback" not in err[0]
+    return err[0]
+
+
+def test_a_diverging_run_stops_says_so_and_its_last_checkpoint_loads(tmp_path, capsys, monkeypatch):
+    from training import resume, trainer
+
+    monkeypatch.setattr(trainer, "tqdm", partial(trainer.tqdm, disable=True))  # it shares stderr
+    from training.config import load_config
+
+    (tmp_path / "r.yaml").write_text(RECIPE_OK.replace("steps: 2", "steps: 6"))
+    train = ["train", tmp_path / "r.yaml", "--runs-dir", tmp_path / "runs", "--name", "d"]
+    line = one_line(*run_cli(capsys, *train, "--set", "train.lr=1e308"))
+    assert "training diverged at step 2 of grounding: loss nan (last finite loss" in line, line
+    assert "lower train.lr (now 1e+308) and pass --restart (checkpoint kept: stage 0, step 0)" in line
+    run = tmp_path / "runs" / "d"
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "diverged" and "diverged at step 2" in status["error"]
+    ckpt = resume.Checkpoint.read(run / "checkpoint")
+    model = trainer.prepare(load_config(tmp_path / "r.yaml", ["train.lr=1e308"])).model
+    ckpt.restore_model(model)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # The resume rules: another recipe is refused, naming the change; --restart trains it again.
+    line = one_line(*run_cli(capsys, *train, "--set", "train.lr=0.001"))
+    assert "this diverged run was started with another recipe (train.lr: 1e+308 -> 0.001)" in line
+    assert run_cli(capsys, *train, "--set", "train.lr=0.001", "--restart")[0] == 0
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+
+
+def test_the_guard_leaves_overflowing_fp16_steps_to_the_loss_scaler():
+    """fp16 needs a GPU here, so the guard's rule is checked directly: with a loss scaler a
+    non-finite gradient is a skipped step, not divergence; a non-finite loss is divergence."""
+    from training.trainer import Diverged, FiniteGuard, Stage
+
+    stage = Stage("train", 10, 1e-3, 0.0, layout=None, weights=None)
+    inf, nan, one = torch.tensor(float("inf")), torch.tensor(float("nan")), torch.tensor(1.0)
+    scaled = FiniteGuard(stage, scaled=True)
+    assert scaled.check(1, one, inf) == 1.0 and scaled.last == (1, 1.0)
+    with pytest.raises(Diverged, match="step 2 of train: loss nan .last finite loss 1 at step 1"):
+        scaled.check(2, nan, one)
+    with pytest.raises(Diverged, match="step 1 of train: gradient norm inf .none before"):
+        FiniteGuard(stage, scaled=False).check(1, one, inf)
+
+
+def test_threads_above_the_cpus_warn_and_clamp(capsys):
+    from training.trainer import threads
+
+    cpus = len(os.sched_getaffinity(0))
+    assert threads(None) == cpus and threads(1) == 1
+    assert threads(1000) == cpus
+    assert f"train.threads 1000 is more than the {cpus} CPUs here; using {cpus}" in capsys.readouterr().out
+
+
+def test_a_hub_id_fails_at_once_offline_or_unreachable(tmp_path, capsys, monkeypatch):
+    """Never a hub retry: offline (HF_HUB_OFFLINE) or without a connection, only the local cache
+    is asked (local_files_only), so the lookup fails on its first try."""
+    import socket
+
+    import transformers
+
+    asked = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def spy(path, **kwargs):
+        asked.append(kwargs.get("local_files_only"))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+    (tmp_path / "r.yaml").write_text(PRE_RECIPE.replace("pretrained: pre", "pretrained: nobody/model"))
+    train = ["train", tmp_path / "r.yaml", "--runs-dir", tmp_path / "runs"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = one_line(*run_cli(capsys, *train))
+    assert (
+        "cannot load 'nobody/model': not a local HF model directory, not in the local cache, and the hub is "
+        in line
+    )
+    assert "offline (HF_HUB_OFFLINE)" in line
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def no_network(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    assert "the hub is unreachable (huggingface.co: Network is unreachable)" in one_line(
+        *run_cli(capsys, *train)
+    )
+    assert asked == [True, True]
+    assert not (tmp_path / "runs").exists()  # not even the runs folder its lock needed
+
+
+def test_data_generate_refuses_what_would_not_fit(tmp_path, capsys, monkeypatch):
+    """The issue's case, 10^8 examples of 9-digit operands, on a machine like this one (24 GiB
+    of memory): refused at once, naming the estimate; with the memory, the disk is checked."""
+    import shutil
+
+    import psutil
+
+    GiB = 1 << 30
+    memory = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory._replace(available=20 * GiB))
+    argv = ["data", "generate", "mult", "--option", "n=9", "--n", "100000000", "--out", tmp_path / "g.txt"]
+    line = one_line(*run_cli(capsys, *argv))
+    assert "mult(n=9): 100,000,000 examples take about" in line and "GiB of memory to generate" in line
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory._replace(available=1 << 50))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(GiB, GiB // 2, GiB // 2))
+    line = one_line(*run_cli(capsys, *argv))
+    assert "--n 100,000,000: the file would take about" in line and "more than the 512.0 MiB free" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_storage_errors_are_recognised_however_a_library_reports_them():
+    import errno
+
+    from safetensors import SafetensorError
+
+    from rim_lens.fileio import storage_errno
+
+    assert storage_errno(OSError(errno.ENOSPC, "No space left on device")) == errno.ENOSPC
+    assert storage_errno(OSError(errno.EROFS, "Read-only file system")) == errno.EROFS
+    told = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert storage_errno(told) == errno.ENOSPC
+    assert storage_errno(OSError(errno.ENOENT, "No such file")) is None
+    assert storage_errno(ValueError("bad value 28")) is None
+
+
+def test_eval_keeps_every_metric_it_does_not_recompute(tiny_runs, tmp_path, capsys):
+    run = clone_runs({"rim": tiny_runs["rim"]}, tmp_path)["rim"]
+    before = json.loads((run / "metrics.json").read_text())
+    before["note"] = "mine"
+    (run / "metrics.json").write_text(json.dumps(before))
+    assert run_cli(capsys, "eval", run)[0] == 0
+    after = json.loads((run / "metrics.json").read_text())
+    assert {"input_share", "input_share_by_layer", "train_time_s", "tokens_seen", "splits", "note"} <= set(
+        after
+    )
+    assert after["input_share"] == before["input_share"] and after["note"] == "mine"
+    assert set(before) <= set(after)
+
+
+def test_sweeps_of_one_run_wait_for_each_other_and_keep_each_others_entries(tiny_runs, tmp_path, capsys):
+    """Another eval holds the run (as a concurrent sweep would): this one waits, then adds its own
+    entries to what the other wrote instead of the sweep.json it would have read at its start."""
+    import threading
+    import time
+
+    from rim_lens.runs import RunLock
+
+    run = clone_runs({"rim": tiny_runs["rim"]}, tmp_path)["rim"]
+    other = {"K": 7, "M": 1, "split": "test", "accuracy": 0.5, "n_eval": 1}
+    lock = RunLock(run, "eval").acquire()
+    codes = []
+    sweep = threading.Thread(target=lambda: codes.append(main(["eval", str(run), "--K", "1,2"])))
+    sweep.start()
+    time.sleep(1.0)
+    assert sweep.is_alive() and not (run / "sweep.json").exists()  # waiting for the lock
+    (run / "sweep.json").write_text(json.dumps([other]))
+    lock.release()
+    sweep.join(timeout=120)
+    assert codes == [0]
+    entries = json.loads((run / "sweep.json").read_text())
+    assert [(e["K"], e["M"]) for e in entries] == [(1, 1), (2, 1), (7, 1)] and other in entries
+
+
+def test_eval_refuses_a_run_a_training_is_writing(tiny_runs, tmp_path, capsys):
+    from rim_lens.runs import RunLock
+
+    run = clone_runs({"rim": tiny_runs["rim"]}, tmp_path)["rim"]
+    before = fingerprint(run)
+    with RunLock(run, "train"):
+        line = one_line(*run_cli(capsys, "eval", run))
+    assert "another `rim-lens train` is writing this run" in line
+    assert fingerprint(run) == before
+
+
+def test_demo_never_replaces_a_run_of_another_recipe(tmp_path, capsys):
+    """The user's own completed run where the demo would put its RiM run: the demo stops before it
+    writes anything, naming the run and --overwrite; the run stays byte for byte."""
+    (tmp_path / "r.yaml").write_text(RECIPE_OK)
+    runs = tmp_path / "runs"
+    assert run_cli(capsys, "train", tmp_path / "r.yaml", "--runs-dir", runs, "--name", "rim")[0] == 0
+    before = fingerprint(runs)
+    demo = ["demo", "--recipe", tmp_path / "r.yaml", "--runs-dir", runs, "--methods", "rim", "--no-report"]
+    demo += ["--latency-examples", "0", "--set", "train.steps=3"]
+    line = one_line(*run_cli(capsys, *demo))
+    assert f"{runs / 'rim'}: holds a completed run trained with another recipe (" in line
+    assert "--overwrite" in line
+    assert fingerprint(runs) == before
+    assert run_cli(capsys, *demo, "--overwrite")[0] == 0
+    assert "steps: 3" in (runs / "rim" / "config.yaml").read_text()
+    after = fingerprint(runs / "rim")
+    assert run_cli(capsys, *demo)[0] == 0  # the same recipe: reused, not retrained
+    assert fingerprint(runs / "rim") == after
+
+
+def custom_code_model(directory: Path) -> Path:
+    """A tiny GPT-2 whose config names its own code (auto_map): a model with `trust_remote_code`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rim_lens.model.memory import MemorySpec
+    from rim_lens.model.tokenizer import build_word_tokenizer
+
+    directory.mkdir()
+    (directory / "custom_code.py").write_text(
+        "from transformers import GPT2Config, GPT2LMHeadModel\n\n\n"
+        "class CustomConfig(GPT2Config):\n    model_type = 'custom_gpt2'\n\n\n"
+        "class CustomLM(GPT2LMHeadModel):\n    config_class = CustomConfig\n"
+    )
+    words = [str(d) for d in range(10)] + ["+", "-", "*", "mod"]
+    tok = build_word_tokenizer(words, MemorySpec())
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok), **ids)
+    config.model_type = "custom_gpt2"
+    config.auto_map = {
+        "AutoConfig": "custom_code.CustomConfig",
+        "AutoModelForCausalLM": "custom_code.CustomLM",
+    }
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def test_a_run_trained_with_custom_code_reopens_with_trust_remote_code(tmp_path, capsys, monkeypatch):
+    import transformers.dynamic_module_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # not the user's cache
+    custom_code_model(tmp_path / "custom")
+    (tmp_path / "r.yaml").write_text(
+        PRE_RECIPE.replace("pretrained: pre", f"pretrained: {tmp_path / 'custom'}, trust_remote_code: true")
+    )
+    assert (
+        run_cli(capsys, "train", tmp_path / "r.yaml", "--runs-dir", tmp_path / "runs", "--name", "c")[0] == 0
+    )
+    run = tmp_path / "runs" / "c"
+    assert (run / "model" / "custom_code.py").is_file()
+    before = fingerprint(run)
+    for command in (["eval", run], ["analyze", "pca", run, "--n", "4"]):
+        line = one_line(*run_cli(capsys, *command))
+        assert "the model runs Python code of its own (custom_code.py); pass --trust-remote-code" in line
+    assert fingerprint(run) == before
+    code, err = run_cli(capsys, "eval", run, "--trust-remote-code")
+    assert code == 0 and "--trust-remote-code: Python code from" in err[0]
+    assert json.loads((run / "metrics.json").read_text())["n_test"] == 8
+
+
+def test_an_eval_waits_for_a_holder_that_has_not_yet_said_who_it_is(tiny_runs, tmp_path):
+    """A lock taken a moment ago holds no record yet (its holder writes it right after locking):
+    a second eval waits instead of taking it for a training and giving up."""
+    import fcntl
+    import threading
+    import time
+
+    run = clone_runs({"rim": tiny_runs["rim"]}, tmp_path)["rim"]
+    fd = os.open(run.with_name(".rim.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    codes = []
+    sweep = threading.Thread(target=lambda: codes.append(main(["eval", str(run), "--K", "1"])))
+    sweep.start()
+    time.sleep(1.0)
+    assert sweep.is_alive() and codes == []
+    os.close(fd)
+    sweep.join(timeout=120)
+    assert codes == [0] and [e["K"] for e in json.loads((run / "sweep.json").read_text())] == [1]
+
+
+def test_a_read_only_folder_names_the_file_not_its_temporary(tmp_path, monkeypatch):
+    """On a read-only filesystem even removing the unwritten temporary file fails (EROFS): the
+    error still names the file asked for."""
+    import errno
+
+    from rim_lens.fileio import StorageError, atomic_write_many
+
+    def refused(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(os, "open", refused)
+    monkeypatch.setattr(Path, "unlink", refused)
+    with pytest.raises(StorageError, match=r"/x\.json: cannot write \(Read-only file system\)"):
+        atomic_write_many({tmp_path / "x.json": b"{}"})

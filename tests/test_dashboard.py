@@ -583,3 +583,22 @@ def test_a_read_only_dashboard_starts_no_analysis(monkeypatch, sample_root):
     assert button.disabled and "Read-only dashboard" in messages(at, "caption")
     monkeypatch.setattr(sys, "argv", ["app.py"])
     assert not open_app(monkeypatch, sample_root, "Causal").button(key="report.go.demo/rim").disabled
+
+
+def test_one_malformed_run_does_not_hide_the_others(monkeypatch, sample_root, tmp_path):
+    """A config that is no mapping, metrics that are a list: every run is listed, the readable
+    ones in full, and the page names each run whose files cannot be read and why."""
+    root = tmp_path / "runs"
+    shutil.copytree(sample_root / "demo", root / "demo")
+    (root / "demo" / "pause" / "config.yaml").write_text("- a list\n- not a recipe\n")
+    (root / "demo" / "direct" / "metrics.json").write_text("[1, 2]")
+    at = open_app(monkeypatch, root, "Runs")
+    table = at.dataframe[0].value.set_index("run")
+    assert set(table.index) == {"demo/rim", "demo/pause", "demo/direct"}
+    assert table.loc["demo/rim", "readable"] and table.loc["demo/rim", "accuracy"] is not None
+    assert not table.loc["demo/pause", "readable"] and not table.loc["demo/direct", "readable"]
+    warnings = messages(at, "warning")
+    assert "Run demo/pause: some of its files cannot be read" in warnings
+    assert "pause/config.yaml: expected a mapping, got list" in warnings
+    assert "Run demo/direct: some of its files cannot be read" in warnings
+    assert "direct/metrics.json: expected a mapping, got list" in warnings

@@ -12,24 +12,31 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import filecmp
+import itertools
 import math
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from rim_lens.data.examples import Example
 from rim_lens.data.tasks import TASK_NAMES, get_task
-from rim_lens.errors import ConfigError, RimLensError, clip
+from rim_lens.errors import ConfigError, RimLensError, clip, size_text
 from rim_lens.fileio import read_text
 from rim_lens.methods import METHODS, Method
 from rim_lens.model.memory import TRAINING_FIELDS, MemorySpec
 from rim_lens.runs import check_name
 
 MAX_RECIPE = 1 << 20  # characters: a recipe is a few dozen lines
+MAX_DEPTH = 16  # nesting levels of a recipe or --set value (the deepest real key is 3 levels down)
+# Machine limits of numeric keys, used by the recipe's fields below and by the CLI's --seed options.
+SEEDS = (0, 2**32 - 1)  # numpy's and torch's seeds are unsigned 32-bit
+MAX_THREADS = 1024  # above this a value is a typo; above the CPU count, training warns and clamps
 
 
 def rule(default: Any = dataclasses.MISSING, *, factory: Callable | None = None, **checks: Any) -> Any:
@@ -52,9 +59,9 @@ def _presets() -> tuple[str, ...]:
 
 def _run_name(value: str) -> str | None:
     try:
-        check_name(value) if value else None
-    except ConfigError:
-        return f"{clip(repr(value))} is not a run name: give one folder name, without path separators or '..'"
+        check_name(value, "name") if value else None
+    except ConfigError as err:
+        return str(err).removeprefix("name: ")
     return None
 
 
@@ -97,7 +104,7 @@ class DataConfig:
     train: int | str = rule(20000, check=_source, path=True)
     val: int | str = rule(500, check=_source, path=True)  # every setting is chosen on this split
     test: int | str = rule(500, check=_source, path=True)  # scored once, at the end
-    seed: int = rule(1234, min=0)
+    seed: int = rule(1234, min=SEEDS[0], max=SEEDS[1])
     skip_invalid: bool = False
 
 
@@ -140,7 +147,7 @@ class TrainConfig:
     # Keep the model of every periodic checkpoint under snapshots/ (from-scratch models): the
     # training dynamics, analysed with the same tools as the final model.
     snapshots: bool = False
-    threads: int | None = rule(None, min=1)
+    threads: int | None = rule(None, min=1, max=MAX_THREADS)
     precision: str = rule("fp32", choices=("fp32", "bf16", "fp16"))  # bf16 / fp16: autocast via accelerate
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     length_bucketing: bool = True  # batches of similar length (less padding); false: uniform batches
@@ -181,7 +188,7 @@ class EvalConfig:
 class RunConfig:
     method: str = rule("rim", choices=METHODS)
     name: str = rule("", check=_run_name)
-    seed: int = rule(0, min=0)
+    seed: int = rule(0, min=SEEDS[0], max=SEEDS[1])
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -322,8 +329,14 @@ def _check_rules(value: Any, checks: typing.Mapping[str, Any]) -> str | None:
     ):
         bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         return f"must be {bound}, got {value!r}"
-    if checks.get("token") and (not value or len(value) > 64 or any(c in value for c in "\r\n\t")):
-        return f"expected a token of 1-64 characters without line breaks, got {clip(repr(value))}"
+    token = checks.get("token")  # "word": no whitespace at all; "text": spaces allowed
+    if token:
+        banned = [c for c in value if c.isspace() and (token == "word" or c != " ")]
+        if not value.strip() or len(value) > 64 or banned:
+            spaces = "whitespace" if token == "word" else "line breaks or tabs"
+            return (
+                f"expected a token of 1-64 characters, not blank, without {spaces}; got {clip(repr(value))}"
+            )
     check = checks.get("check")
     return check(value) if check is not None else None
 
@@ -378,30 +391,114 @@ def _build(cls: type, raw: Any, path: str, ctx: _Context) -> Any:
 
 def _cross_checks(config: RunConfig, ctx: _Context) -> None:
     """Checks that involve more than one key."""
+    where = partial(_where, ctx.source, ctx.lines)
     try:
         get_task(config.task.name, **config.task.options)
     except RimLensError as err:
-        raise ConfigError(f"{_where(ctx.source, ctx.lines, 'task.options')}: task.options: {err}") from None
-    m = config.memory
-    if len({m.begin, m.memory, m.end}) < 3:
-        raise ConfigError(
-            f"{_where(ctx.source, ctx.lines, 'memory')}: memory.begin, memory.memory and memory.end "
-            "must be three different tokens"
-        )
+        raise ConfigError(f"{where('task.options')}: task.options: {err}") from None
+    tokens = special_tokens(config.memory)
+    for (key, token), (other, other_token) in itertools.combinations(tokens.items(), 2):
+        if key in ctx.lines and other not in ctx.lines:  # name the key the recipe sets
+            (key, token), (other, other_token) = (other, other_token), (key, token)
+        if token in other_token or other_token in token:
+            same = "is also" if token == other_token else "overlaps"
+            raise ConfigError(
+                f"{where(other)}: {other}: {clip(repr(other_token))} {same} {key} ({clip(repr(token))}); "
+                f"the special tokens ({', '.join(k.split('.')[1] for k in tokens)}) must all differ"
+            )
     if config.train.snapshots and config.model.lora is not None:
         raise ConfigError(
-            f"{_where(ctx.source, ctx.lines, 'train.snapshots')}: train.snapshots: not available with "
+            f"{where('train.snapshots')}: train.snapshots: not available with "
             "model.lora (a LoRA model is merged only once training ends); set it to false"
         )
     if config.model.lora is not None:
-        _check_lora(config.model.lora, _where(ctx.source, ctx.lines, "model.lora"), config.model.pretrained)
+        _check_lora(config.model.lora, where("model.lora"), config.model.pretrained)
     co = config.coconut
     cot = co.stage_fraction if co.cot_fraction is None else co.cot_fraction
     if cot + co.stages * co.stage_fraction > 1.0 + 1e-9:
         raise ConfigError(
-            f"{_where(ctx.source, ctx.lines, 'coconut.stage_fraction')}: coconut.stage_fraction: stages "
+            f"{where('coconut.stage_fraction')}: coconut.stage_fraction: stages "
             f"0..{co.stages} take more than all the steps ({cot} + {co.stages} x {co.stage_fraction} > 1)"
         )
+    if config.model.pretrained is None:  # a pretrained model's limits are checked once it is loaded
+        _check_model_memory(config.model, where("model.max_positions"))
+        key, problem = layout_problem(config, config.model.max_positions)
+        if problem:
+            raise ConfigError(f"{where(key)}: {problem}; or raise model.max_positions")
+
+
+def _check_model_memory(model: ModelConfig, where: str) -> None:
+    """ConfigError if training a from-scratch model of this size needs more memory than the machine has
+    (GPT-2's position embeddings grow with model.max_positions), before anything is allocated."""
+    import psutil
+
+    from rim_lens.model.checkpoints import PRESETS, TRAIN_BYTES_PER_PARAMETER, parameter_count
+
+    total = psutil.virtual_memory().total
+    need = parameter_count(model.arch, model.preset, model.max_positions) * TRAIN_BYTES_PER_PARAMETER
+    if need > total:
+        width = PRESETS[model.preset][1]
+        fits = (total // TRAIN_BYTES_PER_PARAMETER - parameter_count(model.arch, model.preset, 0)) // width
+        raise ConfigError(
+            f"{where}: model.max_positions: {model.max_positions:,} positions need about "
+            f"{size_text(need)} to train a {model.arch} {model.preset} model "
+            f"({TRAIN_BYTES_PER_PARAMETER} bytes a parameter), "
+            f"more than this machine's {size_text(total)}; use at most {max(fits, 0):,}"
+        )
+
+
+def special_tokens(memory: MemorySpec) -> dict[str, str]:
+    """The memory section's special tokens by dotted key (block and Coconut tokens, answer prefix)."""
+    return {
+        f"memory.{f.name}": getattr(memory, f.name)
+        for f in dataclasses.fields(memory)
+        if "token" in f.metadata
+    }
+
+
+def check_data_tokens(
+    config: RunConfig, spec: MemorySpec, splits: Sequence[tuple[str, Sequence[Example]]]
+) -> None:
+    """ConfigError if a token the method adds (its block or thought tokens, the answer prefix)
+    occurs in the data: a layout in which memory and data cannot be told apart."""
+    keys = {v: k for k, v in special_tokens(config.memory).items()}
+    tokens = [*spec.special_tokens, spec.answer_prefix]
+    for split, examples in splits:
+        for ex in examples:
+            for text in (ex.question, *ex.steps, ex.answer):
+                for token in tokens:
+                    if token in text:
+                        raise ConfigError(
+                            f"{keys[token]}: {clip(repr(token))} occurs in the data ({split} example "
+                            f"{clip(ex.id, 30)}: {clip(repr(text), 50)}); choose a token the data never "
+                            "contains"
+                        )
+
+
+def layout_problem(config: RunConfig, limit: int) -> tuple[str, str | None]:
+    """The key and the problem if the memory layout alone (no data) takes `limit` positions or
+    more: K blocks of M + 2 tokens (the largest of train.K_choices x M_choices), grounding's
+    step_offset + 1 blocks, or Coconut's thoughts between <bot> and <eot>. Plain arithmetic, so
+    a huge value is refused before any sequence is built."""
+    m, t, method = config.memory, config.train, Method(config.method)
+    spans = []
+    if method.uses_blocks:
+        K, M = max(t.K_choices or [m.K]), max(t.M_choices or [m.M])
+        spans.append(("memory.K", K * (M + 2), f"{K} blocks of {M} + 2 tokens"))
+    if method.grounded:
+        spans.append(
+            ("memory.step_offset", (m.step_offset + 1) * (m.M + 2), f"step_offset {m.step_offset} + 1 blocks")
+        )
+    if method.uses_thoughts:
+        co = config.coconut
+        spans.append(("coconut.c", co.c * co.stages + 2, f"{co.c} x {co.stages} thoughts, <bot> and <eot>"))
+    for key, need, what in spans:
+        if need >= limit:
+            problem = (
+                f"the memory layout alone takes {need:,} positions ({what}) but the model takes {limit:,}"
+            )
+            return key, f"{key}: {problem}; use a smaller {key.split('.')[1]}"
+    return "", None
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -412,7 +509,10 @@ def parse_overrides(overrides: list[str]) -> dict:
         parts = key.split(".")
         if not sep or not all(p.strip() for p in parts):
             raise ConfigError(f"--set {clip(repr(item))}: expected KEY=VALUE, e.g. train.steps=200")
+        if len(parts) > MAX_DEPTH:
+            raise ConfigError(f"--set {clip(repr(item))}: {_too_deep()}")
         try:
+            _check_depth(text, f"--set {clip(repr(item))}")
             value = yaml.safe_load(text)
         except yaml.YAMLError as err:
             problem = getattr(err, "problem", None) or type(err).__name__
@@ -456,6 +556,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         except ConfigError as err:
             raise ConfigError(f"cannot read recipe {err}; give the path of a YAML recipe") from None
         try:
+            _check_depth(text, str(path))
             node = yaml.compose(text)
             raw = yaml.safe_load(text)
         except yaml.YAMLError as err:
@@ -481,6 +582,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     config = _build(RunConfig, raw, "", ctx)
     _cross_checks(config, ctx)
     return config
+
+
+def _too_deep() -> str:
+    return f"nested deeper than {MAX_DEPTH} levels; a recipe's keys are a few levels deep"
+
+
+def _check_depth(text: str, where: str) -> None:
+    """ConfigError if the YAML `text` nests mappings or lists deeper than MAX_DEPTH, found from
+    the parser's event stream (which does not recurse), before anything builds the nested value."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ConfigError(f"{where}:{event.start_mark.line + 1}: {_too_deep()}")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
 
 
 def _check_lora(lora: dict, where: str, pretrained: str | None) -> None:

@@ -4,13 +4,16 @@ measurement, then run the causal report on the RiM run.
 
 Runs: runs_dir/<method> (seed 0: the table, the latency and the report) and, with several seeds,
 runs_dir/seed<s>/<method>. A completed run whose recipe is unchanged in the keys its method
-reads is reused, an interrupted one resumes, so a killed demo picks up where it stopped.
+reads is reused, an interrupted one resumes, so a killed demo picks up where it stopped. A run
+the demo would replace (another recipe) is replaced only with `overwrite`: otherwise the demo
+stops before it writes anything.
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
@@ -21,6 +24,7 @@ from rim_lens.artefacts import SPLITS, split_file
 from rim_lens.compare import comparison, latency_side_by_side, render
 from rim_lens.data import write_examples
 from rim_lens.data.tasks import get_task
+from rim_lens.errors import RunError
 from rim_lens.fileio import atomic_write_json, atomic_write_text
 from rim_lens.methods import DEMO_METHODS, Method
 from rim_lens.runs import Run
@@ -39,19 +43,43 @@ def run_dir(runs_dir: Path, method: str, seed: int) -> Path:
     return runs_dir / method if seed == 0 else runs_dir / f"seed{seed}" / method
 
 
-def _train_one(recipe: Path, overrides: list[str], path: Path, quiet: bool) -> dict:
+def _train_one(recipe: Path, overrides: list[str], path: Path, quiet: bool, overwrite: bool) -> dict:
     """Train (or reuse, or resume) one run; its metrics. Top level: parallel jobs pickle it."""
     from training.config import load_config
-    from training.trainer import recipe_change, train
+    from training.trainer import train
 
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"  # parallel jobs would interleave their progress bars
     cfg = load_config(recipe, overrides)
-    run = Run(path)
-    if run.status().get("status") == "completed" and recipe_change(cfg, run) is None:
+    if _reusable(cfg, Run(path)):
         print(f"demo: {path} is complete with this recipe; reusing it")
-        return run.read_json("metrics.json")
-    return train(cfg, path, overwrite=True).read_json("metrics.json")
+        return Run(path).read_json("metrics.json")
+    return train(cfg, path, overwrite=overwrite).read_json("metrics.json")
+
+
+def _reusable(cfg, run: Run) -> bool:
+    from training.trainer import recipe_change
+
+    return run.status().get("status") == "completed" and recipe_change(cfg, run) is None
+
+
+def check_runs(recipe: Path, planned: list[tuple[str, int, Path, list[str]]], overwrite: bool) -> None:
+    """RunError, before anything is trained or written, if a planned run may not be trained into
+    its directory: a completed run of another recipe (without `overwrite`), an interrupted one of
+    another recipe, or a folder that is no rim-lens run."""
+    from training.config import load_config
+    from training.trainer import plan_run, recipe_change
+
+    for _, _, path, overrides in planned:
+        cfg, run = load_config(recipe, overrides), Run(path)
+        if not run.path.exists() or _reusable(cfg, run):
+            continue
+        if run.status().get("status") == "completed" and not overwrite:
+            raise RunError(
+                f"{path}: holds a completed run trained with another recipe ({recipe_change(cfg, run)}); "
+                "the demo replaces it only with --overwrite; or give another --runs-dir"
+            )
+        plan_run(cfg, run, overwrite, restart=False)
 
 
 def gap_closure(metrics: dict[str, dict]) -> dict | None:
@@ -138,10 +166,11 @@ def run_demo(
     jobs: int = 1,
     latency_examples: int = 30,
     method_seeds: dict[str, int] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Train and compare the methods of the demo recipe (or `recipe`) over `seeds` training seeds
     (`method_seeds`: fewer for some methods, e.g. {"coconut": 1}), `jobs` runs at a time; returns
-    the summary written to runs_dir."""
+    the summary written to runs_dir. A run of another recipe is replaced only with `overwrite`."""
     from training.config import load_config
     from training.trainer import load_data
 
@@ -152,31 +181,43 @@ def run_demo(
     base = load_config(recipe, overrides)
     task = get_task(base.task.name, **base.task.options)
     splits = load_data(base, task)
-    files = {name: runs_dir / split_file(name) for name in SPLITS}
-    for name, path in files.items():
-        write_examples(path, getattr(splits, name))
+
+    seeds_of = {m: (method_seeds or {}).get(m, seeds) for m in methods}
+
+    def plan(folder: Path) -> list[tuple[str, int, Path, list[str]]]:
+        """(method, seed offset, run directory, recipe overrides) of every run, on the data in `folder`."""
+        data = [f"data.{name}={folder / split_file(name)}" for name in SPLITS]
+        return [
+            (str(m), s, run_dir(runs_dir, m, s), [*overrides, f"method={m}", f"seed={base.seed + s}", *data])
+            for s in range(seeds)
+            for m in TRAINING_ORDER
+            if m in methods and s < seeds_of[m]
+        ]
+
+    # Every run is checked against this data before the demo writes any of it.
+    with tempfile.TemporaryDirectory() as staged:
+        for name in SPLITS:
+            write_examples(Path(staged) / split_file(name), getattr(splits, name))
+        try:
+            check_runs(recipe, plan(Path(staged)), overwrite)
+        except RunError as err:  # name the data files where the demo would write them
+            raise RunError(str(err).replace(staged, str(runs_dir))) from None
+    for name in SPLITS:
+        write_examples(runs_dir / split_file(name), getattr(splits, name))
     coverage = splits.coverage(task)
     sizes = ", ".join(f"{len(getattr(splits, name))} {name}" for name in SPLITS)
     covered = f" ({coverage:.0%} of the task's questions)" if coverage else ""
     print(f"demo: task {task!r}, {sizes} examples{covered}, recipe {recipe.name}")
 
-    data = [f"data.{name}={path}" for name, path in files.items()]
-    seeds_of = {m: (method_seeds or {}).get(m, seeds) for m in methods}
-    planned = [
-        (str(method), s, [*overrides, f"method={method}", f"seed={base.seed + s}", *data])
-        for s in range(seeds)
-        for method in TRAINING_ORDER
-        if method in methods and s < seeds_of[method]
-    ]
+    planned = plan(runs_dir)
     if jobs > 1:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
             futures = {
-                (m, s): pool.submit(_train_one, recipe, o, run_dir(runs_dir, m, s), True)
-                for m, s, o in planned
+                (m, s): pool.submit(_train_one, recipe, o, path, True, overwrite) for m, s, path, o in planned
             }
             results = {key: f.result() for key, f in futures.items()}
     else:
-        results = {(m, s): _train_one(recipe, o, run_dir(runs_dir, m, s), False) for m, s, o in planned}
+        results = {(m, s): _train_one(recipe, o, path, False, overwrite) for m, s, path, o in planned}
     seconds_training = time.perf_counter() - start
     metrics = {m: results[(m, 0)] for m in methods if (m, 0) in results}
 

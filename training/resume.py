@@ -6,11 +6,13 @@
                          fresh optimizer)
   state.json             the position (stage, step, epoch, batch), the optimizer's and the LR
                          schedule's settings, the RNG states of python, numpy and torch, what the
-                         finished stages reported, a fingerprint of the data, and the SHA-256 of
-                         the two tensor files (a damaged or swapped file is refused)
+                         finished stages reported, and a fingerprint of the data
   train_log.jsonl        the training log up to this point
+  sha256.json            the SHA-256 of each of the four files above: a damaged, edited or
+                         swapped file is refused, state.json as much as the weights
 Safetensors and JSON only, no pickle. The directory is written beside its place and renamed into
-it, so a kill never leaves half a checkpoint.
+it, so a kill never leaves half a checkpoint. A state.json that matches its checksum is also
+checked against its schema before anything is restored from it.
 
 The data order is a pure function of (seed, stage, epoch) (`epoch_seed`): a resumed run reseeds
 the data generator for the epoch it stopped in and skips the batches it had consumed, which
@@ -19,12 +21,13 @@ replays the same batches whatever the batch sampler is, as long as it draws from
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from rim_lens.data.examples import Example
 from rim_lens.errors import RunError
 from rim_lens.fileio import (
+    atomic_write_json,
     atomic_write_text,
     check_safetensors,
     follow_umask,
@@ -43,10 +47,13 @@ from rim_lens.fileio import (
     recover_dir,
     replace_dir,
     temp_dir,
+    writing,
 )
 
-FORMAT = 1
+FORMAT = 2  # 1: the checksums sat inside state.json and did not cover it
 MODEL, OPTIMIZER, STATE, LOG = "model.safetensors", "optimizer.safetensors", "state.json", "train_log.jsonl"
+SUMS = "sha256.json"
+COVERED = (MODEL, OPTIMIZER, STATE, LOG)  # every file of a checkpoint but SUMS itself
 RESTART = "pass --restart to start the run over"
 
 
@@ -172,13 +179,14 @@ def save(
     payload["rng"] = _encode(rng_state(), tensors)
     tmp = temp_dir(directory)
     try:
-        save_model(model, str(tmp / MODEL))
-        save_file(tensors, str(tmp / OPTIMIZER))
-        payload["sha256"] = {name: _sha256(tmp / name) for name in (MODEL, OPTIMIZER)}
-        log = Path(log)
-        atomic_write_text(tmp / LOG, read_text(log) if log.exists() else "")
-        atomic_write_text(tmp / STATE, json.dumps(payload) + "\n")
-        follow_umask(tmp)
+        with writing(directory):
+            save_model(model, str(tmp / MODEL))
+            save_file(tensors, str(tmp / OPTIMIZER))
+            log = Path(log)
+            atomic_write_text(tmp / LOG, read_text(log) if log.exists() else "")
+            atomic_write_text(tmp / STATE, json.dumps(payload) + "\n")
+            atomic_write_json(tmp / SUMS, {name: _sha256(tmp / name) for name in COVERED})
+            follow_umask(tmp)
         replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -197,24 +205,49 @@ class Checkpoint:
 
     @classmethod
     def read(cls, directory: str | Path) -> Checkpoint:
+        """The checkpoint in `directory`, every file checked against its checksum and the state
+        against its schema; RunError naming the file otherwise."""
         directory = Path(directory)
         recover_dir(directory)
         for name in (MODEL, OPTIMIZER):
             check_safetensors(directory / name, RunError, RESTART)
+        if not (directory / SUMS).exists() and (directory / STATE).exists():
+            raise RunError(f"{directory}: a checkpoint of an older rim-lens (no {SUMS}); {RESTART}")
+        sums = read_json(directory / SUMS, RunError, RESTART)
+        if not (isinstance(sums, dict) and all(isinstance(sums.get(name), str) for name in COVERED)):
+            raise RunError(f"{directory / SUMS}: not the checksums of {', '.join(COVERED)}; {RESTART}")
+        for name in COVERED:
+            if not (directory / name).is_file():
+                raise RunError(f"{directory / name}: no such file; {RESTART}")
+            if _sha256(directory / name) != sums[name]:
+                raise RunError(f"{directory / name}: does not match its checksum ({SUMS}); {RESTART}")
         payload = read_json(directory / STATE, RunError, RESTART)
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise RunError(f"{directory / STATE}: not a checkpoint this version of rim-lens reads; {RESTART}")
-        for name, digest in (payload.pop("sha256", None) or {}).items():
-            if _sha256(directory / name) != digest:
-                raise RunError(f"{directory / name}: changed since the checkpoint was written; {RESTART}")
+        problem = _schema_problem(payload)
+        if problem:
+            raise RunError(f"{directory / STATE}: {problem}; {RESTART}")
         try:
             tensors = load_file(str(directory / OPTIMIZER))
-            payload.pop("format")
-            position = Position(**payload.pop("position"))
-            state = TrainState(position=position, **payload)
-        except Exception as err:  # noqa: BLE001 - any damage to the files means the same to the user
-            raise RunError(f"{directory}: unreadable checkpoint ({type(err).__name__}); {RESTART}") from None
+        except Exception as err:  # noqa: BLE001 - any damage to the file means the same to the user
+            raise RunError(f"{directory / OPTIMIZER}: unreadable ({type(err).__name__}); {RESTART}") from None
+        payload.pop("format")
+        state = TrainState(position=Position(**payload.pop("position")), **payload)
         return cls(directory, state, tensors)
+
+    def check_position(self, steps: Sequence[int]) -> None:
+        """RunError unless the position lies within a run whose stages take `steps` steps."""
+        p = self.state.position
+        where = f"{self.path / STATE}: position stage {p.stage}, step {p.step}"
+        if p.stage > len(steps) or (p.stage < len(steps) and p.step > steps[p.stage]):
+            raise RunError(f"{where} lies outside this run's stages ({list(steps)} steps); {RESTART}")
+
+    @staticmethod
+    def position_of(directory: str | Path) -> str | None:
+        """Where a checkpoint stands, for messages ("stage 0, step 0"), or None if unreadable."""
+        try:
+            p = read_json(Path(directory) / STATE)["position"]
+            return f"stage {int(p['stage'])}, step {int(p['step'])}"
+        except (RunError, KeyError, TypeError, ValueError):
+            return None
 
     @property
     def log(self) -> str:
@@ -231,9 +264,54 @@ class Checkpoint:
 
     def restore_training(self, optimizer: Any, scheduler: Any) -> None:
         """Optimizer and schedule state, then the RNG states, as they were when the checkpoint was taken."""
-        optimizer.load_state_dict(_decode(self.state.optimizer, self._tensors))
-        scheduler.load_state_dict(_decode(self.state.scheduler, self._tensors))
+        with self._restoring("optimizer and schedule"):
+            optimizer.load_state_dict(_decode(self.state.optimizer, self._tensors))
+            scheduler.load_state_dict(_decode(self.state.scheduler, self._tensors))
         self.restore_rng()
 
     def restore_rng(self) -> None:
-        set_rng_state(_decode(self.state.rng, self._tensors))
+        with self._restoring("random-number generator states"):
+            set_rng_state(_decode(self.state.rng, self._tensors))
+
+    @contextlib.contextmanager
+    def _restoring(self, what: str):
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - a state that passed its schema but does not fit
+            raise RunError(
+                f"{self.path / STATE}: its {what} do not fit this run ({type(err).__name__}); {RESTART}"
+            ) from None
+
+
+def _schema_problem(payload: Any) -> str | None:
+    """What is wrong with a decoded state.json, or None: the format, a position of four counts,
+    the data fingerprint, the counters, and the optimizer, schedule and RNG records."""
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        return "not a checkpoint this version of rim-lens reads"
+    expected = {f.name for f in fields(TrainState)} | {"format"}
+    if set(payload) != expected:
+        return f"expected the keys {', '.join(sorted(expected))}"
+    position = payload["position"]
+    counts = ("stage", "step", "epoch", "batch")
+    if not (isinstance(position, dict) and set(position) == set(counts)) or not all(
+        _count(position[k]) for k in counts
+    ):
+        return "position: expected stage, step, epoch and batch, each a whole number >= 0"
+    if not isinstance(payload["data"], str) or not _count(payload["tokens"]):
+        return "data and tokens: expected a fingerprint and a count"
+    if not (isinstance(payload["elapsed_s"], int | float) and payload["elapsed_s"] >= 0):
+        return "elapsed_s: expected seconds >= 0"
+    for key in ("readout_accuracy", "stages"):
+        if not isinstance(payload[key], dict):
+            return f"{key}: expected a mapping"
+    for key in ("optimizer", "scheduler"):
+        if payload[key] is not None and not isinstance(payload[key], dict):
+            return f"{key}: expected a mapping or null"
+    rng = payload["rng"]
+    if not (isinstance(rng, dict) and {"python", "numpy", "torch"} <= set(rng)):
+        return "rng: expected the random-number generator states of python, numpy and torch"
+    return None
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

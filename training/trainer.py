@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import random
 import shutil
@@ -41,7 +42,14 @@ from rim_lens.data import Example, Splits, make_splits, read_examples, write_exa
 from rim_lens.data.tasks import Task, get_task
 from rim_lens.errors import ConfigError, RimLensError, RunError, clip
 from rim_lens.evaluation import decode_budget, evaluate
-from rim_lens.fileio import atomic_write_text, replace_dir
+from rim_lens.fileio import (
+    atomic_write_many,
+    atomic_write_text,
+    is_temp,
+    recover_dir,
+    remove_dir,
+    replace_dir,
+)
 from rim_lens.methods import Method
 from rim_lens.model import spread
 from rim_lens.model.checkpoints import build_model, load_pretrained, save_checkpoint, set_dropout
@@ -51,6 +59,7 @@ from rim_lens.model.memory import MemorySpec
 from rim_lens.model.tokenizer import build_word_tokenizer, memory_token_ids
 from rim_lens.runs import (
     COMPLETED,
+    DIVERGED,
     FAILED,
     INTERRUPTED,
     RUNNING,
@@ -60,7 +69,7 @@ from rim_lens.runs import (
     staging_path,
 )
 from training import resume as resumption
-from training.config import RunConfig, differences, load_config
+from training.config import RunConfig, check_data_tokens, differences, layout_problem, load_config
 from training.sampling import LengthBuckets
 from training.schedules import coconut_stage, grounding_weights, refinement_weights
 
@@ -137,6 +146,7 @@ class Stage:
     logits: Logits = target_logits
     held_out: Callable[[Example], Layout] | None = None  # the held-out check's layout (None: `layout`)
     largest: Callable[[Example], Layout] | None = None  # the longest `layout` can be (None: `layout`)
+    lr_key: str = "train.lr"  # the recipe key of `lr`, for the divergence message
 
 
 def stage_loss(stage: Stage, compile: bool) -> Callable[..., torch.Tensor]:
@@ -181,7 +191,13 @@ def plan_stages(cfg: RunConfig, builder: SequenceBuilder) -> list[Stage]:
         stages = [
             Stage("grounding", stage1, t.lr, t.dropout, builder.grounding, ground),
             Stage(
-                "refinement", t.steps - stage1, t.stage2_lr, t.stage2_dropout, weights=refine, **refinement
+                "refinement",
+                t.steps - stage1,
+                t.stage2_lr,
+                t.stage2_dropout,
+                weights=refine,
+                lr_key="train.stage2_lr",
+                **refinement,
             ),
         ]
         return [s for s in stages if s.steps > 0]
@@ -376,6 +392,34 @@ class StopSignals:
 Save = Callable[..., None]
 
 
+class Diverged(RunError):
+    """Training met a non-finite loss or gradient; the run keeps its last checkpoint."""
+
+
+@dataclass
+class FiniteGuard:
+    """Stops a stage at the first non-finite loss, or non-finite gradient, with what the user needs
+    to know. Under fp16 a loss scaler skips the steps whose gradients overflow and lowers its scale:
+    those steps are not divergence, so `scaled` leaves gradients to it."""
+
+    stage: Stage
+    scaled: bool
+    last: tuple[int, float] | None = None  # (step, loss) of the last finite step
+
+    def check(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> float:
+        """The loss as a number, or Diverged at `step` (1-based)."""
+        value = loss.item()
+        if math.isfinite(value) and (self.scaled or bool(torch.isfinite(grad_norm))):
+            self.last = (step, value)
+            return value
+        what = f"loss {value}" if not math.isfinite(value) else f"gradient norm {float(grad_norm)}"
+        before = f"last finite loss {self.last[1]:.4g} at step {self.last[0]}" if self.last else "none before"
+        raise Diverged(
+            f"training diverged at step {step} of {self.stage.name}: {what} ({before}); "
+            f"lower {self.stage.lr_key} (now {self.stage.lr:g})"
+        )
+
+
 def run_stage(
     stage: Stage,
     index: int,
@@ -453,6 +497,7 @@ def run_stage(
     start = time.perf_counter() - elapsed
     epoch, consumed = at.epoch, at.batch
     loss_fn = stage_loss(stage, t.compile)
+    guard = FiniteGuard(stage, scaled=accelerator.scaler is not None)
     stop.deferring = True
     while step < stage.steps:
         order.manual_seed(resumption.epoch_seed(cfg.seed, index, epoch))
@@ -461,7 +506,10 @@ def run_stage(
             loss = loss_fn(model, batch, weights)
             accelerator.backward(loss)
             if t.grad_clip:
-                accelerator.clip_grad_norm_(params, t.grad_clip)
+                norm = accelerator.clip_grad_norm_(params, t.grad_clip)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            guard.check(step + 1, loss, norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -533,17 +581,26 @@ def make_accelerator(precision: str) -> Accelerator:
 
 def prepare(cfg: RunConfig) -> Setup:
     """Data, model, tokenizer and stages of `cfg`; every input is checked here."""
-    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads(cfg.train.threads))
     seed_everything(cfg.seed)
     task = get_task(cfg.task.name, **cfg.task.options)
     splits = load_data(cfg, task)
     spec = run_spec(cfg, task)
+    check_data_tokens(cfg, spec, [(name, getattr(splits, name)) for name in SPLITS])
     model, tokenizer = make_model(cfg, spec, all_texts(splits.train + splits.val + splits.test))
     builder = SequenceBuilder(tokenizer, spec.replace(K=cfg.memory.K), task.join_steps)
     stages = plan_stages(cfg, builder)
     check_positions(cfg, model, builder, stages, splits)
     data = resumption.fingerprint([splits.train, splits.val, splits.test])
     return Setup(task, splits, spec, model, tokenizer, builder, stages, data)
+
+
+def threads(wanted: int | None) -> int:
+    """`train.threads`, at most the CPUs this process may use (more only slow training down)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if wanted is not None and wanted > cpus:
+        print(f"rim-lens: warning: train.threads {wanted} is more than the {cpus} CPUs here; using {cpus}")
+    return min(wanted or cpus, cpus)
 
 
 def position_limit(model) -> int | None:
@@ -565,24 +622,40 @@ def longest(layout: Callable[[Example], Layout], examples: list[Example]) -> tup
 def check_positions(
     cfg: RunConfig, model, builder: SequenceBuilder, stages: list[Stage], splits: Splits
 ) -> None:
-    """ConfigError unless the model takes the longest training sequence and scored prompt."""
+    """ConfigError unless the model takes the memory layout, the longest training sequence, and
+    the longest scored prompt with the answer it decodes (up to the decoding budget)."""
     limit = position_limit(model)
     if not limit:
         return
-    layouts = [(stage.name, stage.largest or stage.layout, splits.train) for stage in stages]
-    layouts.append(("scored", builder.scored, splits.val + splits.test))
-    for what, layout, examples in layouts:
-        need, ex = longest(layout, examples)
+    _, problem = layout_problem(cfg, limit)
+    if problem:
+        raise ConfigError(f"{problem}; the model's positions are fixed")
+    fix = (
+        "set model.max_positions to at least {need}"
+        if cfg.model.pretrained is None
+        else "shorten the data or use fewer memory blocks (memory.K)"
+    )
+    for stage in stages:
+        need, ex = longest(stage.largest or stage.layout, splits.train)
         if need > limit:
-            fix = (
-                f"set model.max_positions to at least {need}"
-                if cfg.model.pretrained is None
-                else "shorten the data or use fewer memory blocks (memory.K)"
-            )
-            raise ConfigError(
-                f"model.max_positions: the model takes {limit} positions but the {what} sequence of "
-                f"example {clip(ex.id, 40)} needs {need}; {fix}"
-            )
+            _too_long(limit, f"the {stage.name} sequence of example {clip(ex.id, 40)}", need, fix)
+    held_out = splits.val + splits.test
+    need, ex = longest(builder.scored, held_out)
+    if need > limit:
+        _too_long(limit, f"the scored sequence of example {clip(ex.id, 40)}", need, fix)
+    # Decoding feeds the answer back after the prompt: up to max_new_tokens - 1 more positions.
+    budget = resolve_max_new_tokens(cfg, builder.tokenizer, builder.spec, splits.train + splits.val)
+    prompt, ex = longest(builder.prompt, held_out)
+    if prompt + budget - 1 > limit:
+        what = f"decoding example {clip(ex.id, 40)} ({prompt} prompt positions, then up to {budget} tokens)"
+        _too_long(limit, what, prompt + budget - 1, fix + " (or lower eval.max_new_tokens)")
+
+
+def _too_long(limit: int, what: str, need: int, fix: str) -> None:
+    raise ConfigError(
+        f"model.max_positions: the model takes {limit} positions but {what} needs {need}; "
+        + fix.format(need=need)
+    )
 
 
 # -- runs: start, resume, overwrite --------------------------------------------------------------
@@ -624,7 +697,8 @@ def plan_run(cfg: RunConfig, target: Run, overwrite: bool, restart: bool) -> Pla
     if status == COMPLETED and target.exists(artefacts.CHECKPOINT):
         shutil.rmtree(target.checkpoint_dir, ignore_errors=True)  # a kill right after completing
     legacy = status == "unknown" and (target.exists(artefacts.MODEL) or target.exists(artefacts.CONFIG))
-    if status == "unknown" and not legacy and any(target.path.iterdir()):
+    # What a run killed before its first status leaves is its own temporary files: no foreign run.
+    if status == "unknown" and not legacy and any(not is_temp(p) for p in target.path.iterdir()):
         raise RunError(
             f"{target.path}: exists and is not a rim-lens run; choose another --name or --runs-dir"
         )
@@ -641,16 +715,19 @@ def plan_run(cfg: RunConfig, target: Run, overwrite: bool, restart: bool) -> Pla
                 "stays until the new one completes), or choose another --name"
             )
         staging = Run(staging_path(target.path))
+        recover_dir(staging.checkpoint_dir)
         resumable = staging.exists(artefacts.CHECKPOINT) and not restart
         return Plan(staging.path, resumable and recipe_change(cfg, staging) is None, True)
+    recover_dir(target.checkpoint_dir)  # a kill between a checkpoint's two renames
     if target.exists(artefacts.CHECKPOINT) and not restart:
         change = recipe_change(cfg, target)
         if change is None:
             return Plan(target.path, True, False)
         if overwrite:
             return Plan(staging_path(target.path), False, True)
+        state = "diverged" if status == DIVERGED else "interrupted"
         raise RunError(
-            f"{target.path}: this interrupted run was started with another recipe ({change}); "
+            f"{target.path}: this {state} run was started with another recipe ({change}); "
             "train it with its own recipe to resume it, or pass --restart to start it over with this one"
         )
     return Plan(target.path, False, False)
@@ -688,6 +765,8 @@ def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False, restart:
             raise RunError(
                 f"{run.path}: the recipe's data changed since this run started; {resumption.RESTART}"
             )
+        if ckpt is not None:
+            ckpt.check_position([stage.steps for stage in setup.stages])
         if main:
             _open(run, cfg, setup, ckpt, plan.staging)
         accelerator.wait_for_everyone()
@@ -698,6 +777,13 @@ def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False, restart:
                 where = "; resume it by running the same command"
                 run.mark(INTERRUPTED, method=cfg.method, error=f"{type(err).__name__}: {err}{where}")
             raise
+        except Diverged as err:
+            kept = resumption.Checkpoint.position_of(run.checkpoint_dir)
+            kept = f"checkpoint kept: {kept}" if kept else "no checkpoint"
+            message = f"{run.path}: {err} and pass --restart ({kept})"
+            if main:
+                run.mark(DIVERGED, method=cfg.method, error=message)
+            raise Diverged(message) from None
         except BaseException as err:
             if main:
                 run.mark(FAILED, method=cfg.method, error=f"{type(err).__name__}: {err}")
@@ -720,7 +806,7 @@ def _open(run: Run, cfg: RunConfig, setup: Setup, ckpt: resumption.Checkpoint | 
     if ckpt is None:
         # Only what rim-lens made is removed: a run that did not complete, or a staging directory.
         if run.path.exists() and (run.exists(artefacts.STATUS) or staging):
-            shutil.rmtree(run.path)
+            remove_dir(run.path)
         run.path.mkdir(parents=True, exist_ok=True)
         # The status comes first: a run killed from here on reads as interrupted, never as foreign.
         run.mark(RUNNING, method=cfg.method)
@@ -771,6 +857,8 @@ def _train(
                 snapshot = run.file(artefacts.SNAPSHOTS) / name
                 save_checkpoint(accelerator.unwrap_model(model), tokenizer, spec, snapshot)
 
+    if ckpt is None and cfg.train.checkpoint_every:
+        checkpoint(resumption.Position())  # the start: what a run that diverges at once keeps
     monitor = splits.val[: min(len(splits.val), 256)]
     for index, stage in enumerate(setup.stages):
         if index < at.stage:
@@ -880,8 +968,10 @@ def resolve_max_new_tokens(cfg: RunConfig, tokenizer, spec: MemorySpec, seen: li
 
 
 def write_results(run: Run, metrics: dict, predictions: dict[str, list[dict]], suffix: str = "") -> None:
-    """metrics{suffix}.json and predictions{suffix}[_split].jsonl (test unsuffixed), written atomically."""
-    run.write_json(f"metrics{suffix}.json", metrics)
+    """metrics{suffix}.json and predictions{suffix}[_split].jsonl (test unsuffixed), written
+    atomically and together: a refused write leaves all of them as they were."""
+    files = {run.path / f"metrics{suffix}.json": (json.dumps(metrics, indent=2) + "\n").encode()}
     for split, records in predictions.items():
         name = f"predictions{suffix}{'' if split == 'test' else '_' + split}.jsonl"
-        atomic_write_text(run.path / name, "".join(json.dumps(p) + "\n" for p in records))
+        files[run.path / name] = "".join(json.dumps(p) + "\n" for p in records).encode()
+    atomic_write_many(files)

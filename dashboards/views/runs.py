@@ -20,6 +20,9 @@ def page(ctx: Context) -> None:
     st.caption(f"Every run under {ctx.root.path} (a run is a folder with config.yaml or model/).")
     rows = [core.run_summary(ctx.root, r) for r in ctx.runs]
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    for row in rows:
+        if not row["readable"]:
+            st.warning(f"Run {row['run']}: some of its files cannot be read: {row['error']}")
 
     candidates = ctx.runs if ctx.picked is None or ctx.picked in ctx.runs else [ctx.picked, *ctx.runs]
     run = choose(ctx, candidates, "runs.run")
@@ -77,9 +80,10 @@ def _evaluation(ctx: Context, run: RunInfo) -> None:
         except RunError as err:
             notes.append(str(err))
             continue
-        if m is None:
+        if not isinstance(m, dict):
+            what = "has no" if m is None else "has a malformed"
             notes.append(
-                f"{sib.shown} has no {artefacts.METRICS}; produce it with `rim-lens eval {sib.shown}`"
+                f"{sib.shown} {what} {artefacts.METRICS}; produce it with `rim-lens eval {sib.shown}`"
             )
             continue
         metrics[sib.path.name] = m

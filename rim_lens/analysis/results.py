@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import shutil
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,7 +25,7 @@ from rim_lens import artefacts
 from rim_lens.analysis import figures
 from rim_lens.analysis.sites import BlockStates, block_labels
 from rim_lens.errors import RunError
-from rim_lens.fileio import atomic_write_json, atomic_write_text, read_json
+from rim_lens.fileio import atomic_write, atomic_write_json, atomic_write_text, read_json
 from rim_lens.stats import Estimate, bootstrap, proportion
 
 
@@ -78,7 +79,7 @@ class Result:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         for stem, table in self.tables().items():
-            table.to_parquet(out / f"{stem}.parquet", index=False)
+            atomic_write(out / f"{stem}.parquet", partial(table.to_parquet, index=False))
         atomic_write_json(
             out / f"{self.summary_stem or self.name}.json", plain({**self.summary, "record": self.record})
         )

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from rim_lens.cli.args import Parser, error_line
 from rim_lens.errors import RimLensError
+from rim_lens.fileio import storage_errno, storage_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,10 +39,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as done:  # --help, or a one-line usage error already printed
         return int(done.code or 0)
     _quiet_libraries()
+    # A file over the size limit (ulimit -f) is then an error a write reports, not a signal that
+    # kills the process without a word.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         return int(args.func(args) or 0)
     except RimLensError as err:
         print(error_line(err), file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - only a write the storage refused; the rest is a bug
+        code = storage_errno(err)
+        if code is None:
+            raise
+        print(error_line(storage_error(getattr(err, "filename", None) or "a file", code)), file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", signal.SIGINT)

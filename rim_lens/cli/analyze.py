@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from rim_lens.artefacts import ANALYSES, PATCH_METHODS, SPLITS
-from rim_lens.cli.args import positive_int
+from rim_lens.cli.args import number, positive_int
+from training.config import SEEDS
 
 WHATS = tuple(ANALYSES)
 
@@ -73,7 +74,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--control", help="report: control run (default: the sibling 'pause' run)")
     p.add_argument("--direct", help="report: direct-answer run for the baseline (default: sibling 'direct')")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(int, *SEEDS, name="seed"), default=0)
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="load models whose checkpoints carry their own Python code; only for code you trust",
+    )
     p.set_defaults(func=_analyze)
 
 
@@ -100,6 +106,13 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    from rim_lens.model.checkpoints import remote_code
+
+    with remote_code(args.trust_remote_code):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.what == "report":
         from rim_lens.analysis.report import build_report
 

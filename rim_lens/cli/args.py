@@ -55,4 +55,3 @@ def number(kind: type = int, low: float | None = None, high: float | None = None
 
 
 positive_int = number(int, 1, name="positive integer")
-non_negative_int = number(int, 0, name="non-negative integer")

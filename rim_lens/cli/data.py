@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
-from rim_lens.cli.args import non_negative_int, positive_int
+from rim_lens.cli.args import number, positive_int
 from rim_lens.data import read_examples, write_examples
-from rim_lens.data.tasks import TASK_NAMES, get_task
-from rim_lens.errors import DataError, clip
+from rim_lens.data.formats import format_lines
+from rim_lens.data.tasks import TASK_NAMES, SyntheticTask, get_task
+from rim_lens.errors import DataError, clip, size_text
+from training.config import SEEDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate = actions.add_parser("generate", help="write a synthetic data set (mult, modchain)")
     generate.add_argument("task", metavar="TASK", help=f"one of: {', '.join(TASK_NAMES)}")
     generate.add_argument("--n", type=positive_int, required=True, help="number of examples")
-    generate.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
+    generate.add_argument(
+        "--seed", type=number(int, *SEEDS, name="seed"), default=0, help="random seed (default 0)"
+    )
     generate.add_argument("--out", required=True, help="output file, .txt (iCoT lines) or .jsonl")
     generate.add_argument(
         "--exclude",
@@ -72,10 +77,29 @@ def _generate(args: argparse.Namespace) -> None:
             f"--out {clip(args.out)}: cannot write {clip(Path(args.out).suffix)!r} files; use .txt or .jsonl"
         )
     exclude = {ex.question for path in args.exclude for ex in read_examples(path)[0]}
+    if isinstance(task, SyntheticTask):  # the others say they cannot generate
+        task.check_count(args.n)
+        _check_disk(task, args.n, args.seed, Path(args.out))
     examples = task.generate(args.n, args.seed, exclude, progress=True)
     write_examples(args.out, examples)
     excluded = f", avoiding {len(exclude)} questions" if args.exclude else ""
     print(f"wrote {len(examples)} {task!r} examples (seed {args.seed}{excluded}) to {args.out}")
+
+
+def _check_disk(task: SyntheticTask, n: int, seed: int, out: Path) -> None:
+    """DataError, before generating, if `n` examples would not fit on the disk of `out`
+    (estimated from the lines of a small sample; the task's own check covers memory)."""
+    sample = task.generate(min(n, 16), seed)
+    need = n * sum(len(line.encode()) + 1 for line in format_lines(out, sample)) // len(sample)
+    folder = out.absolute().parent
+    while not folder.is_dir():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise DataError(
+            f"--n {n:,}: the file would take about {size_text(need)}, more than the {size_text(free)} free "
+            f"on the disk of {clip(str(folder))}; generate fewer examples or write elsewhere"
+        )
 
 
 def _validate(args: argparse.Namespace) -> None:

@@ -43,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-report", action="store_true", help="skip the causal report on the RiM run")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="retrain runs in --runs-dir that were trained with another recipe (never without it)",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -81,5 +86,6 @@ def _demo(args: argparse.Namespace) -> int:
         method_seeds=method_seeds,
         jobs=args.jobs,
         latency_examples=args.latency_examples,
+        overwrite=args.overwrite,
     )
     return 0

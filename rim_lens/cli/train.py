@@ -48,6 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("val", "test"), default="test", help="held-out split (default: test)")
     p.add_argument("--n", type=positive_int, help="evaluate on the first n examples of the split")
     p.add_argument("--data", help="evaluate on this data file instead of a split of the run")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="load a model whose checkpoint carries its own Python code "
+        "(trained with model.trust_remote_code); only for code you trust",
+    )
     p.set_defaults(func=_eval)
 
 
@@ -58,12 +64,12 @@ def _train(args: argparse.Namespace) -> int:
     from training.trainer import train
 
     cfg = load_config(args.recipe, args.overrides)
+    runs_dir = Path(args.runs_dir)
     if args.name is not None:
-        name = check_name(args.name, "--name")
+        name = check_name(args.name, "--name", runs_dir)
     else:
         name = cfg.name or (f"{Path(args.recipe).stem}-{cfg.method}" if args.recipe else cfg.method)
-        check_name(name, "name (from the recipe's file name; give --name)")
-    runs_dir = Path(args.runs_dir)
+        check_name(name, "name (from the recipe's file name; give --name)", runs_dir)
     if runs_dir.exists() and not runs_dir.is_dir():
         raise ConfigError(
             f"--runs-dir {clip(args.runs_dir)}: is a file; give a folder (it is made if missing)"
@@ -95,6 +101,24 @@ def _ints(text: str | None, flag: str, low: int) -> list[int | None]:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from rim_lens.model.checkpoints import remote_code
+    from rim_lens.model.memory import MemorySpec
+    from rim_lens.runs import RunLock, open_run
+
+    bounds = {f.name: f.metadata.get("min", 0) for f in dataclasses.fields(MemorySpec)}
+    Ks, Ms = _ints(args.K, "--K", bounds["K"]), _ints(args.M, "--M", bounds["M"])
+    run = open_run(args.run)
+    # One writer at a time: a second eval waits for this one, a training refuses (and is refused).
+    lock = RunLock(run.path, "eval").acquire(wait_for=("eval",))
+    try:
+        with remote_code(args.trust_remote_code):
+            return _evaluate(args, run, Ks, Ms)
+    finally:
+        lock.release()
+
+
+def _evaluate(args: argparse.Namespace, run, Ks: list[int | None], Ms: list[int | None]) -> int:
+    """`rim-lens eval` on an opened run, under its lock: results merged into what is there."""
     from rim_lens import artefacts
     from rim_lens.data import Splits, read_examples
     from rim_lens.data.tasks import get_task
@@ -102,14 +126,9 @@ def _eval(args: argparse.Namespace) -> int:
     from rim_lens.evaluation import evaluate
     from rim_lens.model.checkpoints import load_checkpoint
     from rim_lens.model.layouts import SequenceBuilder
-    from rim_lens.model.memory import MemorySpec
-    from rim_lens.runs import open_run
     from training.config import load_config
     from training.trainer import longest, position_limit, resolve_max_new_tokens, score, write_results
 
-    bounds = {f.name: f.metadata.get("min", 0) for f in dataclasses.fields(MemorySpec)}
-    Ks, Ms = _ints(args.K, "--K", bounds["K"]), _ints(args.M, "--M", bounds["M"])
-    run = open_run(args.run)
     model, tokenizer, spec = load_checkpoint(run.require(artefacts.MODEL))
     cfg = load_config(run.require(artefacts.CONFIG))
     if (args.K or args.M) and not spec.uses_blocks:
@@ -125,9 +144,8 @@ def _eval(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, score_test=True))
         splits = Splits(*(read(run.require(artefacts.split_file(s))) for s in ("train", "val", "test")))
         metrics, predictions = score(model, tokenizer, spec, splits, cfg)
-        previous = _previous(run, artefacts.METRICS, {})
-        kept = ("train_time_s", "tokens_seen", "train_steps", "splits")
-        metrics.update({k: previous[k] for k in kept if k in previous})
+        # What training measured (time, tokens, the input share of block states) stays.
+        metrics = {**_previous(run, artefacts.METRICS, {}), **metrics}
         write_results(run, metrics, predictions)
         print(
             f"{run.path}: test accuracy {_interval(metrics, 'test_accuracy')}, "
@@ -139,18 +157,28 @@ def _eval(args: argparse.Namespace) -> int:
     examples = examples[: args.n] if args.n else examples
     task = get_task(spec.task, **cfg.task.options)
     limit = position_limit(model)
+    seen = [ex for s in ("train", "val") for ex in read(run.require(artefacts.split_file(s)))]
+    max_new_tokens = resolve_max_new_tokens(cfg, tokenizer, spec, seen)
     for K, M in itertools.product(Ks, Ms):
         budget = spec.replace(K=K or spec.K, M=spec.M if M is None else M)
-        need, ex = longest(SequenceBuilder(tokenizer, budget, task.join_steps).scored, examples)
+        fix = f"--K/--M: with K={budget.K}, M={budget.M}"
+        if limit and budget.K * (budget.M + 2) >= limit:  # before any sequence is built
+            raise ConfigError(
+                f"{fix} the blocks alone take {budget.K * (budget.M + 2):,} positions but the model takes "
+                f"{limit}; use fewer blocks or memory tokens"
+            )
+        builder = SequenceBuilder(tokenizer, budget, task.join_steps)
+        need, ex = longest(builder.scored, examples)
+        prompt, decoded = longest(builder.prompt, examples)
+        if prompt + max_new_tokens - 1 > need:  # decoding feeds up to max_new_tokens - 1 tokens back
+            need, ex = prompt + max_new_tokens - 1, decoded
         if limit and need > limit:
             raise ConfigError(
-                f"--K/--M: with K={budget.K}, M={budget.M} example {clip(ex.id, 40)} needs {need} positions "
+                f"{fix} example {clip(ex.id, 40)} needs {need} positions (its answer included) "
                 f"but the model takes {limit}; use fewer blocks or memory tokens"
             )
     label = Path(args.data).stem if args.data else args.split
-    sweep = _previous(run, artefacts.SWEEP, [])
-    seen = [ex for s in ("train", "val") for ex in read(run.require(artefacts.split_file(s)))]
-    max_new_tokens = resolve_max_new_tokens(cfg, tokenizer, spec, seen)
+    swept = []
     for K, M in itertools.product(Ks, Ms):
         metrics, predictions = evaluate(
             model,
@@ -166,9 +194,7 @@ def _eval(args: argparse.Namespace) -> int:
         )
         metrics["split"] = label
         write_results(run, metrics, {"test": predictions}, suffix=f"_K{metrics['K']}_M{metrics['M']}_{label}")
-        if sweeping and not args.data and not args.n:
-            same = (metrics["K"], metrics["M"], label)
-            sweep = [s for s in sweep if (s["K"], s["M"], s.get("split")) != same] + [metrics]
+        swept.append(metrics)
         any_block = (
             f", any-block {metrics['any_block_accuracy']:.3f}" if "any_block_accuracy" in metrics else ""
         )
@@ -177,8 +203,14 @@ def _eval(args: argparse.Namespace) -> int:
             f"{any_block} (n={metrics['n_eval']})"
         )
     if sweeping and not args.data and not args.n:
+        new = {(m["K"], m["M"], label) for m in swept}
+        sweep = [s for s in _previous(run, artefacts.SWEEP, []) if _sweep_key(s) not in new] + swept
         run.write_json(artefacts.SWEEP, sorted(sweep, key=lambda s: (s.get("split", ""), s["M"], s["K"])))
     return 0
+
+
+def _sweep_key(entry: object) -> tuple:
+    return (entry.get("K"), entry.get("M"), entry.get("split")) if isinstance(entry, dict) else ()
 
 
 def _previous(run, name: str, empty):
@@ -190,10 +222,14 @@ def _previous(run, name: str, empty):
     if not run.exists(name):
         return empty
     try:
-        return run.read_json(name)
+        found = run.read_json(name)
     except RunError as err:
         print(f"rim-lens: warning: {str(err).split(';')[0]}; writing it anew", file=sys.stderr)
         return empty
+    if not isinstance(found, type(empty)):
+        print(f"rim-lens: warning: {run.path / name}: not what eval writes; writing it anew", file=sys.stderr)
+        return empty
+    return found
 
 
 def _interval(metrics: dict, key: str) -> str:

@@ -129,6 +129,12 @@ def write_examples(path: str | Path, examples: Iterable[Example]) -> None:
 
     `.txt` keeps what a line holds (no ids, no meta); `.jsonl` keeps everything.
     """
+    # A crash mid-write must not leave a truncated file that later reads as a smaller data set.
+    atomic_write_text(path, "".join(line + "\n" for line in format_lines(path, examples)))
+
+
+def format_lines(path: str | Path, examples: Iterable[Example]) -> list[str]:
+    """The lines `write_examples` writes for `examples` into a file named `path`."""
     path = Path(path)
     if path.suffix == ".txt":
         # A task's line format does not depend on its options, so the defaults serve every example.
@@ -141,9 +147,7 @@ def write_examples(path: str | Path, examples: Iterable[Example]) -> None:
             if "\n" in line or "\r" in line:
                 raise DataError(f"{path}: example {clip(ex.id or ex.question, 40)!r} does not fit on a line")
             lines.append(line)
-    elif path.suffix == ".jsonl":
-        lines = [json.dumps(ex.to_dict(), ensure_ascii=False) for ex in examples]
-    else:
-        raise DataError(f"{path}: cannot write {path.suffix!r} files; use .txt or .jsonl")
-    # A crash mid-write must not leave a truncated file that later reads as a smaller data set.
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
+        return lines
+    if path.suffix == ".jsonl":
+        return [json.dumps(ex.to_dict(), ensure_ascii=False) for ex in examples]
+    raise DataError(f"{path}: cannot write {path.suffix!r} files; use .txt or .jsonl")

@@ -33,20 +33,22 @@ class MemorySpec:
     `thoughts` (set from the recipe's `coconut` section: c x stages).
     """
 
-    # The metadata are the recipe's checks of the `memory` section (see training/config.py).
+    # The metadata are the recipe's checks of the `memory` section (see training/config.py). A
+    # "word" token is added to the tokenizer as one special token (no whitespace); the answer
+    # prefix is written as text (spaces allowed). None may be blank, and all must differ.
     method: str = "rim"
-    begin: str = field(default="<b>", metadata={"token": True})
-    memory: str = field(default="<m>", metadata={"token": True})
-    end: str = field(default="</b>", metadata={"token": True})
+    begin: str = field(default="<b>", metadata={"token": "word"})
+    memory: str = field(default="<m>", metadata={"token": "word"})
+    end: str = field(default="</b>", metadata={"token": "word"})
     M: int = field(default=2, metadata={"min": 0})
     K: int = field(default=8, metadata={"min": 1})
-    answer_prefix: str = field(default="####", metadata={"token": True})
+    answer_prefix: str = field(default="####", metadata={"token": "text"})
     readout_sees_question: bool = True
     step_offset: int = field(default=0, metadata={"min": 0})
     task: str = ""
-    bot: str = "<bot>"
-    thought: str = "<thought>"
-    eot: str = "<eot>"
+    bot: str = field(default="<bot>", metadata={"token": "word"})
+    thought: str = field(default="<thought>", metadata={"token": "word"})
+    eot: str = field(default="<eot>", metadata={"token": "word"})
     thoughts: int = 0
 
     def __post_init__(self) -> None:

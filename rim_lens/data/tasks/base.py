@@ -14,11 +14,12 @@ from collections.abc import Collection, Sequence
 from dataclasses import replace
 from typing import ClassVar
 
+import psutil
 from tqdm import tqdm
 
 from rim_lens.data.causal import CausalModel
 from rim_lens.data.examples import Example
-from rim_lens.errors import ConfigError, DataError, RimLensError, clip
+from rim_lens.errors import ConfigError, DataError, RimLensError, clip, size_text
 
 
 def split_line(line: str) -> tuple[str, str, str]:
@@ -175,7 +176,9 @@ class SyntheticTask(Task):
     ) -> list[Example]:
         """`n` examples with distinct questions whose keys are not in `exclude` (see `key`), the
         same for the same seed; with `one_per_key`, no two of them share a key. `progress` shows a
-        progress bar on a terminal."""
+        progress bar on a terminal. DataError, before any work, if the task has fewer questions or
+        the examples would not fit in memory."""
+        self.check_count(n)
         rng = random.Random(seed)
         excluded = set(exclude)
         spaces = self._question_spaces()
@@ -187,6 +190,35 @@ class SyntheticTask(Task):
         rng.shuffle(questions)
         bar = tqdm(questions, desc=f"generating {self!r}", unit=" ex", disable=None if progress else True)
         return [replace(self.parse_question(q), id=f"{self.name}-{seed}-{i}") for i, q in enumerate(bar)]
+
+    def check_count(self, n: int) -> None:
+        """DataError unless `n` distinct questions exist and their examples fit in the memory
+        available now (estimated from a sample: `example_bytes`)."""
+        size = self.question_space_size()
+        if n > size:
+            raise DataError(f"{self!r} has only {size:,} distinct questions; cannot generate {n:,}")
+        per_example, _ = self.example_bytes()
+        need, available = n * per_example, psutil.virtual_memory().available
+        if need > available:
+            raise DataError(
+                f"{self!r}: {n:,} examples take about {size_text(need)} of memory to generate, more than "
+                f"the {size_text(available)} available; generate at most {available // per_example:,}"
+            )
+
+    def example_bytes(self, sample: int = 16) -> tuple[int, int]:
+        """About how many bytes of memory one generated example takes while a data set is made and
+        written, and how long its iCoT line is: the mean over `sample` questions."""
+        rng = random.Random(0)
+        spaces = self._question_spaces()
+        memory = line = 0
+        for i in range(sample):
+            space = i % len(spaces)
+            ex = self.parse_question(self._question_at(space, rng.randrange(spaces[space][1])))
+            text = len(self.format_line(ex).encode())
+            # The example, and its line three times over: in a list, joined, encoded (write_examples).
+            memory += _deep_size(ex) + 3 * text
+            line += text + 1
+        return memory // sample, line // sample
 
     def _draw(
         self,
@@ -226,6 +258,18 @@ class SyntheticTask(Task):
         if not variants:
             raise DataError(f"no change of one value alters the answer of '{clip(ex.question)}'")
         return replace(rng.choice(variants), id=f"{ex.id}:corrupt")
+
+
+def _deep_size(obj: object) -> int:
+    """Bytes of an object and of what it holds (strings, numbers, tuples, lists, dicts, dataclasses)."""
+    size = sys.getsizeof(obj)
+    if isinstance(obj, str | bytes | int | float | bool) or obj is None:
+        return size
+    if isinstance(obj, dict):
+        return size + sum(_deep_size(k) + _deep_size(v) for k, v in obj.items())
+    if isinstance(obj, tuple | list | set):
+        return size + sum(_deep_size(v) for v in obj)
+    return size + sum(_deep_size(v) for v in vars(obj).values()) if hasattr(obj, "__dict__") else size
 
 
 def _distinct_indices(rng: random.Random, size: int, k: int) -> list[int]:

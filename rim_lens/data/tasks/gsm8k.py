@@ -38,6 +38,23 @@ def step_value(step: str) -> int | float | None:
     return number(match[1].strip().replace(",", "")) if match else None
 
 
+def step_result(step: str) -> str | None:
+    """The corrected step if a calculator step `<<expr=result>>` computes another result than it
+    writes (rounding to the written precision allowed), else None (also when it cannot be
+    evaluated)."""
+    match = _STEP.fullmatch(step)
+    if match is None:
+        return None
+    written, value = match[2].strip().replace(",", ""), _evaluate(match[1])
+    result = number(written)
+    if value is None or result is None:
+        return None
+    decimals = len(written.partition(".")[2])
+    if abs(value - result) <= 0.5 * 10**-decimals + 1e-9 * max(1.0, abs(result)):
+        return None
+    return f"<<{match[1]}={_written(value)}>>"
+
+
 class Gsm8k(Task):
     """Grade-school maths word problems; steps are the `<<expr=value>>` calculator equations."""
 
@@ -55,9 +72,20 @@ class Gsm8k(Task):
 
     def make_example(self, question: str, steps: Sequence[str], answer: str) -> Example:
         """Steps are kept as written; a step's value is its result as a number, or None when the
-        result is not one (`<<3/4=3/4>>`, `<<5*3>>`): probes skip such values."""
+        result is not one (`<<3/4=3/4>>`, `<<5*3>>`): probes skip such values.
+
+        A step whose expression evaluates must equal its result, to the precision the result is
+        written in (`<<10/3=3.33>>` passes, `<<2+2=5>>` fails). The answer itself comes from the
+        word problem, not from the steps (about 5% of GSM8K's answers are no step's result), so
+        only its form is checked."""
         if number(answer.replace(",", "")) is None:
             raise ValueError(f"expected a number as the answer, got '{clip(answer)}'")
+        for step in steps:
+            computed = step_result(step)
+            if computed is not None:
+                raise ValueError(
+                    f"expected '{clip(computed, 80)}' (the step's arithmetic), got '{clip(step, 80)}'"
+                )
         return Example(question, tuple(steps), answer, tuple(map(step_value, steps)), self.name)
 
     def causal_model(self) -> Gsm8kModel:

@@ -30,6 +30,8 @@ _EXPORTS = {
     "Knockout": "rim_lens.analysis.engine",
     "Result": "rim_lens.analysis.results",
     "build_report": "rim_lens.analysis.report",
+    "calibrate": "rim_lens.analysis.calibration",
+    "planted": "rim_lens.analysis.planted",
     "Estimate": "rim_lens.stats",
     "Method": "rim_lens.methods",
     "MemorySpec": "rim_lens.model.memory",

@@ -69,6 +69,7 @@ def split_path(run_dir: str | Path, split: str = "test") -> Path:
 # -- analyses: `rim-lens analyze WHAT RUN` writes under `RUN/analysis/` ------------------------------
 CAPTURE = "capture"  # a folder: safetensors shards, examples.jsonl, meta.json (written last)
 REPORT = "report"  # report.json and report.md
+CALIBRATION = "calibration.json"  # each finding's test on planted models (`rim-lens analyze calibrate`)
 # What each analysis writes: its table stems (`<stem>.parquet`, `<stem>.json` for the summary,
 # `<stem>.<figure>.fig.json` for plotly figures), in the order of `rim-lens analyze WHAT`.
 ANALYSES: dict[str, tuple[str, ...]] = {
@@ -80,13 +81,17 @@ ANALYSES: dict[str, tuple[str, ...]] = {
     "knockout": ("knockout",),
     "patch": (
         "patch",
+        "patch_sets",
         "patch_attribution",
         "patch_edges",
         "patch_components",
     ),  # the last: --method attribution
-    "interchange": ("interchange",),
+    "interchange": ("interchange", "interchange_values"),
     "abstraction": ("abstraction", "abstraction_pairs"),
-    "report": (),
+    "calibrate": (),
+    "report": (
+        "probe_conditional",
+    ),  # conditional probes need the run's training split: the report fits them
 }
 
 

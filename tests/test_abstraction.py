@@ -19,7 +19,7 @@ from rim_lens.analysis import verdict
 from rim_lens.analysis.lab import Lab
 from rim_lens.analysis.report import measure_variables
 from rim_lens.analysis.sites import Site
-from rim_lens.analysis.verdict import MIN_IIA, NOT_SUPPORTED, NOT_TESTABLE, SUPPORTED
+from rim_lens.analysis.verdict import MIN_IIA, NOT_DETECTED, NOT_TESTABLE, SUPPORTED
 from rim_lens.cli import main
 from rim_lens.data.tasks import get_task
 from rim_lens.errors import RimLensError, RunError
@@ -377,10 +377,10 @@ def cards(run_entries: dict, pause: dict | None, accuracy: float = 0.9) -> tuple
 BOTH = {"step1": 0.1, "step2": 0.1}
 VARIABLE_CASES = [
     ("every step variable beats every control", {"step1": entry(), "step2": entry(step=2)}, BOTH, SUPPORTED),
-    ("one step variable below the bar", {"step1": entry(), "step2": entry(0.45)}, BOTH, NOT_SUPPORTED),
-    ("the pause model holds it as well", {"step1": entry()}, {"step1": 0.88}, NOT_SUPPORTED),
-    ("the arbitrary targets fit as well", {"step1": entry(arbitrary=0.85)}, {"step1": 0.1}, NOT_SUPPORTED),
-    ("the untrained copy reaches it", {"step1": entry(untrained=0.9)}, {"step1": 0.1}, NOT_SUPPORTED),
+    ("one step variable below the bar", {"step1": entry(), "step2": entry(0.45)}, BOTH, NOT_DETECTED),
+    ("the pause model holds it as well", {"step1": entry()}, {"step1": 0.88}, NOT_DETECTED),
+    ("the arbitrary targets fit as well", {"step1": entry(arbitrary=0.85)}, {"step1": 0.1}, NOT_DETECTED),
+    ("the untrained copy reaches it", {"step1": entry(untrained=0.9)}, {"step1": 0.1}, NOT_DETECTED),
     ("only the answer is held", {"answer": entry(kind="answer", step=None)}, {"answer": 0.1}, NOT_TESTABLE),
     ("no pause model", {"step1": entry()}, None, NOT_TESTABLE),
     ("a control was not run", {"step1": entry(untrained=None)}, {"step1": 0.1}, NOT_TESTABLE),

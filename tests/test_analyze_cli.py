@@ -44,8 +44,13 @@ FILES = {
     "lens": ["lens.parquet", "lens.json", "lens.top1.fig.json", "lens_quality.parquet"],
     "ablate": ["ablate.parquet", "ablate.json", "ablate.bars.fig.json"],
     "knockout": ["knockout.parquet", "knockout.json", "knockout.bars.fig.json"],
-    "patch": ["patch.parquet", "patch.json", "patch.heatmap.fig.json"],
-    "interchange": ["interchange.parquet", "interchange.json", "interchange.matrix.fig.json"],
+    "patch": ["patch.parquet", "patch_sets.parquet", "patch.json", "patch.heatmap.fig.json"],
+    "interchange": [
+        "interchange.parquet",
+        "interchange_values.parquet",
+        "interchange.json",
+        "interchange.matrix.fig.json",
+    ],
     "abstraction": [
         "abstraction.parquet",
         "abstraction.json",
@@ -53,6 +58,7 @@ FILES = {
         "abstraction.step1.fig.json",
         "abstraction.best.fig.json",
     ],
+    "calibrate": ["calibration.json"],  # tests/test_calibration.py (planted models are built for mult)
     "report": ["report.json", "report.md"],
 }
 
@@ -95,7 +101,12 @@ def test_whats_are_covered():
     assert set(FILES) == set(WHATS)
 
 
-@pytest.mark.parametrize("what", [w for w in WHATS if w != "report"])
+def test_calibrate_says_which_task_it_plants_in_one_line(runs, capsys):
+    line = error_line(capsys, "calibrate", runs["rim"], "--n", N, "--seeds", "2")
+    assert "planted controls are built for the mult task" in line and "modchain" in line
+
+
+@pytest.mark.parametrize("what", [w for w in WHATS if w not in ("report", "calibrate")])
 def test_analyze_writes_its_files(runs, capsys, what):
     run = runs["rim"]
     code, out, err = analyze(capsys, what, run, "--n", N)

@@ -337,7 +337,7 @@ def test_causal_report_from_the_page_then_probes(monkeypatch, fresh_root):
     assert not charts(at)
 
     at.number_input(key="report.n.demo/rim").set_value(48)
-    at.button(key="report.go.demo/rim").click().run()
+    at.button(key="report.go.demo/rim").click().run(timeout=600)  # the whole report, on a shared machine
     assert_no_exception(at)
     report = json.loads((root / "demo/rim/analysis/report.json").read_text())
     assert (root / "demo/pause/analysis/ablate.parquet").exists()
@@ -356,9 +356,13 @@ def test_causal_report_from_the_page_then_probes(monkeypatch, fresh_root):
         assert line in messages(at, "markdown")
     # The verdict as four findings: outcome, detail, and the run's and control's intervals.
     subheaders = messages(at, "subheader")
+    verdicts = at.dataframe[1].value.set_index("finding")
     for finding in report["findings"]:
         assert f"{finding['name'].capitalize()}: {finding['outcome']}" in subheaders
-        assert finding["detail"] in messages(at, "info") + messages(at, "success")
+        assert finding["detail"] in messages(at, "info") + messages(at, "success") + messages(at, "warning")
+        # Beside each verdict, what its test detects on planted models (here: not calibrated).
+        assert verdicts.loc[finding["name"], "its test on planted models at this n"] == "not calibrated"
+        assert "Its test on planted models: not calibrated" in messages(at, "caption")
         intervals = chart(at, f"{finding['name'].capitalize()}: ")
         if finding["run"]:
             labels = set(intervals["data"][0]["x"])

@@ -13,8 +13,8 @@ from dashboards.core import RunInfo, command, missing, section
 from dashboards.ui import READ_ONLY, Context, chart, choose
 from rim_lens import artefacts
 from rim_lens.analysis import figures
-from rim_lens.analysis.report import CARD, REPORT_JSON, card_value, control_of, percent, sibling
-from rim_lens.analysis.verdict import SUPPORTED, Finding
+from rim_lens.analysis.report import CARD, REPORT_JSON, calibrated, card_value, control_of, percent, sibling
+from rim_lens.analysis.verdict import PARTIAL, SUPPORTED, Finding
 from rim_lens.methods import Method
 
 # The saved analysis each finding is drawn from, and how to draw it.
@@ -64,8 +64,7 @@ def page(ctx: Context) -> None:
         finding = found.get(name)
         st.subheader(f"{name.capitalize()}: {finding.outcome}" if finding else spec[0])
         if finding:
-            (st.success if finding.outcome == SUPPORTED else st.info)(finding.detail)
-            _intervals(finding)
+            _finding(finding)
         _figures(ctx, pairs, *spec)
         if name == "location":
             _attribution(ctx, run, report)
@@ -92,8 +91,31 @@ def _card(report: dict) -> None:
     columns["how it is measured"] = [row.how for row in CARD]
     st.dataframe(pd.DataFrame(columns), hide_index=True, width="stretch")
     st.caption(f"Examples: {r.get('examples')}; backend {r.get('backend')}. Intervals are 95%.")
+    found = [Finding.from_dict(f) for f in report.get("findings") or []]
+    if found:
+        verdicts = {
+            "finding": [f.name for f in found],
+            "outcome": [f.outcome + "".join(f"; {k}: {o}" for k, o in f.parts.items()) for f in found],
+            "its test on planted models at this n": [calibrated(f) for f in found],
+        }
+        st.dataframe(pd.DataFrame(verdicts), hide_index=True, width="stretch")
+        note = (report.get("calibration") or {}).get("note")
+        if note:
+            st.caption(f"Calibration: {note}.")
+
     with st.expander("The verdict in words"):
         st.markdown(report.get("verdict", "(no verdict recorded)").replace("\n", "\n\n"))
+
+
+def _finding(finding: Finding) -> None:
+    """A finding: its calibration (what its test detects on planted models at this n) beside its
+    outcome and parts, the detail, and its intervals."""
+    st.caption(f"Its test on planted models: {calibrated(finding)}. Outcome as stated: {finding.shown}.")
+    for part, outcome in finding.parts.items():
+        st.caption(f"Part '{part}': **{outcome}**")
+    show = {SUPPORTED: st.success, PARTIAL: st.warning}.get(finding.outcome, st.info)
+    show(finding.detail)
+    _intervals(finding)
 
 
 def _intervals(finding: Finding) -> None:
@@ -184,8 +206,7 @@ def _variables(ctx: Context, pairs: list[tuple[str, RunInfo]], finding: Finding 
     (its basis, the placebo beside it, the full state) and the control's."""
     st.subheader(f"Variables: {finding.outcome}" if finding else "Causal abstraction")
     if finding:
-        (st.success if finding.outcome == SUPPORTED else st.info)(finding.detail)
-        _intervals(finding)
+        _finding(finding)
     stem = f"{artefacts.ANALYSIS}/abstraction.parquet"
     tables = {}
     for who, r in pairs:

@@ -64,11 +64,14 @@ import torch
 from plotly.subplots import make_subplots
 from threadpoolctl import threadpool_limits
 from transformer_lens.tools.analysis.interchange import (
+    LearnedSubspace,
     NormMatchedPlacebo,
     SubspaceInterchange,
     arbitrary_targets,
+    collect_activations,
     fit_das,
     random_basis,
+    run_with_intervention,
 )
 from transformer_lens.tools.analysis.projection_kernel import orthonormal_subspace
 from transformers import PreTrainedModel
@@ -97,9 +100,15 @@ DAS_SITES = 2  # sites per variable DAS is fitted at: the most promising on trai
 DAS_EPOCHS = 10
 DAS_BATCH = 16
 DAS_LR = 1e-2  # Adam, as TransformerLens' fit_das
+# The report's capacity: ranks swept (the best chosen on training pairs; a unit stops its sweep once
+# a rank reaches FULL_IIA there) over a joint unit (`joint_unit`) instead of single sites.
+RANKS = (1, 2, 4, 8, 16)
+FULL_IIA = 0.99
+UNDERFIT = 0.1  # "DAS under-fit": its training IIA this far below the full state's at the same sites
 # Basis names as the table writes them.
 PROBE, DAS, RANDOM, FULL, PLACEBO = "probe", "das", "random", "full", "placebo"
 DAS_PLACEBO, DAS_ARBITRARY, DAS_UNTRAINED = "das_placebo", "das_arbitrary", "das_untrained"
+DAS_FULL = "das_full"  # the whole state at the best DAS unit
 # The controls of the best DAS site, as the summary names them.
 CONTROLS = {"placebo": DAS_PLACEBO, "arbitrary": DAS_ARBITRARY, "untrained": DAS_UNTRAINED}
 
@@ -232,6 +241,61 @@ class Interchange(Patch):
         return step(base, source)
 
 
+# A unit DAS is fitted at: one site, or a group of sites at one layer interchanged jointly (one basis
+# over their concatenated states).
+Unit = Site | tuple[Site, ...]
+
+
+def unit_sites(unit: Unit) -> tuple[Site, ...]:
+    """The sites of a unit."""
+    return (unit,) if isinstance(unit, Site) else tuple(unit)
+
+
+def unit_label(unit: Unit) -> str:
+    """How tables name a unit: `layer 1, block 2, slot 1`, or `layer 1, blocks 1-2, every slot`."""
+    if isinstance(unit, Site):
+        return f"layer {unit.layer}, block {unit.block}, slot {unit.slot}"
+    blocks = sorted({s.block for s in unit})
+    span = f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks[0]}-{blocks[-1]}"
+    return f"layer {unit[0].layer}, {span}, every slot"
+
+
+def joint_unit(sel: Selection, layer: int, step: int | None) -> tuple[Site, ...]:
+    """The joint unit of a variable at `layer`: every slot of blocks 1..step (a step's value can sit
+    in its own block and be built up or copied in the ones before it; every block for a variable
+    no step computes)."""
+    last = sel.blocks[-1] if step is None else min(step, sel.blocks[-1])
+    return tuple(sel.sites(blocks=[k for k in sel.blocks if k <= last], layers=[layer]))
+
+
+class JointInterchange(Patch):
+    """Interchange a subspace of the concatenated states of a group of sites at one layer: `basis`
+    [n_sites * d_model, rank] over the group's states in `sites` order (TL `SubspaceInterchange`);
+    with `matched`, the norm-matched random placebo. `from_`: one source per target, as `Patch`.
+    The engine hands it every row's states at the group at once (`engine.Variant`)."""
+
+    kind = "joint_subspace_interchange"
+    joint = True
+
+    def __init__(self, from_, sites, basis, matched=None) -> None:
+        super().__init__(from_)
+        self.sites = tuple(Site(*s) for s in sites)
+        self.basis = torch.as_tensor(basis, dtype=torch.float32)
+        self.matched = None if matched is None else torch.as_tensor(matched, dtype=torch.float32)
+
+    def params(self) -> dict:
+        matched = None if self.matched is None else self.matched.tolist()
+        sites = [list(s) for s in self.sites]
+        return {**super().params(), "sites": sites, "basis": self.basis.tolist(), "matched": matched}
+
+    def __call__(self, base, sites, rows):
+        source = torch.cat([Patch.__call__(self, base, site, rows) for site in sites], -1).to(base.dtype)
+        step = SubspaceInterchange(self.basis)
+        if self.matched is not None:
+            step = NormMatchedPlacebo(SubspaceInterchange(self.matched), self.basis)
+        return step(base, source)
+
+
 @dataclass
 class Outcome:
     """What an interchange did to each pair: whether the output became the counterfactual answer
@@ -247,22 +311,31 @@ class Outcome:
 
 
 def iia(
-    lab: Lab, sel: Selection, pairs: Pairs, bases: SiteBases, matched: SiteBases | None = None
-) -> dict[Site, Outcome]:
-    """Per site of `bases`, what interchanging along `bases[site]` does to each pair (every basis
-    None: the whole state, a `Patch`), in one sweep with the intact run."""
+    lab: Lab, sel: Selection, pairs: Pairs, bases: Mapping, matched: Mapping | None = None
+) -> dict[Unit, Outcome]:
+    """Per unit of `bases` (a site, or a joint group of sites), what interchanging along
+    `bases[unit]` does to each pair (a basis None: the whole state, a `Patch`), in one sweep with
+    the intact run."""
     sources = [lab.examples[s] for s in pairs.source]
     targets = [lab.examples[b] for b in pairs.base]
-    sites = list(bases)
-    if all(b is None for b in bases.values()):
-        swap = Patch(from_=sources)
-    else:
-        swap = Interchange(sources, bases, matched)
-    swap = lab.fit(swap, targets, sel)
-    variants = [Variant(), *(Variant([s], swap) for s in sites)]
+    matched = matched or {}
+    units = list(bases)
+    single = {u: b for u, b in bases.items() if isinstance(u, Site) and b is not None}
+    swaps = {}
+    if any(b is None for b in bases.values()):
+        whole = lab.fit(Patch(from_=sources), targets, sel)
+        swaps.update({u: whole for u, b in bases.items() if b is None})
+    if single:
+        mine = {u: b for u, b in matched.items() if u in single}
+        one = lab.fit(Interchange(sources, single, mine), targets, sel)
+        swaps.update(dict.fromkeys(single, one))
+    for u, b in bases.items():
+        if b is not None and not isinstance(u, Site):
+            swaps[u] = lab.fit(JointInterchange(sources, u, b, matched.get(u)), targets, sel)
+    variants = [Variant(), *(Variant(list(unit_sites(u)), swaps[u]) for u in units)]
     hits, logprob = score(lab.backend, lab.builder, targets, variants, pairs.answers)
     gain = (logprob[1:] - logprob[0]).numpy()
-    return {site: Outcome(h.numpy(), g) for site, h, g in zip(sites, hits[1:], gain)}
+    return {u: Outcome(h.numpy(), g) for u, h, g in zip(units, hits[1:], gain)}
 
 
 # -- bases ----------------------------------------------------------------------------------------
@@ -321,9 +394,9 @@ class _SiteModel:
 
     HOOK = "site"
 
-    def __init__(self, lab: Lab, layouts: Sequence[Layout], site: Site, width: int) -> None:
+    def __init__(self, lab: Lab, layouts: Sequence[Layout], unit: Unit, width: int) -> None:
         self.original_model = lab.backend.model  # what TL checks is in evaluation mode
-        self.lab, self.layouts, self.site, self.width = lab, list(layouts), site, width
+        self.lab, self.layouts, self.sites, self.width = lab, list(layouts), unit_sites(unit), width
         self._hooks: list = []
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
@@ -343,32 +416,42 @@ class _SiteModel:
 
     def reaches_output(self) -> bool:
         """Whether the state at the site can change the answer logits (of the first input)."""
-        shift = torch.zeros(self.lab.backend.d_model, requires_grad=True)
+        shift = torch.zeros(self.lab.backend.d_model * len(self.sites), requires_grad=True)
         with torch.enable_grad(), self.hooks([(self.HOOK, lambda act, hook: act + shift)]):
             return self.task_logits(torch.arange(1)).requires_grad
 
     def task_logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        lab, site = self.lab, self.site
+        lab, sites, n = self.lab, self.sites, len(self.sites)
         batch = lab.builder.collate([self.layouts[i] for i in inputs.tolist()], side="left")
         rows = torch.arange(len(inputs))
-        positions = block_positions(batch)[:, block_index(site.block), site.slot]
+        positions = block_positions(batch)[:, [block_index(s.block) for s in sites], [s.slot for s in sites]]
 
         def run(fn):
-            def edit(states: torch.Tensor) -> torch.Tensor:
-                out = fn(states, None)
-                return states if out is None else out
+            def edit(states: torch.Tensor) -> torch.Tensor:  # [rows * n, d]: the sites' states, joined
+                out = fn(states.reshape(len(rows), -1), None)
+                return states if out is None else out.reshape(states.shape)
 
             return edit
 
-        edits = {site.layer: [Edit(site.layer, rows, positions, run(fn)) for fn in self._hooks]}
+        layer = sites[0].layer
+        edits = {
+            layer: [
+                Edit(layer, rows.repeat_interleave(n), positions.flatten(), run(fn)) for fn in self._hooks
+            ]
+        }
         # Backend.forward runs without gradients; DAS needs them, so the backend's own pass is used.
         logits = lab.backend._forward(batch, [], edits, []).logits
         return logits[:, -self.width :].transpose(1, 2)
 
 
-def das_directions(lab: Lab, site: Site, pairs: Pairs, rank: int, seed: int = 0) -> torch.Tensor:
-    """A rank-`rank` basis at `site` learned by DAS (TL `fit_das`) so that interchanging it turns
-    each base's output into the pair's answer (cross-entropy on every answer token)."""
+def das_directions(
+    lab: Lab, site: Unit, pairs: Pairs, rank: int, seed: int = 0, init: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A rank-`rank` basis at `site` (or over a joint group's concatenated states) learned by DAS
+    so that interchanging it turns each base's output into the pair's answer (cross-entropy on
+    every answer token): TL `fit_das`, or, from the directions `init` (e.g. a value probe's,
+    completed with seeded random directions), the same optimisation (TL's `LearnedSubspace`,
+    `SubspaceInterchange` and Adam) started there."""
     based = [lab.builder.scored(lab.examples[b], a) for b, a in zip(pairs.base, pairs.answers)]
     sources = [lab.builder.prompt(lab.examples[s]) for s in pairs.source]
     width = max(len(lab.builder.encode(a)) + 1 for a in pairs.answers)
@@ -377,30 +460,76 @@ def das_directions(lab: Lab, site: Site, pairs: Pairs, rank: int, seed: int = 0)
     n = len(based)
     # Where the output does not depend on the site there is no gradient: DAS stays at its start.
     epochs = DAS_EPOCHS if hooked.reaches_output() else 0
-    found = fit_das(
-        hooked, _SiteModel.HOOK, torch.arange(n), torch.arange(n, 2 * n), targets, hooked.task_logits,
-        rank=rank, epochs=epochs, batch_size=DAS_BATCH, lr=DAS_LR, seed=seed,
-    )  # fmt: skip
-    return found.basis.float().cpu()
+    if init is None:
+        found = fit_das(
+            hooked, _SiteModel.HOOK, torch.arange(n), torch.arange(n, 2 * n), targets, hooked.task_logits,
+            rank=rank, epochs=epochs, batch_size=DAS_BATCH, lr=DAS_LR, seed=seed,
+        )  # fmt: skip
+        return found.basis.float().cpu()
+    return _das_from(hooked, n, targets, rank, epochs, seed, init)
+
+
+def _das_from(
+    hooked: _SiteModel, n: int, targets: torch.Tensor, rank: int, epochs: int, seed: int, init: torch.Tensor
+) -> torch.Tensor:
+    """`fit_das`'s optimisation (same loss, batches, optimiser and learning rate) started from the
+    directions `init` [dim, <= rank], completed to `rank` with seeded random ones."""
+    source = collect_activations(hooked, _SiteModel.HOOK, torch.arange(n, 2 * n), hooked.task_logits)
+    dim = source.shape[1]
+    extra = random_basis(dim, rank, seed=seed)
+    start = orthonormal_subspace(torch.cat([init.float()[:, :rank], extra], 1)).basis[:, :rank]
+    if start.shape[1] < rank:  # init and the random directions were dependent: redraw the rest
+        start = torch.linalg.qr(torch.cat([start, random_basis(dim, rank, seed=seed + 1)], 1))[0][:, :rank]
+    subspace = LearnedSubspace(dim, rank)
+    subspace.proj.weight = start
+    step = SubspaceInterchange(subspace)
+    optimizer = torch.optim.Adam(subspace.parameters(), lr=DAS_LR)
+    order = np.random.default_rng(seed)
+    flags = [p.requires_grad for p in hooked.parameters()]
+    hooked.requires_grad_(False)
+    try:
+        for _ in range(epochs):
+            chosen = torch.as_tensor(order.permutation(n))
+            for i in range(0, n, DAS_BATCH):
+                idx = chosen[i : i + DAS_BATCH]
+                optimizer.zero_grad()
+                logits = run_with_intervention(
+                    hooked, _SiteModel.HOOK, step, idx, source[idx], hooked.task_logits
+                )
+                loss = torch.nn.functional.cross_entropy(logits, targets[idx], reduction="sum") / len(idx)
+                loss.backward()
+                optimizer.step()
+    finally:
+        for p, flag in zip(hooked.parameters(), flags):
+            p.requires_grad_(flag)
+    return subspace.basis.detach().float().cpu()
 
 
 # -- the analysis ---------------------------------------------------------------------------------
 @dataclass
 class _Variable:
-    """One variable under analysis: its pairs and its table rows."""
+    """One variable under analysis: its pairs, its table rows, and the units they are at."""
 
     var: Variable
     train: Pairs
     test: Pairs
     rows: list[dict] = field(default_factory=list)
+    units: dict[str, Unit] = field(default_factory=dict)  # by `unit_label`
 
     def row(
-        self, basis: str, site: Site, rank: int, *, train: Outcome | None = None, test: Outcome | None = None,
+        self, basis: str, site: Unit, rank: int, *, train: Outcome | None = None, test: Outcome | None = None,
         chosen: bool = False, note: str = "",
     ) -> dict:  # fmt: skip
         """Add a table row: IIA and mean log-prob gain on held-out pairs (`test`; IIA with its
-        Wilson interval) and on training pairs (`train`); None: not scored there."""
-        row = {"variable": self.var.name, "basis": basis, "rank": rank, **site._asdict()}
+        Wilson interval) and on training pairs (`train`); None: not scored there. A joint unit's row
+        holds its layer, its last block and slot -1."""
+        sites = unit_sites(site)
+        label = unit_label(site)
+        self.units[label] = site
+        where = sites[0]._asdict() if isinstance(site, Site) else {
+            "layer": sites[0].layer, "block": max(x.block for x in sites), "slot": -1
+        }  # fmt: skip
+        row = {"variable": self.var.name, "basis": basis, "rank": rank, **where, "unit": label}
         row.update(iia=np.nan, iia_lo=np.nan, iia_hi=np.nan, n=0, gain=np.nan)
         if test is not None:
             with_intervals([row], [test.hits], key="iia")
@@ -412,17 +541,19 @@ class _Variable:
         return row
 
     def measure(
-        self, lab: Lab, sel: Selection, basis: str, site: Site, directions: torch.Tensor, *,
+        self, lab: Lab, sel: Selection, basis: str, site: Unit, directions: torch.Tensor | None, *,
         matched: torch.Tensor | None = None, pairs: tuple[Pairs, Pairs] | None = None, train: bool = True,
         chosen: bool = False, note: str = "",
     ) -> dict:  # fmt: skip
-        """Score the interchange along `directions` at one site on held-out pairs (and, if `train`,
-        on training pairs; `pairs`: these two instead of the variable's own) and add its row."""
+        """Score the interchange along `directions` (None: the whole state) at one unit on held-out
+        pairs (and, if `train`, on training pairs; `pairs`: these two instead of the variable's
+        own) and add its row."""
         train_pairs, test_pairs = pairs or (self.train, self.test)
         bases, match = {site: directions}, None if matched is None else {site: matched}
         on_train = iia(lab, sel, train_pairs, bases, match)[site] if train else None
         test = iia(lab, sel, test_pairs, bases, match)[site]
-        return self.row(basis, site, directions.shape[1], train=on_train, test=test, chosen=chosen, note=note)
+        rank = lab.backend.d_model * len(unit_sites(site)) if directions is None else directions.shape[1]
+        return self.row(basis, site, rank, train=on_train, test=test, chosen=chosen, note=note)
 
 
 def abstraction(
@@ -430,27 +561,31 @@ def abstraction(
     sel: Selection,
     variable: str | Sequence[str] | None = None,
     method: str = "das",
-    rank: int | Sequence[int] = 1,
-    sites: Sequence[Site] | Mapping[str, Sequence[Site]] | None = None,
+    rank: int | Sequence[int] | Mapping[str, int | Sequence[int]] = 1,
+    sites: Sequence[Unit] | Mapping[str, Sequence[Unit]] | None = None,
     grid: bool = True,
     controls: bool = True,
     seed: int = 0,
+    joint: bool = False,
 ) -> AbstractionResult:
     """IIA of the task's causal-model variables at memory-block sites (see the module docstring).
 
     `method`: "das" (the probe map, then DAS at the most promising sites or at `sites`, with its
     controls), "probe" (the probe map with its placebo) or "random" (the map along random
-    subspaces). `rank`: one rank or several (DAS fits each; the map uses the lowest). `grid`: score
-    the map on held-out pairs at every (layer, block). `controls`: fit the arbitrary-target and
-    untrained DAS controls.
+    subspaces). `rank`: one rank or several (DAS fits each, in increasing order, until one reaches
+    `FULL_IIA` on training pairs; the map uses the lowest), or those of each variable by name.
+    `sites`: units (a site, or a group of sites at one layer fitted jointly). `joint`: DAS jointly
+    over `joint_unit` at the most promising site's layer (instead of at the `DAS_SITES` most
+    promising sites). `grid`: score the map on held-out pairs at every (layer, block). `controls`:
+    fit the arbitrary-target and untrained DAS controls. The best unit and rank (on training pairs)
+    also gets the full state's IIA at the same sites.
     """
     if method not in METHODS:
         raise RunError(f"unknown abstraction method {method!r}; choose one of {', '.join(METHODS)}")
-    ranks = sorted({rank} if isinstance(rank, int) else set(rank))
-    if not ranks or not all(1 <= r <= lab.backend.d_model for r in ranks):
-        raise RunError(f"rank {ranks} out of range: ranks are 1..{lab.backend.d_model}")
+    checked = _ranks(rank, lab.backend.d_model)
     model = lab.task.causal_model()
     variables = _variables(model, lab.examples, variable)
+    ranks = {v.name: checked[v.name] if isinstance(checked, Mapping) else checked for v in variables}
     fixed = _fixed_sites(lab, sites, variables)
     correct = score(lab.backend, lab.builder, lab.examples, [Variant()])[0][0].numpy()
     train_idx, test_idx = split_examples(lab, seed)
@@ -470,10 +605,17 @@ def abstraction(
             continue
         promise = {}
         if grid or fixed.get(job.var.name) is None:
-            promise = _map(lab, sel, states, model, job, train_idx, method, ranks[0], grid, seed)
+            promise = _map(
+                lab, sel, states, model, job, train_idx, method, ranks[job.var.name][0], grid, seed
+            )
         chosen = fixed.get(job.var.name) or _promising(promise)
+        if joint and chosen and job.var.name not in fixed:
+            # The joint unit at the most promising site's layer: it holds that site, and a subspace
+            # of one site's state is a subspace of the joint state too.
+            step = job.var.step if job.var.kind != "answer" else None
+            chosen = [joint_unit(sel, chosen[0].layer, step)]
         if method == DAS and chosen:
-            _das(lab, sel, model, job, chosen, ranks, controls, seed)
+            _das(lab, sel, model, job, chosen, ranks[job.var.name], controls, seed)
         elif method == DAS:
             notes[job.var.name] = "no site's state varies with the question: nothing to interchange"
     table = pd.DataFrame([row for job in work for row in job.rows], columns=_COLUMNS)
@@ -496,7 +638,7 @@ def abstraction(
     result = AbstractionResult(table, pairs=pairs)
     result.summary = {
         "method": method,
-        "ranks": ranks,
+        "ranks": checked,
         "correct": int(correct.sum()),
         "n": len(lab.examples),
         "variables": {job.var.name: _best(job, notes.get(job.var.name, "")) for job in work},
@@ -507,21 +649,52 @@ def abstraction(
         None,
         variables=[v.name for v in variables],
         method=method,
-        ranks=ranks,
-        sites={k: [list(s) for s in v] for k, v in fixed.items()},
+        ranks=checked,
+        sites={k: [_plain_unit(u) for u in v] for k, v in fixed.items()},
+        joint=joint,
         grid=grid,
         controls=controls,
         seed=seed,
         pairs=PAIRS,
-        das={"sites": DAS_SITES, "epochs": DAS_EPOCHS, "batch_size": DAS_BATCH, "lr": DAS_LR},
+        das={
+            "sites": DAS_SITES,
+            "epochs": DAS_EPOCHS,
+            "batch_size": DAS_BATCH,
+            "lr": DAS_LR,
+            "full_iia": FULL_IIA,
+        },  # fmt: skip
     )
     return result
 
 
 _COLUMNS = [
-    "variable", "basis", "rank", "layer", "block", "slot", "iia", "iia_lo", "iia_hi", "n", "gain",
+    "variable", "basis", "rank", "layer", "block", "slot", "unit", "iia", "iia_lo", "iia_hi", "n", "gain",
     "iia_train", "gain_train", "n_train", "chosen", "note",
 ]  # fmt: skip
+
+
+def _ranks(rank, d_model: int) -> list[int] | dict[str, list[int]]:
+    """Ranks checked and sorted: one rank or several, or (a mapping) those of each variable."""
+    if isinstance(rank, Mapping):
+        return {name: _ranks(r, d_model) for name, r in rank.items()}
+    ranks = sorted({rank} if isinstance(rank, int) else set(rank))
+    if not ranks or not all(1 <= r <= d_model for r in ranks):
+        raise RunError(f"rank {ranks} out of range: ranks are 1..{d_model}")
+    return ranks
+
+
+def _plain_unit(unit: Unit) -> list:
+    """A unit as JSON: [layer, block, slot], or a list of those for a joint group."""
+    return list(unit) if isinstance(unit, Site) else [list(s) for s in unit]
+
+
+def _unit(value) -> Unit:
+    """A unit from `_plain_unit`'s form (or a Site / tuple of Sites)."""
+    if isinstance(value, Site):
+        return value
+    if len(value) and isinstance(value[0], int | np.integer):
+        return Site(*value)
+    return tuple(Site(*s) for s in value)
 
 
 def _variables(model: CausalModel, examples: Sequence[Example], wanted) -> list[Variable]:
@@ -536,16 +709,19 @@ def _variables(model: CausalModel, examples: Sequence[Example], wanted) -> list[
     return [known[n] for n in names]
 
 
-def _fixed_sites(lab: Lab, sites, variables: list[Variable]) -> dict[str, list[Site]]:
-    """Given sites by variable name (a list: the same for every variable), each checked."""
+def _fixed_sites(lab: Lab, sites, variables: list[Variable]) -> dict[str, list[Unit]]:
+    """Given units by variable name (a list: the same for every variable), each site checked."""
     if sites is None:
         return {}
     by_name = sites if isinstance(sites, Mapping) else {v.name: sites for v in variables}
     out = {}
     for name, chosen in by_name.items():
-        out[name] = [Site(*s) for s in chosen]
-        for s in out[name]:
-            lab.select([s.layer], [s.block], [s.slot])  # RunError naming the valid range
+        out[name] = [_unit(u) for u in chosen]
+        for unit in out[name]:
+            for s in unit_sites(unit):
+                lab.select([s.layer], [s.block], [s.slot])  # RunError naming the valid range
+            if len({s.layer for s in unit_sites(unit)}) > 1:
+                raise RunError("a joint unit's sites must share one layer")
     return out
 
 
@@ -636,24 +812,31 @@ def _promising(promise: dict[Site, tuple[float, float]]) -> list[Site]:
 
 
 def _das(
-    lab: Lab, sel: Selection, model: CausalModel, job: _Variable, sites: list[Site], ranks: list[int],
+    lab: Lab, sel: Selection, model: CausalModel, job: _Variable, units: list[Unit], ranks: list[int],
     controls: bool, seed: int,
 ) -> None:  # fmt: skip
-    """DAS at `sites` for every rank; at the best (site, rank) on training pairs, its placebo and
-    (with `controls`) the arbitrary-target and untrained-copy controls."""
+    """DAS at `units` for every rank (in increasing order, until one reaches `FULL_IIA` on training
+    pairs); at the best (unit, rank) on training pairs, the full state's IIA at the same sites, its
+    placebo and (with `controls`) the arbitrary-target and untrained-copy controls."""
     fitted = {}
-    for site in sites:
+    for unit in units:
         for r in ranks:
-            fitted[(site, r)] = das_directions(lab, site, job.train, r, seed)
-            job.measure(lab, sel, DAS, site, fitted[(site, r)])
+            if r > lab.backend.d_model * len(unit_sites(unit)):
+                break
+            fitted[(unit, r)] = das_directions(lab, unit, job.train, r, seed)
+            if job.measure(lab, sel, DAS, unit, fitted[(unit, r)])["iia_train"] >= FULL_IIA:
+                break
     best = max(
-        (row for row in job.rows if row["basis"] == DAS), key=lambda row: (row["iia_train"], -row["rank"])
+        (row for row in job.rows if row["basis"] == DAS),
+        key=lambda row: (row["iia_train"], row["gain_train"], -row["rank"]),
     )
     best["chosen"] = True
-    site, r = Site(best["layer"], best["block"], best["slot"]), best["rank"]
-    placebo = random_directions(lab.backend.d_model, r, site, seed + 1)
+    unit, r = job.units[best["unit"]], best["rank"]
+    width = lab.backend.d_model * len(unit_sites(unit))
+    job.measure(lab, sel, DAS_FULL, unit, None, chosen=True, note="the whole state at the same sites")
+    placebo = random_directions(width, r, unit_sites(unit)[0], seed + 1)
     job.measure(
-        lab, sel, DAS_PLACEBO, site, placebo, matched=fitted[(site, r)], train=False, chosen=True,
+        lab, sel, DAS_PLACEBO, unit, placebo, matched=fitted[(unit, r)], train=False, chosen=True,
         note="norm-matched to das",
     )  # fmt: skip
     if not controls:
@@ -662,13 +845,13 @@ def _das(
     test_rows, test_answers = arbitrary_answers(lab, model, job.var.name, job.test, seed)
     if train_rows and test_rows:
         pairs = job.train.keep(train_rows, train_answers), job.test.keep(test_rows, test_answers)
-        arbitrary = das_directions(lab, site, pairs[0], r, seed)
+        arbitrary = das_directions(lab, unit, pairs[0], r, seed)
         note = "targets: the variable's values relabelled arbitrarily"
-        job.measure(lab, sel, DAS_ARBITRARY, site, arbitrary, pairs=pairs, chosen=True, note=note)
+        job.measure(lab, sel, DAS_ARBITRARY, unit, arbitrary, pairs=pairs, chosen=True, note=note)
     untrained = _untrained_lab(lab, seed)
-    basis = das_directions(untrained, site, job.train, r, seed)
+    basis = das_directions(untrained, unit, job.train, r, seed)
     job.measure(
-        untrained, sel, DAS_UNTRAINED, site, basis, chosen=True, note="an untrained copy of the model"
+        untrained, sel, DAS_UNTRAINED, unit, basis, chosen=True, note="an untrained copy of the model"
     )
 
 
@@ -680,8 +863,10 @@ def _untrained_lab(lab: Lab, seed: int) -> Lab:
 
 
 def _best(job: _Variable, note: str) -> dict:
-    """The summary of one variable: its best site (chosen on training pairs) with its held-out IIA
-    and its controls' at the same site, and the mean log-prob gain of each there (`gain`)."""
+    """The summary of one variable: its best unit (chosen on training pairs) with its held-out IIA,
+    its controls' at the same unit and rank, the full state's there (`full`, and on training pairs
+    `full_train`: DAS "under-fit" when its training IIA is more than `UNDERFIT` below it), and the
+    mean log-prob gain of each (`gain`)."""
     var = job.var
     entry = {
         "label": var.label,
@@ -691,11 +876,16 @@ def _best(job: _Variable, note: str) -> dict:
         "pairs_test": len(job.test),
         "informative": _share(job),
         "site": None,
+        "unit": None,
+        "group": None,
         "basis": None,
         "rank": None,
         "iia": None,
         "iia_train": None,
         **{name: None for name in CONTROLS},
+        "full": None,
+        "full_train": None,
+        "underfit": False,
         "gain": {},
         "note": note,
     }
@@ -704,9 +894,11 @@ def _best(job: _Variable, note: str) -> dict:
         return entry
     das = [r for r in rows if r["basis"] == DAS]
     best = max(das or rows, key=_better)
-    site = {k: int(best[k]) for k in ("layer", "block", "slot")}
+    unit = job.units[best["unit"]]
     entry.update(
-        site=site,
+        site={k: int(best[k]) for k in ("layer", "block", "slot")},
+        unit=best["unit"],
+        group=None if isinstance(unit, Site) else _plain_unit(unit),
         basis=best["basis"],
         rank=int(best["rank"]),
         iia=_estimate(best),
@@ -717,10 +909,14 @@ def _best(job: _Variable, note: str) -> dict:
     if best["basis"] == PROBE:
         controls = {PLACEBO: "placebo"}
     for row in job.rows:
-        same = all(int(row[k]) == v for k, v in site.items()) and row["rank"] == best["rank"]
-        if row["basis"] in controls and same and row["n"]:
+        here = row["unit"] == best["unit"] and row["n"]
+        if row["basis"] in controls and here and row["rank"] == best["rank"]:
             entry[controls[row["basis"]]] = _estimate(row)
             entry["gain"][controls[row["basis"]]] = float(row["gain"])
+        if row["basis"] == DAS_FULL and here:
+            entry["full"], entry["full_train"] = _estimate(row), float(row["iia_train"])
+    if entry["full_train"] is not None:
+        entry["underfit"] = bool(entry["iia_train"] < entry["full_train"] - UNDERFIT)
     return entry
 
 
@@ -762,10 +958,11 @@ class AbstractionResult(Result):
             raise RunError(f"no variable {variable!r}; variables: {', '.join(found)}")
         return found[variable]
 
-    def sites(self) -> dict[str, list[Site]]:
-        """The best site of every variable that has one: where to test the control model."""
+    def sites(self) -> dict[str, list[Unit]]:
+        """The best unit (a site, or a joint group) of every variable that has one: where to test
+        the control model."""
         return {
-            name: [Site(**entry["site"])]
+            name: [_unit(entry["group"]) if entry.get("group") else Site(**entry["site"])]
             for name, entry in self.summary.get("variables", {}).items()
             if entry["site"]
         }

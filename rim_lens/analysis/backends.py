@@ -202,6 +202,12 @@ class HFBackend(Backend):
     name = "hf"
     runs_thoughts = True
 
+    @property
+    def resumable(self) -> bool:
+        """Whether `keep` and `resume` can run this model's layers by hand (a GPT-2 or Llama causal LM
+        with its KV cache and head; not, e.g., a hand-built `planted.PlantedLM`)."""
+        return hasattr(self.model, "lm_head") and self.model.config.model_type in TOPS
+
     def _forward(self, batch, capture, edits, capture_attn):
         out = Output(logits=torch.empty(0))
         inputs = batch.model_inputs()

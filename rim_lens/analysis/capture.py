@@ -32,7 +32,7 @@ from rim_lens.data.tasks import Task
 from rim_lens.errors import RunError
 from rim_lens.evaluation import decode_answers
 from rim_lens.fileio import atomic_write_json, atomic_write_text, check_safetensors, read_json, read_jsonl
-from rim_lens.model.layouts import SequenceBuilder, block_positions, slot_names
+from rim_lens.model.layouts import Role, SequenceBuilder, block_positions, slot_names
 
 
 def block_states(
@@ -51,6 +51,32 @@ def block_states(
         return torch.stack([states[l][rows, pos] for l in ls], dim=1)
 
     return gather(out.resid, layers), (gather(out.attn, attn_layers) if attn_layers else None)
+
+
+def question_and_block_states(
+    backend: Backend, builder: SequenceBuilder, examples: Seq[Example], layers: Seq[int], batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """States of the inference prompts of `examples` at `layers`, in memory: the blocks'
+    [n, len(layers), K, M + 2, d] and the question's [n, len(layers), Q, d] (its positions from
+    the first, `Role.QUESTION`, zero-padded to the longest question Q): what a conditional probe
+    reads (`conditional`)."""
+    blocks, questions = [], []
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start : start + batch_size])
+        batch = builder.collate([builder.prompt(ex) for ex in chunk], side="left")
+        out = backend.forward(batch, capture=layers)
+        rows = torch.arange(len(chunk))
+        resid = torch.stack([out.resid[l] for l in layers], 1)  # [B, layers, S, d]
+        blocks.append(resid[rows[:, None, None], :, block_positions(batch)].permute(0, 3, 1, 2, 4))
+        is_question = batch.roles == Role.QUESTION
+        order = torch.argsort((~is_question).int(), dim=1, stable=True)  # question positions first
+        length = int(is_question.sum(1).max())
+        where = order[:, :length]
+        states = resid[rows[:, None], :, where].permute(0, 2, 1, 3)  # [B, layers, Q, d]
+        questions.append(states * is_question.gather(1, where)[:, None, :, None])
+    width = max(q.shape[2] for q in questions)
+    questions = [torch.nn.functional.pad(q, (0, 0, 0, width - q.shape[2])) for q in questions]
+    return torch.cat(blocks), torch.cat(questions)
 
 
 def capture(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -53,9 +53,10 @@ from rim_lens.analysis.results import (
 from rim_lens.analysis.sites import Selection, Site, block_labels
 from rim_lens.artefacts import PATCH_METHODS
 from rim_lens.data.examples import Example
-from rim_lens.errors import DataError, RunError
+from rim_lens.errors import DataError, RimLensError, RunError
 from rim_lens.evaluation import answer_text
 from rim_lens.model.layouts import Batch, Layout, SequenceBuilder
+from rim_lens.stats import proportion
 
 if TYPE_CHECKING:
     from rim_lens.analysis.lab import Lab
@@ -163,6 +164,7 @@ class Pairs:
     prefix: list[list[int]]  # shared answer tokens before the first difference (teacher-forced)
     clean_token: torch.Tensor
     corrupt_token: torch.Tensor
+    changed: list[tuple[int, ...]] = field(default_factory=list)  # the steps (1-based) whose value differs
 
     def prompts(self, builder: SequenceBuilder, which: str = "corrupt") -> list[Layout]:
         """The clean or corrupt prompts followed by the shared answer prefix: the metric is read
@@ -178,6 +180,7 @@ class Pairs:
             [self.prefix[i] for i in rows],
             self.clean_token[rows],
             self.corrupt_token[rows],
+            [self.changed[i] for i in rows] if self.changed else [],
         )
 
 
@@ -198,6 +201,7 @@ def make_pairs(lab: Lab, examples: Sequence[Example] | None = None, seed: int = 
         i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
         pairs.clean.append(ex)
         pairs.corrupt.append(bad)
+        pairs.changed.append(changed_steps(ex, bad))
         pairs.prefix.append(a[:i])
         clean_tok.append(a[i])
         corrupt_tok.append(b[i])
@@ -205,6 +209,14 @@ def make_pairs(lab: Lab, examples: Sequence[Example] | None = None, seed: int = 
         raise RunError("no clean/corrupt pairs could be made from these examples")
     pairs.clean_token, pairs.corrupt_token = torch.tensor(clean_tok), torch.tensor(corrupt_tok)
     return pairs
+
+
+def changed_steps(clean: Example, corrupt: Example) -> tuple[int, ...]:
+    """The steps (1-based) whose value differs between two examples (mult: changing b_0 changes P_1
+    only, b_1 P_2 only, a digit of A every partial product); a step one of them lacks counts as changed."""
+    steps = max(len(clean.values), len(corrupt.values))
+    values = [list(ex.values) + [None] * (steps - len(ex.values)) for ex in (clean, corrupt)]
+    return tuple(t for t in range(1, steps + 1) if values[0][t - 1] != values[1][t - 1])
 
 
 def logit_diff(pairs: Pairs):
@@ -222,7 +234,7 @@ def patch_method(lab: Lab, method: str | None) -> str:
     """The patching method to run: `method`, or by default `exact` on the hf backend and `full` on
     the others and for Coconut (whose thoughts `exact` cannot recompute); RunError (one line) for
     an unknown one or `exact` where it cannot run."""
-    exact = isinstance(lab.backend, HFBackend) and not lab.spec.uses_thoughts
+    exact = isinstance(lab.backend, HFBackend) and lab.backend.resumable and not lab.spec.uses_thoughts
     method = method or ("exact" if exact else "full")
     if method not in PATCH_METHODS:
         raise RunError(f"unknown patch method {method!r}; choose one of {', '.join(PATCH_METHODS)}")
@@ -264,6 +276,8 @@ def patch(
     else:
         cells = [dict(layer=l, block=k) for l in sel.layers for k in sel.blocks]
         variants = [Variant(sel.sites(blocks=[c["block"]], layers=[c["layer"]]), intervention) for c in cells]
+    sets = patch_sets(sel)
+    variants += [Variant(sites, intervention) for _, sites in sets]
     metric = logit_diff(pairs)
     clean = sweep(lab.backend, lab.builder, pairs.prompts(lab.builder, "clean"), [Variant()], metric)[0]
     seqs, every = pairs.prompts(lab.builder), [Variant(), *variants]
@@ -271,28 +285,32 @@ def patch(
         out = resume_sweep(lab.backend, lab.builder, seqs, every, metric, max_rows, last_only=True)
     else:
         out = sweep(lab.backend, lab.builder, seqs, every, metric, max_rows)
-    corrupt, patched = out[0], out[1:]
+    corrupt, patched, set_patched = out[0], out[1 : 1 + len(cells)], out[1 + len(cells) :]
     denom = (clean.mean() - corrupt.mean()).item()
-    rows = [
-        {
-            **c,
-            "logit_diff": p.mean().item(),
-            "recovery": (p.mean() - corrupt.mean()).item() / denom if denom else float("nan"),
-            "n": len(pairs.clean),
-        }
-        for c, p in zip(cells, patched)
-    ]
+
+    def row(where: dict, p: torch.Tensor) -> dict:
+        recovery = (p.mean() - corrupt.mean()).item() / denom if denom else float("nan")
+        return {**where, "logit_diff": p.mean().item(), "recovery": recovery, "n": len(pairs.clean)}
+
     result = PatchResult(
-        pd.DataFrame(rows),
+        pd.DataFrame([row(c, p) for c, p in zip(cells, patched)]),
         clean=clean.double().numpy(),
         corrupt=corrupt.double().numpy(),
         patched=patched.double().numpy(),
+        sets=pd.DataFrame([row(label, p) for (label, _), p in zip(sets, set_patched)]).astype(
+            {"layer": "Int64", "block": "Int64"}
+        ),
+        set_patched=set_patched.double().numpy(),
+        changed=list(pairs.changed),
     )
     result.summary = {
         "logit_diff_clean": clean.mean().item(),
         "logit_diff_corrupt": corrupt.mean().item(),
         "n": len(pairs.clean),
         "peak": result.peak(),
+        "changed": {
+            ",".join(map(str, c)) or "none": pairs.changed.count(c) for c in sorted(set(pairs.changed))
+        },
     }
     result.record = lab.record(
         "patch", sel, intervention, per_slot=per_slot, seed=seed, pairs=len(pairs.clean), method=method
@@ -300,12 +318,29 @@ def patch(
     return result
 
 
+def patch_sets(sel: Selection) -> list[tuple[dict, list[Site]]]:
+    """The sets of sites patched together, as `ablate` scopes them, each with its label: every block
+    at layer l (`layer`), block k at every layer (`block`), blocks 1..k at every layer
+    (`blocks`), and everything (`all`)."""
+    sets = [({"scope": "layer", "layer": l, "block": None}, sel.sites(layers=[l])) for l in sel.layers]
+    sets += [({"scope": "block", "layer": None, "block": k}, sel.sites(blocks=[k])) for k in sel.blocks]
+    sets += [
+        ({"scope": "blocks", "layer": None, "block": k}, sel.sites(blocks=sel.blocks[: i + 1]))
+        for i, k in enumerate(sel.blocks)
+    ]
+    return [*sets, ({"scope": "all", "layer": None, "block": None}, sel.sites())]
+
+
 # -- interchange ---------------------------------------------------------------------------------------
 def interchange(lab: Lab, sel: Selection, seed: int = 0, grid: bool = True) -> InterchangeResult:
     """Give example B the block states of example A (pairs with different answers), at one
     layer or all selected layers and one block or all selected blocks. Reports how often the
-    output becomes A's answer (`to_A`), stays B's, or is neither, and how often it becomes what
-    the model outputs for A (`to_A_output`)."""
+    output becomes A's answer (`to_A`), stays B's, or is neither, how often it becomes what the
+    model outputs for A (`to_A_output`), and, graded, how often it changes from what the model
+    outputs for B (`changed`), how far A's answer's log-prob rises (`logprob_gain`), and, with
+    every block swapped, the share of answer tokens that take A's output's value where A's and
+    B's outputs differ (`summary["donor_tokens"]`). Then the matched/unmatched-value interchange
+    per step (`value_interchange`)."""
     examples = lab.examples
     rng = random.Random(seed)
     order = list(range(len(examples)))
@@ -330,13 +365,18 @@ def interchange(lab: Lab, sel: Selection, seed: int = 0, grid: bool = True) -> I
             for k in sel.blocks
         ]
     variants = [Variant(c["sites"], swap if c["sites"] else None) for c in cells]
-    says_a, _ = score(lab.backend, lab.builder, B, variants, answers=[ex.answer for ex in A])
+    says_a, logprob_a = score(lab.backend, lab.builder, B, variants, answers=[ex.answer for ex in A])
     says_b, _ = score(lab.backend, lab.builder, B, variants)
-    # What A's model actually outputs: for an inaccurate model, "becomes A's answer" undercounts.
-    a_outputs = decode_texts(lab, A)
+    # What the model actually outputs for A and for B: for an inaccurate model, "becomes A's answer"
+    # undercounts, and "stays B's answer" is not "unchanged".
+    a_outputs, b_outputs = decode_texts(lab, A), decode_texts(lab, B)
     says_a_output, _ = score(lab.backend, lab.builder, B, variants, answers=a_outputs)
+    says_b_output, _ = score(lab.backend, lab.builder, B, variants, answers=b_outputs)
+    gain = (logprob_a - logprob_a[0]).double().numpy()
     rows = []
-    for c, a, b, ao in zip(cells, says_a.float(), says_b.float(), says_a_output.float()):
+    for c, a, b, ao, bo, g in zip(
+        cells, says_a.float(), says_b.float(), says_a_output.float(), says_b_output.float(), gain
+    ):
         rows.append(
             {
                 "swap": c["swap"],
@@ -345,23 +385,104 @@ def interchange(lab: Lab, sel: Selection, seed: int = 0, grid: bool = True) -> I
                 "stays_B": b.mean().item(),
                 "neither": (1 - a - b).clamp_min(0).mean().item(),
                 "to_A_output": ao.mean().item(),
+                "changed": 1 - bo.mean().item(),
+                "logprob_gain": float(g.mean()),
                 "n": len(pairs),
             }
         )
     with_intervals(rows, says_a.numpy(), key="to_A")
     table = pd.DataFrame(rows).astype({"layer": "Int64", "block": "Int64"})
-    result = InterchangeResult(table, to_a=says_a.numpy(), pairs=pairs)
-    every = table[table["swap"] == "all"].iloc[0]
+    every = int(np.flatnonzero(table["swap"].to_numpy() == "all")[0])
+    swapped = decode_texts(lab, B, variants[every])
+    result = InterchangeResult(
+        table,
+        to_a=says_a.numpy(),
+        pairs=pairs,
+        changed=~says_b_output.numpy(),
+        logprob_gain=gain,
+        donor_tokens=donor_tokens(a_outputs, b_outputs, swapped),
+    )
+    result.values = value_interchange(lab, sel, seed)
+    row = table.iloc[every]
     result.summary = {
-        "transfer_rate": float(every["to_A"]),
+        "transfer_rate": float(row["to_A"]),
         "transfer": result.transfer("all"),
-        "stays_B": float(every["stays_B"]),
-        "neither": float(every["neither"]),
+        "stays_B": float(row["stays_B"]),
+        "neither": float(row["neither"]),
+        "changed": result.changed_rate("all"),
+        "logprob_gain": result.gain("all"),
+        "donor_tokens": result.donor_share(),
         "intact_B_correct": float(table[table["swap"] == "none"].iloc[0]["stays_B"]),
         "pairs": len(pairs),
     }
     result.record = lab.record("interchange", sel, swap, seed=seed, grid=grid, pairs=len(pairs))
     return result
+
+
+def donor_tokens(donor: Sequence[str], base: Sequence[str], swapped: Sequence[str]) -> np.ndarray:
+    """Per pair, the share of answer tokens (words) that take the donor's value where the donor's
+    and the base's answers differ (aligned by position; NaN where they differ nowhere)."""
+    out = []
+    for d, b, s in zip(donor, base, swapped):
+        d, b, s = d.split(), b.split(), s.split()
+        differ = [i for i in range(min(len(d), len(b))) if d[i] != b[i]]
+        out.append(np.mean([i < len(s) and s[i] == d[i] for i in differ]) if differ else np.nan)
+    return np.array(out, dtype=float)
+
+
+# The matched/unmatched-value interchange: pairs per step and kind (CODI-style analyses use this test).
+VALUE_PAIRS = 64
+
+
+def value_interchange(lab: Lab, sel: Selection, seed: int = 0) -> pd.DataFrame:
+    """Per step t of the task's causal model, swap block k's states (every selected layer and slot)
+    or every block's from a donor into a base: with a donor whose step-t value equals the base's
+    (`matched`), how often the base's output stays as it was; with one whose value differs
+    (`unmatched`), how often it becomes the causal model's counterfactual (the base's answer with
+    step t taken from the donor). Rows: step, block (None: every block), kind, rate with its
+    Wilson interval, n. Empty if the task has no causal model."""
+    from rim_lens.data.causal import STEP
+
+    try:
+        model = lab.task.causal_model()
+        steps = [v for v in model.variables(lab.examples) if v.kind == STEP]
+    except RimLensError:  # e.g. a task without a causal model
+        return pd.DataFrame()
+    examples, rng = lab.examples, random.Random(seed)
+    outputs = decode_texts(lab, examples)
+    swaps = [(k, sel.sites(blocks=[k])) for k in sel.blocks] + [(None, sel.sites())]
+    rows = []
+    for var in steps:
+        values = [model.values(ex).get(var.name) for ex in examples]
+        matched, unmatched = [], []
+        for b, base in enumerate(examples):
+            for d, donor in enumerate(examples):
+                if d == b or donor.question == base.question or values[b] is None or values[d] is None:
+                    continue
+                if values[d] == values[b]:
+                    matched.append((d, b, outputs[b]))
+                    continue
+                answer = model.counterfactual(base, donor, var.name)
+                if answer is not None and not lab.task.answers_match(answer, base.answer):
+                    unmatched.append((d, b, answer))
+        for kind, found in (("matched", matched), ("unmatched", unmatched)):
+            chosen = rng.sample(found, min(VALUE_PAIRS, len(found)))
+            if not chosen:
+                continue
+            donors = [examples[d] for d, _, _ in chosen]
+            bases = [examples[b] for _, b, _ in chosen]
+            swap = lab.fit(Patch(from_=donors), bases, sel)
+            variants = [Variant(sites, swap) for _, sites in swaps]
+            hits, _ = score(lab.backend, lab.builder, bases, variants, answers=[a for _, _, a in chosen])
+            for (k, _), h in zip(swaps, hits.numpy()):
+                e = proportion(h)
+                rows.append(
+                    {"step": var.step, "block": k, "kind": kind, "rate": e.value, "rate_lo": e.lo,
+                     "rate_hi": e.hi, "n": e.n}
+                )  # fmt: skip
+    return pd.DataFrame(rows, columns=["step", "block", "kind", "rate", "rate_lo", "rate_hi", "n"]).astype(
+        {"block": "Int64"}
+    )
 
 
 # -- decoding under an intervention --------------------------------------------------------------------

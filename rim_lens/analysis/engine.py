@@ -95,11 +95,28 @@ class Variant:
         if self.intervention is None:
             return []
         pos = block_positions(batch)
+        sites = [s for s in self.sites if s.block <= pos.shape[1]]
+        if getattr(self.intervention, "joint", False):
+            return [
+                self._joint(pos, rows, targets, [s for s in sites if s.layer == l])
+                for l in {s.layer for s in sites}
+            ]
         return [
             Edit(l, rows, pos[rows, block_index(k), j], _at(self.intervention, Site(l, k, j), targets))
-            for l, k, j in self.sites
-            if k <= pos.shape[1]
+            for l, k, j in sites
         ]
+
+    def _joint(self, pos: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, group: list[Site]) -> Edit:
+        """One edit of a joint intervention (`abstraction.JointInterchange`) over a group of sites at
+        one layer: it maps each row's states there, concatenated [rows, n * d_model], at once."""
+        n = len(group)
+        where = pos[rows][:, [block_index(s.block) for s in group], [s.slot for s in group]]  # [rows, n]
+        joint = self.intervention
+
+        def edit(base: torch.Tensor) -> torch.Tensor:
+            return joint(base.reshape(len(rows), -1), tuple(group), targets).reshape(base.shape)
+
+        return Edit(group[0].layer, rows.repeat_interleave(n), where.flatten(), edit)
 
 
 def _at(

@@ -318,6 +318,22 @@ class Lab:
         result.record = self.record("probe", sel, seed=seed, n_boot=n_boot)
         return result
 
+    def conditional_probe(
+        self,
+        train: Sequence[Example],
+        validation: Sequence[Example],
+        layers: Layers = None,
+        blocks: Layers = None,
+        seed: int = 0,
+    ):
+        """What each (layer, block) adds to the question's own states about each step's value:
+        ridge probes on [question; block] minus on the question, fitted on `train`, chosen on
+        `validation`, the chosen cell scored on the session's examples (`conditional`)."""
+        from rim_lens.analysis import conditional
+
+        sel = self.select(layers, blocks, readable=True)
+        return conditional.conditional_probe(self, sel, train, validation, seed=seed)
+
     def lens(
         self,
         layers: Layers = None,
@@ -412,13 +428,15 @@ class Lab:
         grid: bool = True,
         controls: bool = True,
         seed: int = 0,
+        joint: bool = False,
     ) -> AbstractionResult:
         """Causal abstraction: how often interchanging a subspace of a block state between two
         questions gives the answer the task's causal model predicts for that one variable (a step's
         value, the answer) taken from the other question (IIA), per (layer, block, slot). `method`:
         "das" (a learned basis of rank `rank` at the most promising sites, or at `sites`, with
         placebo, arbitrary-target and untrained-model controls), "probe" or "random" (the map over
-        every site); see `abstraction`."""
+        every site); see `abstraction`. `rank` may be several (a sweep, chosen on training pairs);
+        `joint` fits DAS jointly over every slot of blocks 1..t too (`abstraction.joint_unit`)."""
         from rim_lens.analysis import abstraction
 
         sel = self.select(layers, blocks, slots)
@@ -432,6 +450,7 @@ class Lab:
             grid=grid,
             controls=controls,
             seed=seed,
+            joint=joint,
         )
 
     def decode(

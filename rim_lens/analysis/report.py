@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +24,10 @@ import numpy as np
 
 from rim_lens import artefacts
 from rim_lens.analysis import verdict
+from rim_lens.analysis.abstraction import RANKS, UNDERFIT
 from rim_lens.analysis.lab import Lab, Layers
 from rim_lens.analysis.results import plain
+from rim_lens.data import Example
 from rim_lens.data.causal import STEP
 from rim_lens.errors import RimLensError, RunError
 from rim_lens.fileio import atomic_write_json, atomic_write_text
@@ -54,6 +57,11 @@ CARD = (
         "accuracy, every block mean-ablated",
         "the same, every block state (all layers and slots) set to its mean over the examples",
     ),
+    Row(
+        "n_correct",
+        "examples answered correctly",
+        "blocks intact, teacher-forced; the analyses use right and wrong",
+    ),
     Row("ablation_drop", "drop under ablation", "intact - ablated, paired bootstrap over examples"),
     Row(
         "accuracy_answer_sees_no_block",
@@ -71,8 +79,30 @@ CARD = (
         "B given all of A's block states, scored on A's answer; Wilson over pairs",
     ),
     Row(
+        "interchange_changed_rate",
+        "interchange: output changes",
+        "B given all of A's block states: B's output is no longer the model's own; Wilson over pairs",
+    ),
+    Row(
+        "interchange_logprob_gain",
+        "interchange: gain in log p(A's answer)",
+        "the same swap: A's answer's log-prob (nats) swapped - intact, paired bootstrap over pairs",
+    ),
+    Row(
+        "interchange_donor_tokens",
+        "interchange: answer tokens that take A's value",
+        "the same swap, greedy output: the share of answer tokens where A's and B's outputs differ that take "
+        "A's; bootstrap over pairs",
+    ),
+    Row(
+        "decodability_gain",
+        "conditional probe: what a block adds to the question",
+        "digit accuracy of a ridge probe on [question states; block states] - on question states alone; "
+        "fitted on training-split states, cell chosen on validation, scored here; bootstrap over questions",
+    ),
+    Row(
         "best_value_probe_selectivity",
-        "best value-probe selectivity",
+        "best value-probe selectivity (descriptive)",
         "score - control task; cell chosen on half the examples, scored on the other; bootstrap over "
         "questions",
     ),
@@ -80,8 +110,14 @@ CARD = (
         "correctness_probe_auroc", "correctness-probe AUROC", "out of fold, the best layer's mean over blocks"
     ),
     Row(
+        "blocks_carry_recovery",
+        "patching every block: recovery",
+        "every block patched at the layer best on half the pairs, recovery on the other; bootstrap "
+        "over pairs",
+    ),
+    Row(
         "patching_peak_recovery",
-        "patching: peak recovery",
+        "patching: peak recovery (one cell)",
         "peak (layer, block) chosen on half the pairs, recovery on the other; bootstrap over pairs",
     ),
     Row(
@@ -138,6 +174,11 @@ def card_value(card: dict | None, key: str) -> str:
     if key == "best_value_probe_selectivity" and card.get("best_value_probe"):
         best = card["best_value_probe"]
         shown += f" (step {best['step']}, block {best['block']}, layer {best['layer']})"
+    if key == "decodability_gain" and card.get("decodability_cell"):
+        best = card["decodability_cell"]
+        shown += f" (step {best['step']}, block {best['block']}, layer {best['layer']})"
+    if key == "blocks_carry_recovery" and card.get("blocks_carry_layer") is not None:
+        shown += f" @ layer {card['blocks_carry_layer']}"
     return shown
 
 
@@ -179,15 +220,25 @@ def halves(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(select), np.flatnonzero(~select)
 
 
-def measure(lab: Lab, seed: int = 0, layers: Layers = None) -> dict:
+def measure(
+    lab: Lab,
+    seed: int = 0,
+    layers: Layers = None,
+    probe_sets: tuple[Sequence[Example], Sequence[Example]] | None = None,
+    descriptive: bool = True,
+) -> dict:
     """The card of one session: every analysis run, saved under its run's analysis/, and its
-    figures; the per-layer grids cover `layers` (default all)."""
+    figures; the per-layer grids cover `layers` (default all). `probe_sets`: the (training,
+    validation) examples conditional probes are fitted and chosen on. `descriptive`: also the
+    figures no finding decides on (correctness and logistic value probes, attribution patching)."""
     done = {}
     ablation = lab.ablate(mode="mean", seed=seed)
     knock = lab.knockout()
     inter = lab.interchange(layers=layers, seed=seed)
-    probe = lab.probe(layers=layers, seed=seed)
-    for result in (ablation, knock, inter, probe):
+    results = [ablation, knock, inter]
+    probe = lab.probe(layers=layers, seed=seed) if descriptive else None
+    results += [probe] if probe else []
+    for result in results:
         result.save(lab.out)
         done[result.record["analysis"]] = _cited(result.record)
     card = {
@@ -199,22 +250,36 @@ def measure(lab: Lab, seed: int = 0, layers: Layers = None) -> dict:
         "readout_sees_question": lab.spec.readout_sees_question,
         "chance_accuracy": lab.task.chance_accuracy(),
         "accuracy_intact": ablation.accuracy("intact"),
+        "n_correct": int(ablation.correct[0].sum()),
         "accuracy_all_blocks_ablated": ablation.accuracy("all"),
         "ablation_drop": ablation.drop(),
         "accuracy_answer_sees_no_block": knock.accuracy("answer->block", None),
         "accuracy_direct_baseline": None,
         "interchange_transfer_rate": inter.transfer("all"),
         "interchange_neither_rate": inter.summary["neither"],
-        "correctness_probe_auroc": probe.summary["correctness_auroc"],
+        "interchange_changed_rate": inter.summary["changed"],
+        "interchange_logprob_gain": inter.summary["logprob_gain"],
+        "interchange_donor_tokens": inter.summary["donor_tokens"],
+        "value_interchange": _value_interchange(inter, lab.spec.latent_blocks),
+        "correctness_probe_auroc": probe.summary["correctness_auroc"] if probe else None,
+        "best_value_probe": None,
+        "best_value_probe_selectivity": None,
+        "decodability_gain": None,
+        "decodability_note": "",
         "patching_peak": None,
         "patching_peak_recovery": None,
         "patching_note": "",
         "patching_attribution_spearman": None,
+        "blocks_carry_recovery": None,
+        "blocks_carry_layer": None,
+        "grounding": None,
     }
-    select, score = halves(probe.groups)
-    best = probe.best(select_on=select, score_on=score)
-    card["best_value_probe"] = {k: v for k, v in best.items() if k != "selectivity"} if best else None
-    card["best_value_probe_selectivity"] = best["selectivity"] if best else None
+    if probe is not None:
+        select, score = halves(probe.groups)
+        best = probe.best(select_on=select, score_on=score)
+        card["best_value_probe"] = {k: v for k, v in best.items() if k != "selectivity"} if best else None
+        card["best_value_probe_selectivity"] = best["selectivity"] if best else None
+    card.update(_decodability(lab, probe_sets, seed, done, layers))
     start = time.perf_counter()
     try:
         patched = lab.patch(layers=layers, seed=seed)
@@ -225,14 +290,27 @@ def measure(lab: Lab, seed: int = 0, layers: Layers = None) -> dict:
         patched.save(lab.out)
         done["patch"] = _cited(patched.record)
         pairs = np.arange(len(patched.clean))
-        peak = patched.peak(select_on=pairs[::2], score_on=pairs[1::2]) if len(pairs) > 1 else patched.peak()
+        select, score = (pairs[::2], pairs[1::2]) if len(pairs) > 1 else (None, None)
+        peak = patched.peak(select_on=select, score_on=score)
         if peak:
             card["patching_peak"] = {k: v for k, v in peak.items() if k != "recovery"}
             card["patching_peak_recovery"] = peak["recovery"]
+        carried = patched.carried(select_on=select, score_on=score)
+        if carried:
+            card["blocks_carry_layer"], card["blocks_carry_recovery"] = carried["layer"], carried["recovery"]
+        steps = sorted({t for changed in patched.changed for t in changed})
+        card["grounding"] = {
+            str(t): {
+                "pairs": sum(c == (t,) for c in patched.changed),
+                "blocks": {str(k): e for k, e in patched.grounding(t).items()},
+            }
+            for t in steps
+        }
         card["patching_logit_gap"] = (
             patched.summary["logit_diff_clean"] - patched.summary["logit_diff_corrupt"]
         )
-        card.update(_attribution(lab, patched, seed, done, layers))
+        if descriptive:
+            card.update(_attribution(lab, patched, seed, done, layers))
     if lab.run and lab.run.exists(artefacts.METRICS):
         metrics = lab.run.read_json(artefacts.METRICS)
         ci = metrics.get("accuracy_ci")
@@ -246,6 +324,50 @@ def measure(lab: Lab, seed: int = 0, layers: Layers = None) -> dict:
     card["done"] = done
     card["record"] = {"model": lab.model_fingerprint}
     return plain(card)
+
+
+def _value_interchange(inter, K: int) -> dict:
+    """Per step t, the matched/unmatched-value interchange at block t (where grounding put step t)
+    and with every block swapped."""
+    values = inter.values
+    if values is None or not len(values):
+        return {}
+    out = {}
+    for t in sorted(set(values["step"])):
+        block = int(t) if int(t) <= K else None
+        out[str(t)] = {
+            "block": block,
+            "matched_stays": inter.value_rate(t, "matched", block),
+            "unmatched_moves": inter.value_rate(t, "unmatched", block),
+            "every_block": {
+                "matched_stays": inter.value_rate(t, "matched", None),
+                "unmatched_moves": inter.value_rate(t, "unmatched", None),
+            },
+        }
+    return out
+
+
+def _decodability(lab: Lab, probe_sets, seed: int, done: dict, layers: Layers = None) -> dict:
+    """The conditional probe's figures of the card (`conditional`), or a note why there are none."""
+    from rim_lens.analysis.conditional import gain
+
+    if not probe_sets:
+        return {"decodability_note": "no training and validation examples to fit conditional probes on"}
+    try:
+        found = lab.conditional_probe(*probe_sets, layers=layers, seed=seed)
+    except RimLensError as err:
+        return {"decodability_note": str(err)}
+    found.save(lab.out)
+    done["probe_conditional"] = _cited(found.record)
+    summary = found.summary
+    out = {"decodability_gain": gain(summary), "decodability_cell": summary.get("chosen")}
+    if summary.get("chosen"):
+        out["decodability_scores"] = {k: summary[k] for k in ("question", "question_and_block")}
+        out["decodability_curve"] = {str(k): v for k, v in summary["curve"].items()}
+        out["decodability_sizes"] = {k: summary[k] for k in ("n_train", "n_val", "n_test")}
+    else:
+        out["decodability_note"] = summary.get("note", "")
+    return out
 
 
 def _attribution(lab: Lab, exact, seed: int, done: dict, layers: Layers = None) -> dict:
@@ -272,20 +394,22 @@ def _attribution(lab: Lab, exact, seed: int, done: dict, layers: Layers = None) 
 
 
 def measure_variables(
-    lab: Lab, control: Lab | None, seed: int = 0, layers: Layers = None
+    lab: Lab, control: Lab | None, seed: int = 0, layers: Layers = None, descriptive: bool = True
 ) -> tuple[dict, dict | None]:
     """The figures of the variables finding: causal abstraction of the run's step variables (the
     ones the finding judges; `rim-lens analyze abstraction` also covers derived ones and the answer)
-    with `Lab.abstraction`'s defaults (the probe map, DAS at the most promising sites, its
-    controls), and DAS on the control model at the run's best sites; each saved under its run's
-    analysis/. Returns the entries of the run's card and the control's (`variables`: per variable,
-    the best site's IIA and its controls'; `variables_note`: why there are none)."""
+    with enough capacity (the probe map; DAS at the most promising site and jointly over every slot
+    of blocks 1..t, ranks `abstraction.RANKS`; its controls and the full state at the best unit), and
+    DAS on the control model at the run's best units; each saved under its run's analysis/.
+    `descriptive`: also the held-out map of every (layer, block), which no finding decides on.
+    Returns the entries of the run's card and the control's (`variables`: per variable, the best
+    unit's IIA and its controls'; `variables_note`: why there are none)."""
     try:
         found = lab.task.causal_model().variables(lab.examples)
         steps = [v.name for v in found if v.kind == STEP]
         if not steps:
             raise RunError("the task's causal model has no step variables on these examples")
-        result = lab.abstraction(steps, layers=layers, seed=seed)
+        result = lab.abstraction(steps, rank=RANKS, layers=layers, seed=seed, joint=True, grid=descriptive)
     except RimLensError as err:  # e.g. a task without a causal model
         return {"variables": None, "variables_note": str(err)}, None
     result.save(lab.out)
@@ -297,7 +421,9 @@ def measure_variables(
     sites = result.sites()
     if control is None or not sites:
         return run, None
-    found = control.abstraction(list(sites), sites=sites, grid=False, controls=False, seed=seed)
+    # The control model at each variable's best unit and rank: the same subspace size, fitted anew.
+    ranks = {name: result.summary["variables"][name]["rank"] for name in sites}
+    found = control.abstraction(list(sites), rank=ranks, sites=sites, grid=False, controls=False, seed=seed)
     found.save(control.out)
     return run, {
         "variables": plain(found.summary["variables"]),
@@ -332,12 +458,13 @@ def build_report(
     control_dir = Path(control) if control is not None else sibling(run.path, Method.PAUSE)
     direct_dir = Path(direct) if direct is not None else sibling(run.path, Method.DIRECT)
     control_lab = Lab.open(control_dir, backend=backend, examples=lab.examples) if control_dir else None
-    report = {"run": measure(lab, seed, layers), "control": None, "compared": []}
+    sets = probe_sets(lab, split)
+    report = {"run": measure(lab, seed, layers, sets), "control": None, "compared": []}
     if control_lab is not None:
-        report["control"] = measure(control_lab, seed, layers)
+        report["control"] = measure(control_lab, seed, layers, sets)
         report["control"]["examples"] = f"the same {len(lab.examples)} examples as the run"
     for other in compared_runs(run.path, control_dir):
-        card = measure(Lab.open(other, backend=backend, examples=lab.examples), seed, layers)
+        card = measure(Lab.open(other, backend=backend, examples=lab.examples), seed, layers, sets)
         report["compared"].append({**card, "examples": f"the same {len(lab.examples)} examples as the run"})
     for card, found in zip(
         (report["run"], report["control"]), measure_variables(lab, control_lab, seed, layers)
@@ -351,7 +478,8 @@ def build_report(
     # Paths relative to the run itself, so the report survives moving the runs folder.
     for card in filter(None, (report["run"], report["control"], *report["compared"])):
         card["run"] = os.path.relpath(Path(card["run"]).resolve(), run.path.resolve())
-    found = verdict.findings(report["run"], report["control"])
+    calibration, report["calibration"] = _calibration(lab)
+    found = verdict.findings(report["run"], report["control"], calibration)
     report["findings"] = [f.to_dict() for f in found]
     report["verdict"] = verdict.text(report["run"], found)
     report = plain(report)
@@ -360,19 +488,81 @@ def build_report(
     return report
 
 
+def probe_sets(lab: Lab, split: str = "test") -> tuple[list[Example], list[Example]] | None:
+    """The examples conditional probes are fitted on (the first `conditional.TRAIN` of the run's
+    training split) and chosen on (the first `conditional.VALIDATION` of its validation split, or
+    of its test split when the report reads validation); None for a run without those splits."""
+    from rim_lens.analysis.conditional import TRAIN, VALIDATION
+    from rim_lens.data import read_examples
+
+    if lab.run is None:
+        return None
+    chosen_on = "test" if split == "val" else "val"
+    found = []
+    for name, size in (("train", TRAIN), (chosen_on, VALIDATION)):
+        path = artefacts.split_path(lab.run.path, name)
+        if not path.exists():
+            return None
+        examples, _ = read_examples(path, lab.task.name, task_options=lab.task.options)
+        found.append(examples[:size])
+    return found[0], found[1]
+
+
+def architecture(lab: Lab) -> dict:
+    """What a calibration is made at: the model's shape, its memory layout and its task."""
+    return {
+        "layers": lab.backend.n_layers,
+        "width": lab.backend.d_model,
+        "K": lab.spec.K,
+        "M": lab.spec.M,
+        "task": lab.task.name,
+        "options": dict(lab.task.options),
+    }
+
+
+def _calibration(lab: Lab) -> tuple[dict | None, dict]:
+    """The run's calibration (`calibration.json`'s findings) if it was made at this report's n and
+    architecture, and what the report says about it."""
+    path = f"{artefacts.ANALYSIS}/{artefacts.CALIBRATION}"
+    if lab.run is None or not lab.run.exists(path):
+        return None, {"used": False, "note": f"no {path}: run `rim-lens analyze calibrate RUN`"}
+    saved = lab.run.read_json(path)
+    wanted = architecture(lab)
+    if saved.get("n") != len(lab.examples) or saved.get("architecture") != wanted:
+        note = (
+            f"{path} was made for n = {saved.get('n')} and {saved.get('architecture')}, not "
+            f"n = {len(lab.examples)} and {wanted}: run "
+            f"`rim-lens analyze calibrate RUN --n {len(lab.examples)}`"
+        )
+        return None, {"used": False, "note": note}
+    return saved["findings"], {"used": True, "seeds": saved.get("seeds"), "n": saved.get("n")}
+
+
 def markdown(report: dict) -> str:
     """report.md: the findings, the card with how each figure was measured, the variables, what was done."""
     r, c, others = report["run"], report["control"], report.get("compared") or []
     thoughts = Method(r["method"]).uses_thoughts
     lines = [f"# Do the {'continuous thoughts' if thoughts else 'memory blocks'} carry the reasoning?", ""]
-    lines += ["## Verdict", "", "| finding | outcome | run | control |", "|---|---|---|---|"]
+    lines += [
+        "## Verdict",
+        "",
+        "| finding | outcome | run | control | its test on planted models at this n |",
+        "|---|---|---|---|---|",
+    ]
     for f in map(verdict.Finding.from_dict, report.get("findings", [])):
 
         def shown(values: dict[str, Estimate]) -> str:
             return "; ".join(f"{k} {v}" for k, v in values.items()) or "–"
 
-        lines.append(f"| {f.name} | **{f.outcome}** | {shown(f.run)} | {shown(f.control)} |")
-    lines += ["", *[f"- {line}" for line in report["verdict"].splitlines()], ""]
+        outcome = f"**{f.outcome}**" + "".join(f"; {name}: **{o}**" for name, o in f.parts.items())
+        lines.append(f"| {f.name} | {outcome} | {shown(f.run)} | {shown(f.control)} | {calibrated(f)} |")
+    note = (report.get("calibration") or {}).get("note")
+    lines += [
+        "",
+        f"Calibration: {note}." if note else "",
+        *[f"- {line}" for line in report["verdict"].splitlines()],
+        "",
+    ]
     lines += ["## The card", ""]
     columns = [(f"{r['method']} ({r['run']})", r)]
     columns += [(f"control: {c['method']} ({c['run']})", c)] if c else []
@@ -399,6 +589,20 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def calibrated(finding: verdict.Finding) -> str:
+    """A finding's calibration as report.md's verdict table shows it: detection on planted carriers
+    and false positives on planted non-carriers (with its parts'), or why there is none."""
+    c = finding.calibration
+    if not c or c.get("detection") is None:
+        return "not calibrated"
+    shown = f"detects {c['detection']:.2f}, false positives {c['false_positive']:.2f} ({c['seeds']} seeds)"
+    for name, part in (c.get("parts") or {}).items():
+        shown += f"; {name}: detects {part['detection']:.2f}, false positives {part['false_positive']:.2f}"
+    if c["detection"] < verdict.MIN_DETECTION or c["false_positive"] > verdict.MAX_FALSE_POSITIVE:
+        shown += f" (below the bar: {c.get('why') or 'see calibration.json'})"
+    return shown
+
+
 def variables_table(run: dict, control: dict | None) -> list[str]:
     """report.md's section on the variables finding: per variable its best site, its IIA and its
     controls' (`abstraction`)."""
@@ -408,20 +612,27 @@ def variables_table(run: dict, control: dict | None) -> list[str]:
         return [*lines, f"Not run: {run.get('variables_note') or 'no variables'}.", ""]
     lines += [
         "IIA: how often the output becomes the causal model's answer with the variable taken from the "
-        "other question, interchanging a DAS subspace at the variable's best site (chosen on training "
-        "pairs), on held-out pairs; 95% Wilson intervals. Controls at the same site and rank. Gain: how far "
-        "the interchange raises the counterfactual answer's mean log-prob (nats), graded where IIA is 0.",
+        "other question, interchanging a DAS subspace at the variable's best unit and rank (a site, or "
+        "every slot of blocks 1..t at one layer fitted jointly; ranks swept; chosen on training pairs), on "
+        "held-out pairs; 95% Wilson intervals. Controls at the same unit and rank. Whole state: the full "
+        'interchange at the same sites (DAS "under-fit" when its training IIA is more than '
+        f"{UNDERFIT} below it). Gain: how far the interchange raises the counterfactual answer's mean "
+        "log-prob (nats), graded where IIA is 0.",
         "",
-        "| variable | best site (layer, block, slot) | rank | IIA | placebo | arbitrary targets "
+        "| variable | best unit | rank | IIA | whole state there | placebo | arbitrary targets "
         "| untrained copy | control model | gain: DAS / placebo / arbitrary / untrained / control "
         "| pairs (training / held-out) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in entries.items():
         site = e.get("site")
-        where = f"{site['layer']}, {site['block']}, {site['slot']}" if site else "–"
+        where = e.get("unit") or (
+            f"layer {site['layer']}, block {site['block']}, slot {site['slot']}" if site else "–"
+        )
         pause = ((control or {}).get("variables") or {}).get(name) or {}
-        figures = [format_value(e.get(k)) for k in ("iia", *verdict.VARIABLE_CONTROLS)] + [
+        full = format_value(e.get("full")) + (" (DAS under-fit)" if e.get("underfit") else "")
+        figures = [format_value(e.get("iia")), full]
+        figures += [format_value(e.get(k)) for k in verdict.VARIABLE_CONTROLS] + [
             format_value(pause.get("iia"))
         ]
         gains = {**(e.get("gain") or {}), "control": (pause.get("gain") or {}).get("iia")}

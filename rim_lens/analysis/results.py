@@ -162,21 +162,65 @@ class PatchResult(Result):
     clean: np.ndarray | None = None
     corrupt: np.ndarray | None = None
     patched: np.ndarray | None = None
+    sets: pd.DataFrame | None = None  # sets of sites patched together (`causal.patch_sets`)
+    set_patched: np.ndarray | None = None  # [sets, P]
+    changed: list[tuple[int, ...]] = field(default_factory=list)  # per pair, the steps it changes
     name: ClassVar[str] = "patch"
 
-    def recovery(self, cell: int, pairs: np.ndarray | None = None) -> Estimate:
-        """Recovery of one cell, (LD_patched - LD_corrupt) / (LD_clean - LD_corrupt) in means over
-        `pairs` (default all), with a bootstrap interval over those pairs."""
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {self.name: self.table, **({"patch_sets": self.sets} if self.sets is not None else {})}
+
+    def recovery(
+        self, cell: int, pairs: np.ndarray | None = None, patched: np.ndarray | None = None
+    ) -> Estimate:
+        """Recovery of one cell (or, with `patched` = `set_patched`, one set of sites),
+        (LD_patched - LD_corrupt) / (LD_clean - LD_corrupt) in means over `pairs` (default all),
+        with a bootstrap interval over those pairs."""
         pairs = np.arange(len(self.clean)) if pairs is None else np.asarray(pairs, dtype=int)
+        patched = self.patched if patched is None else patched
+        if not len(pairs):
+            return Estimate(math.nan, math.nan, math.nan, 0, "bootstrap")
 
         def stat(idx: np.ndarray) -> np.ndarray:  # [resamples, pairs] -> [resamples]
             i = pairs[idx.astype(int)]
             corrupt = self.corrupt[i].mean(-1)
             gap = self.clean[i].mean(-1) - corrupt
             with np.errstate(divide="ignore", invalid="ignore"):
-                return np.where(gap != 0, (self.patched[cell, i].mean(-1) - corrupt) / gap, math.nan)
+                return np.where(gap != 0, (patched[cell, i].mean(-1) - corrupt) / gap, math.nan)
 
         return bootstrap(np.arange(len(pairs)), statistic=stat, vectorized=True)
+
+    def _set(self, scope: str, layer: int | None = None, block: int | None = None) -> int | None:
+        t = self.sets
+        hit = (t["scope"] == scope) & (t["layer"].isna() if layer is None else t["layer"] == layer)
+        hit &= t["block"].isna() if block is None else t["block"] == block
+        found = np.flatnonzero(hit.to_numpy())
+        return int(found[0]) if len(found) else None
+
+    def carried(self, select_on: np.ndarray | None = None, score_on: np.ndarray | None = None) -> dict:
+        """Do the blocks carry it: the layer at which patching every block recovers most on the pairs
+        `select_on`, and that recovery on the pairs `score_on` (bootstrap interval)."""
+        if self.sets is None or self.set_patched is None:
+            return {}
+        select = np.arange(len(self.clean)) if select_on is None else np.asarray(select_on, dtype=int)
+        gap = self.clean[select].mean() - self.corrupt[select].mean()
+        layers = [(i, int(r["layer"])) for i, r in self.sets.iterrows() if r["scope"] == "layer"]
+        if not gap or not layers:
+            return {}
+        recovery = [
+            (self.set_patched[i, select].mean() - self.corrupt[select].mean()) / gap for i, _ in layers
+        ]
+        i, layer = layers[int(np.nanargmax(recovery))]
+        return {"layer": layer, "recovery": self.recovery(i, score_on, self.set_patched)}
+
+    def grounding(self, step: int) -> dict[int, Estimate]:
+        """On the pairs that change step `step`'s value only, each block's recovery when patched at
+        every layer (bootstrap intervals), by block; empty without such pairs."""
+        pairs = np.array([i for i, c in enumerate(self.changed) if c == (step,)], dtype=int)
+        if self.sets is None or not len(pairs):
+            return {}
+        blocks = [(i, int(r["block"])) for i, r in self.sets.iterrows() if r["scope"] == "block"]
+        return {k: self.recovery(i, pairs, self.set_patched) for i, k in blocks}
 
     def peak(self, select_on: np.ndarray | None = None, score_on: np.ndarray | None = None) -> dict:
         """The cell with the highest recovery on the pairs `select_on`, and its recovery on the
@@ -232,12 +276,52 @@ class InterchangeResult(Result):
 
     to_a: np.ndarray | None = None
     pairs: list[tuple[int, int]] = field(default_factory=list)
+    changed: np.ndarray | None = None  # [rows, pairs]: B's output is no longer what it was
+    logprob_gain: np.ndarray | None = None  # [rows, pairs]: A's answer's log-prob, swapped - intact
+    donor_tokens: np.ndarray | None = None  # [pairs]: every block swapped (`causal.donor_tokens`)
+    values: pd.DataFrame | None = None  # the matched/unmatched-value interchange (`causal.value_interchange`)
     name: ClassVar[str] = "interchange"
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        values = self.values if self.values is not None and len(self.values) else None
+        return {self.name: self.table, **({"interchange_values": values} if values is not None else {})}
+
+    def _row(self, swap: str) -> int:
+        return int(np.flatnonzero(self.table["swap"].to_numpy() == swap)[0])
 
     def transfer(self, swap: str = "all") -> Estimate:
         """The rate at which B's output becomes A's answer, with its Wilson interval over pairs."""
-        row = int(np.flatnonzero(self.table["swap"].to_numpy() == swap)[0])
-        return _estimate(self.to_a[row])
+        return _estimate(self.to_a[self._row(swap)])
+
+    def changed_rate(self, swap: str = "all") -> Estimate:
+        """The rate at which B's output changes from what it was, with its Wilson interval."""
+        return _estimate(self.changed[self._row(swap)])
+
+    def gain(self, swap: str = "all") -> Estimate:
+        """The mean rise in A's answer's log-prob (nats), with a bootstrap interval over pairs."""
+        return bootstrap(self.logprob_gain[self._row(swap)])
+
+    def donor_share(self) -> Estimate:
+        """With every block swapped, the mean share of answer tokens that take the donor's value
+        where the two outputs differ, with a bootstrap interval over those pairs."""
+        found = self.donor_tokens[~np.isnan(self.donor_tokens)]
+        return bootstrap(found)
+
+    def value_rate(self, step: int, kind: str, block: int | None) -> Estimate | None:
+        """The matched ("stays") or unmatched ("moves to the counterfactual") rate of one step at
+        one block (None: every block), or None if not measured."""
+        v = self.values
+        if v is None or not len(v):
+            return None
+        hit = (
+            (v["step"] == step)
+            & (v["kind"] == kind)
+            & (v["block"].isna() if block is None else v["block"] == block)
+        )
+        if not hit.any():
+            return None
+        r = v[hit].iloc[0]
+        return Estimate(float(r["rate"]), float(r["rate_lo"]), float(r["rate_hi"]), int(r["n"]), "wilson")
 
     def figures(self) -> dict[str, go.Figure]:
         return {"interchange.matrix": figures.interchange_matrix(self.table)}

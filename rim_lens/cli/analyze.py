@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from rim_lens.analysis.verdict import CALIBRATION_SEEDS
 from rim_lens.artefacts import ANALYSES, PATCH_METHODS, SPLITS
 from rim_lens.cli.args import number, positive_int
 from training.config import SEEDS
@@ -72,6 +73,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--rank", type=_int_list, default=[1], help="abstraction: subspace rank(s), e.g. 1,2 (default: 1)"
     )
+    p.add_argument(
+        "--joint",
+        action="store_true",
+        help="abstraction: also fit DAS over every slot of several blocks at once (as the report does)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=CALIBRATION_SEEDS,
+        help=f"calibrate: planted seeds (default: {CALIBRATION_SEEDS}); each finding's detection and "
+        "false-positive rate",
+    )
     p.add_argument("--control", help="report: control run (default: the sibling 'pause' run)")
     p.add_argument("--direct", help="report: direct-answer run for the baseline (default: sibling 'direct')")
     p.add_argument("--seed", type=number(int, *SEEDS, name="seed"), default=0)
@@ -101,6 +114,7 @@ def _options(args: argparse.Namespace) -> dict:
             "method": args.basis,
             "rank": args.rank or [1],
             "seed": args.seed,
+            "joint": args.joint,
         },
     }[args.what]
 
@@ -113,6 +127,17 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.what == "calibrate":
+        from rim_lens.analysis.calibration import calibrate
+
+        found = calibrate(args.run, n=args.n, seeds=args.seeds, split=args.split, seed=args.seed)
+        print(f"each finding's test on planted models at n = {found['n']} ({found['seeds']} seeds):")
+        for name, f in found["findings"].items():
+            print(f"  {name}: detection {f['detection']:.2f}, false positive {f['false_positive']:.2f}")
+            for part, p in f["parts"].items():
+                print(f"    {part}: detection {p['detection']:.2f}, false positive {p['false_positive']:.2f}")
+        print(f"written to {args.run}/analysis/calibration.json ({found['seconds']:.0f} s)")
+        return 0
     if args.what == "report":
         from rim_lens.analysis.report import build_report
 

@@ -6,6 +6,17 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures whose value is a trained model. A test that uses one (directly or through another
+# fixture) rides on a training trajectory, which rounds differently on another CPU: it is marked
+# `trained`, and `make test-portable` reruns these with the CPU kernels limited to AVX2.
+TRAINED_FIXTURES = {"tiny_runs", "tiny_modchain_runs", "coconut_run", "runs"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.trained)
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
 

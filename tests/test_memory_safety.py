@@ -93,7 +93,9 @@ def test_target_only_logits_give_the_full_logits_loss(arch, lora):
 
 
 def test_chunked_held_out_check_equals_one_batch(tiny_modchain_runs):
-    """On a trained RiM model (non-trivial accuracies), for both stages' layouts."""
+    """On a trained RiM model, for both stages' layouts. What it reaches is left to training (it
+    differs with the CPU's rounding); what is asserted holds on any CPU: each chunking gives the
+    one batch's accuracies, and padding leaves every readout's logits as they are alone."""
     from rim_lens.data import read_examples
     from rim_lens.model.checkpoints import load_checkpoint
 
@@ -102,7 +104,7 @@ def test_chunked_held_out_check_equals_one_batch(tiny_modchain_runs):
     examples = read_examples(run / "data" / "test.jsonl")[0]
     builder = SequenceBuilder(tok, spec, get_task("modchain", **OPTIONS).join_steps)
     batches = partial(collate, pad_id=tok.pad_token_id, sees_question=spec.readout_sees_question)
-    sizes, seen = [], []
+    sizes = []
     hook = model.register_forward_pre_hook(
         lambda m, a, kw: sizes.append(len(kw["input_ids"])), with_kwargs=True
     )
@@ -111,9 +113,14 @@ def test_chunked_held_out_check_equals_one_batch(tiny_modchain_runs):
             layouts = [layout(ex) for ex in examples]
             with torch.no_grad():
                 batch = batches(layouts)
-                hits = readout_hits(model(**batch.model_inputs()).logits.argmax(-1), batch, stage)
+                logits = model(**batch.model_inputs()).logits
+                hits = readout_hits(logits.argmax(-1), batch, stage)
+                for row, one in enumerate(layouts[:8]):  # alone, unpadded
+                    alone = batches([one])
+                    own = model(**alone.model_inputs()).logits[0][alone.target_index[0] > 0]
+                    padded = logits[row][batch.target_index[row] > 0]
+                    torch.testing.assert_close(padded, own, atol=1e-4, rtol=1e-4)
             one_batch = {name: sum(v) / len(v) for name, v in hits.items()}
-            seen += one_batch.values()
             for chunk in (1, 7, len(layouts)):
                 sizes.clear()
                 model.train()
@@ -124,7 +131,6 @@ def test_chunked_held_out_check_equals_one_batch(tiny_modchain_runs):
             steps = sorted((n for n in chunked if n.startswith("step_")), key=lambda n: int(n[5:]))
             blocks = [f"block_{k}" for k in range(1, spec.K + 1)]
             assert list(chunked) == (steps + ["answer"] if stage == "grounding" else blocks)
-        assert any(0 < v < 1 for v in seen), seen  # some readout neither always right nor wrong
     finally:
         hook.remove()
 

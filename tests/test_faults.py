@@ -236,8 +236,10 @@ def test_report_killed_at_20_moments_reruns_to_the_same_report(server, reference
         assert result(ws / "runs" / "t") == reference["report-result"]
         return rerun
 
-    rerun = kill_then_rerun(fresh[: done - 1], MOMENTS // 2)
-    kill_then_rerun(rerun.events, MOMENTS - MOMENTS // 2)  # the capture in place from here on
+    # Half the kills in the capture, or every moment of it if it has fewer; the rest after it.
+    first = min(MOMENTS // 2, done - 1)
+    rerun = kill_then_rerun(fresh[: done - 1], first)
+    kill_then_rerun(rerun.events, MOMENTS - first)  # the capture in place from here on
 
 
 # -- the disk full, a read-only runs directory ---------------------------------------------------------

@@ -56,7 +56,7 @@ def test_report_files(report):
     out = runs["rim"] / "analysis"
     saved = strict_json(out / "report.json")
     assert saved == json.loads(json.dumps(rep))
-    assert set(saved) == {"run", "control", "compared", "findings", "verdict"}
+    assert set(saved) == {"run", "control", "compared", "findings", "verdict", "calibration"}
     assert saved["compared"] == [], "no coconut run beside these"
     md = (out / "report.md").read_text()
     assert md.startswith("# Do the memory blocks carry the reasoning?")

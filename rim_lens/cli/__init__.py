@@ -19,6 +19,7 @@ from rim_lens.fileio import storage_errno, storage_error
 
 def build_parser() -> argparse.ArgumentParser:
     # Each command module adds its subparser and sets `func`, the handler of the parsed args.
+    from rim_lens import __version__
     from rim_lens.cli import analyze, dashboard, data, demo, model, train
 
     parser = Parser(
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train Reasoning-in-Memory models and test whether their memory blocks "
         "carry the reasoning.",
     )
+    parser.add_argument("--version", action="version", version=f"rim-lens {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (data, model, train, demo, analyze, dashboard):
         module.register(sub)

@@ -16,6 +16,7 @@ import shutil
 import socket
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,8 @@ class Run:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        # Called with each record `log` appends: experiment trackers (training/tracking.py).
+        self.mirror: Callable[[dict], None] | None = None
 
     @property
     def name(self) -> str:
@@ -192,6 +195,8 @@ class Run:
 
     def log(self, record: dict) -> None:
         append_line(self.path / artefacts.TRAIN_LOG, json.dumps(record))
+        if self.mirror is not None:
+            self.mirror(record)
 
     def read_log(self) -> list[dict]:
         return read_jsonl(self.require(artefacts.TRAIN_LOG))

@@ -37,6 +37,7 @@ from threadpoolctl import threadpool_limits
 from rim_lens.analysis.capture import CaptureStore
 from rim_lens.analysis.sites import block_labels
 from rim_lens.errors import RunError
+from rim_lens.progress import progress
 
 ControlType = Callable[[dict], str]
 VALUE = "value"  # the variable a step writes; others are derived (`Task.derived_values`)
@@ -579,9 +580,10 @@ def value_probes(
     ]
     # Cells are independent and each fits dozens of small probes: they run in worker processes
     # (the fits hold the GIL), in order, so the table does not depend on n_jobs.
-    fitted = Parallel(n_jobs=n_jobs)(
+    jobs = Parallel(n_jobs=n_jobs, return_as="generator")(
         delayed(_cell_hits)(_features(store, layer, k, slots), problems, C) for layer, k in cells
     )
+    fitted = list(progress(jobs, desc="value probes", total=len(cells), unit="cell"))
     out, per_example = [], {}
     for (layer, k), found in zip(cells, fitted):
         for (variable, t), (name, rows, labels, note) in targets.items():

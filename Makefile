@@ -6,6 +6,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CHROMIUM ?= /usr/bin/chromium
 
+# `make` alone installs.
+.DEFAULT_GOAL := install
+
 .PHONY: install demo demo-full lint test bench bench-pretrained dashboard screenshot chromium clean model gsm8k
 
 $(PY):

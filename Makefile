@@ -9,7 +9,7 @@ CHROMIUM ?= /usr/bin/chromium
 # `make` alone installs.
 .DEFAULT_GOAL := install
 
-.PHONY: install demo demo-full lint test bench bench-pretrained dashboard screenshot chromium clean model gsm8k
+.PHONY: install demo demo-full lint test docs bench bench-pretrained dashboard screenshot chromium clean model gsm8k
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,11 @@ lint: install
 
 test: install chromium lint
 	$(PY) -m pytest -n 2 --dist load
+
+# The HTML API reference, from the docstrings (pdoc), into docs/api/; any pdoc warning fails it.
+docs: install
+	rm -rf docs/api
+	$(PY) docs/build_api.py
 
 dashboard: install
 	$(VENV)/bin/rim-lens dashboard runs

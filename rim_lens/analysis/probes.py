@@ -329,57 +329,61 @@ def probe_correctness(
     )
     problems: dict[int, _Problem | None] = {}  # per block, made when first needed
     rows = []
-    for layer in store.layers if layers is None else layers:
-        for k in block_labels(store.K) if blocks is None else blocks:
-            X = _features(store, layer, k, slots)  # first: it checks layer, block and slot
-            y = store.correct(block=k)
-            row = {
-                **_cell(layer, k, slots),
-                "auroc": np.nan,
-                "auroc_lo": np.nan,
-                "auroc_hi": np.nan,
-                "auprc": np.nan,
-                "auprc_lo": np.nan,
-                "auprc_hi": np.nan,
-                "control_auroc": np.nan,
-                "selectivity": np.nan,
-                "base_rate": float(y.mean()),
-                "n": len(y),
-                "note": "",
-            }
-            rare = int(min(y.sum(), len(y) - y.sum()))
-            if k not in problems:
-                problems[k] = (
-                    _problem(np.arange(store.n), [y], types, groups, folds, seed, (k,))
-                    if rare >= min_class
-                    else None
-                )
-            pb = problems[k]
-            if constant(X):
-                rows.append({**row, "note": CONSTANT})
-                continue
-            if pb is None:
-                what = (
-                    f"all {'right' if y.mean() > 0.5 else 'wrong'}"
-                    if rare == 0
-                    else f"only {rare} {'wrong' if y.mean() > 0.5 else 'right'}"
-                )
-                rows.append(
-                    {**row, "note": f"readouts after block {k} are {what} (need {min_class} of each class)"}
-                )
-                continue
-            p = oof_proba(X, y, pb.folds[0], C)[:, 1]
-            row["auroc"], row["auprc"] = roc_auc_score(y, p), average_precision_score(y, p)
-            (row["auroc_lo"], row["auprc_lo"]), (row["auroc_hi"], row["auprc_hi"]) = bootstrap_ci(
-                lambda w, y=y, p=p: weighted_ranking(y, p, w), groups, n_boot, seed
+    cells = [
+        (layer, k)
+        for layer in (store.layers if layers is None else layers)
+        for k in (block_labels(store.K) if blocks is None else blocks)
+    ]
+    for layer, k in progress(cells, desc="correctness probes", unit="cell"):
+        X = _features(store, layer, k, slots)  # first: it checks layer, block and slot
+        y = store.correct(block=k)
+        row = {
+            **_cell(layer, k, slots),
+            "auroc": np.nan,
+            "auroc_lo": np.nan,
+            "auroc_hi": np.nan,
+            "auprc": np.nan,
+            "auprc_lo": np.nan,
+            "auprc_hi": np.nan,
+            "control_auroc": np.nan,
+            "selectivity": np.nan,
+            "base_rate": float(y.mean()),
+            "n": len(y),
+            "note": "",
+        }
+        rare = int(min(y.sum(), len(y) - y.sum()))
+        if k not in problems:
+            problems[k] = (
+                _problem(np.arange(store.n), [y], types, groups, folds, seed, (k,))
+                if rare >= min_class
+                else None
             )
-            if pb.control_ok:
-                p_control = oof_proba(X, pb.control[0], pb.control_folds[0], C)[:, 1]
-                row["control_auroc"] = roc_auc_score(pb.control[0], p_control)
-                row["selectivity"] = row["auroc"] - row["control_auroc"]
-            else:
-                row["note"] = "control labels have one class (one input type)"
-            rows.append(row)
+        pb = problems[k]
+        if constant(X):
+            rows.append({**row, "note": CONSTANT})
+            continue
+        if pb is None:
+            what = (
+                f"all {'right' if y.mean() > 0.5 else 'wrong'}"
+                if rare == 0
+                else f"only {rare} {'wrong' if y.mean() > 0.5 else 'right'}"
+            )
+            rows.append(
+                {**row, "note": f"readouts after block {k} are {what} (need {min_class} of each class)"}
+            )
+            continue
+        p = oof_proba(X, y, pb.folds[0], C)[:, 1]
+        row["auroc"], row["auprc"] = roc_auc_score(y, p), average_precision_score(y, p)
+        (row["auroc_lo"], row["auprc_lo"]), (row["auroc_hi"], row["auprc_hi"]) = bootstrap_ci(
+            lambda w, y=y, p=p: weighted_ranking(y, p, w), groups, n_boot, seed
+        )
+        if pb.control_ok:
+            p_control = oof_proba(X, pb.control[0], pb.control_folds[0], C)[:, 1]
+            row["control_auroc"] = roc_auc_score(pb.control[0], p_control)
+            row["selectivity"] = row["auroc"] - row["control_auroc"]
+        else:
+            row["note"] = "control labels have one class (one input type)"
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -35,6 +35,8 @@ def test_a_foreign_directory_without_a_spec_fails_in_one_line_naming_the_way_out
     spec = json.loads((tiny_runs["rim"] / "model" / "rim_memory.json").read_text())
     with pytest.raises(RimLensError, match="data=FILE"):
         rl.Lab.open(bare, spec=spec)
+    with pytest.raises(RimLensError, match="spec: .*'blocks'"):
+        rl.Lab.open(bare, spec={**spec, "blocks": 8}, data="x.txt")
 
 
 def test_a_bare_directory_opened_with_a_spec_is_the_run(tiny_runs, tmp_path):

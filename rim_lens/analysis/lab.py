@@ -530,12 +530,20 @@ def _open_model_dir(
             f"{path}: no {SPEC_FILENAME} here, so its memory layout is unknown; pass it: Lab.open(dir, "
             "spec=rl.MemorySpec(K=8, M=2, task='gsm8k') (or a rim_memory.json path), data=FILE)"
         )
+    if examples is None and data is None:  # checked before a possibly large model loads
+        raise RunError(
+            f"{path}: a model directory holds no examples; pass data=FILE (.txt, .jsonl or .json) "
+            "or examples=[...] to Lab.open"
+        )
     if spec is None:
         model, tokenizer, spec = load_checkpoint(path)
     else:
         if isinstance(spec, str | Path):
             spec = MemorySpec.load(Path(spec).parent if Path(spec).is_file() else spec)
-        spec = spec if isinstance(spec, MemorySpec) else MemorySpec(**spec)
+        try:
+            spec = spec if isinstance(spec, MemorySpec) else MemorySpec(**spec)
+        except TypeError as err:
+            raise RunError(f"spec: {err}; give the fields of rl.MemorySpec (K, M, task, ...)") from None
         model, tokenizer = load_pretrained(path, spec)
         model.eval()
     if task is None and not spec.task:
@@ -543,11 +551,6 @@ def _open_model_dir(
     task = task if isinstance(task, Task) else get_task(task or spec.task)
     spec = spec if spec.task else spec.replace(task=task.name)
     if examples is None:
-        if data is None:
-            raise RunError(
-                f"{path}: a model directory holds no examples; pass data=FILE (.txt, .jsonl or .json) "
-                "or examples=[...] to Lab.open"
-            )
         examples, _ = read_examples(data, task.name, task_options=task.options)
         examples = examples[:n] if n else examples
         source = f"{data}" + (f"[:{n}]" if n else "")

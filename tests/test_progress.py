@@ -64,7 +64,9 @@ def test_training_piped_to_a_file_writes_lines_not_bars_and_mirrors_its_log_to_t
     assert accuracy and "grounding/readout_accuracy/answer" in scalars.Tags()["scalars"]
 
 
-def test_quiet_training_writes_no_progress(recipe, tmp_path, capsys):
+def test_quiet_training_writes_no_progress(recipe, tmp_path, capsys, no_progress_bars):
+    """(Hugging Face's own bars are off in a fresh `rim-lens` process; in this one an earlier test
+    may have turned them on, hence `no_progress_bars`.)"""
     assert main(["train", str(recipe), "--runs-dir", str(tmp_path), "--name", "q", "--quiet"]) == 0
     out, err = capsys.readouterr()
     assert err == "" and "grounding" not in out

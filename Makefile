@@ -6,7 +6,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install demo demo-quick demo-full lint test test-portable bench bench-pretrained dashboard screenshot chromium clean model gsm8k
+# `make` alone installs.
+.DEFAULT_GOAL := install
+
+.PHONY: install demo demo-quick demo-full lint test test-portable docs bench bench-pretrained dashboard screenshot chromium clean model gsm8k
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +84,11 @@ test: install chromium lint
 PORTABLE_ISA := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 test-portable: install chromium
 	$(PORTABLE_ISA) $(PY) -m pytest -n 2 --dist load -m trained
+
+# The HTML API reference, from the docstrings (pdoc), into docs/api/; any pdoc warning fails it.
+docs: install
+	rm -rf docs/api
+	$(PY) docs/build_api.py
 
 dashboard: install
 	$(VENV)/bin/rim-lens dashboard runs

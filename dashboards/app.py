@@ -1,26 +1,35 @@
 """rim-lens dashboard: `rim-lens dashboard [RUNS_DIR]`, or
 `streamlit run dashboards/app.py -- --runs RUNS_DIR` (the RIM_LENS_RUNS variable also sets it).
 
-Pages (one module each in `dashboards/views/`): Runs, Memory explorer, Probes, Causal, Playground.
+Pages (one module each in `dashboards/views/`): Runs, Memory explorer, Probes, Causal, Playground,
+each at its own URL through `st.navigation` (so the browser's back button and links work).
 It reads run directories under the runs root only, and writes (under a run's analysis/) only
 when an analysis is started here.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from dashboards import core
-from dashboards.ui import Context
+from dashboards.ui import CONTEXT, Context
 from dashboards.views import PAGES
+
+SCRIPTS = Path(__file__).parent / "routes"
 
 
 def main() -> None:
     st.set_page_config(page_title="rim-lens", page_icon="🧠", layout="wide")
+    pages = [
+        st.Page(SCRIPTS / f"{path}.py", title=title, url_path=path, default=i == 0)
+        for i, (title, (path, _)) in enumerate(PAGES.items())
+    ]
+    page = st.navigation(pages)
     root = core.Root.of(core.runs_argument())
     st.sidebar.title("rim-lens")
     st.sidebar.caption("Reasoning in Memory: do the memory blocks carry the reasoning?")
-    page = st.sidebar.radio("Page", list(PAGES), key="page")
     st.sidebar.caption(f"Runs root: `{root.shown}`")
 
     if not root.path.exists():
@@ -61,9 +70,8 @@ def main() -> None:
         )
         core.command(f"rim-lens demo --runs-dir {root.shown}/demo")
         return
-    ctx = Context(root, runs, picked, read_only=core.read_only_argument())
-    with core.section(page):
-        PAGES[page](ctx)
+    st.session_state[CONTEXT] = Context(root, runs, picked, read_only=core.read_only_argument())
+    page.run()
 
 
 main()

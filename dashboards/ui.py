@@ -33,6 +33,18 @@ class Context:
         return runs
 
 
+CONTEXT = "rim_lens.context"  # where app.py leaves this session's Context for the page scripts
+
+
+def show(url_path: str) -> None:
+    """Render the page served at `url_path` with the context app.py made for this run of the script."""
+    from dashboards.views import PAGES
+
+    title, page = next((title, page) for title, (path, page) in PAGES.items() if path == url_path)
+    with section(title):
+        page(st.session_state[CONTEXT])
+
+
 def chart(fig, key: str | None = None) -> None:
     st.plotly_chart(fig, width="stretch", key=key)
 

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import shutil
 import socket
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import filelock
 
 from rim_lens import artefacts
 from rim_lens.artefacts import PRODUCERS
@@ -110,6 +112,8 @@ class Run:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        # Called with each record `log` appends: experiment trackers (training/tracking.py).
+        self.mirror: Callable[[dict], None] | None = None
 
     @property
     def name(self) -> str:
@@ -191,6 +195,8 @@ class Run:
 
     def log(self, record: dict) -> None:
         append_line(self.path / artefacts.TRAIN_LOG, json.dumps(record))
+        if self.mirror is not None:
+            self.mirror(record)
 
     def read_log(self) -> list[dict]:
         return read_jsonl(self.require(artefacts.TRAIN_LOG))
@@ -235,10 +241,11 @@ class RunLock:
     """An exclusive lock on one run name (the run and its staging directory), held while a command
     writes the run: `train` for all of its training, `eval` while it scores and writes its results.
 
-    The lock is `.{name}.lock` beside the run, locked with flock: the OS releases it when its
-    process ends, however it ends, so a stale lock file is simply taken over. The file records
-    who holds it (command, pid, host, start time) for the message the next command gets. It is
-    never followed if it is a link, nor written if it is not a plain file of its own.
+    The lock is `.{name}.lock` beside the run, locked by the OS through `filelock` (flock on Unix)
+    on a descriptor of our own: the OS releases it when its process ends, however it ends, so a
+    stale lock file is simply taken over. The file records who holds it (command, pid, host,
+    start time) for the message the next command gets. It is never followed if it is a link,
+    nor written if it is not a plain file of its own.
     """
 
     def __init__(self, target: str | Path, command: str = "train") -> None:
@@ -258,9 +265,7 @@ class RunLock:
         unnamed = time.monotonic() + RECORD_WAIT
         while True:
             fd = self._open()
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not filelock.lock_descriptor(fd, blocking=False):
                 holder = _read_holder(fd)
                 os.close(fd)
                 # No record yet: the holder has just locked and not yet written who it is.

@@ -1086,7 +1086,7 @@ def one_line(code: int, err: list[str]) -> str:
 def test_a_diverging_run_stops_says_so_and_its_last_checkpoint_loads(tmp_path, capsys, monkeypatch):
     from training import resume, trainer
 
-    monkeypatch.setattr(trainer, "tqdm", partial(trainer.tqdm, disable=True))  # it shares stderr
+    monkeypatch.setattr(trainer, "Progress", partial(trainer.Progress, disable=True))  # it shares stderr
     from training.config import load_config
 
     (tmp_path / "r.yaml").write_text(RECIPE_OK.replace("steps: 2", "steps: 6"))

@@ -176,12 +176,20 @@ def test_dashboard_in_chromium(server, browser, runs_root):
     go_to(page, "Memory explorer", "Inference prompt:")
     page.wait_for_selector(CHART, timeout=TIMEOUT_MS)
     assert page.locator(".gtitle", has_text="State norm").count() == 1
-    assert page.get_by_text("rim-lens analyze capture").count() >= 1
+    page.get_by_text("rim-lens analyze capture").first.wait_for(timeout=TIMEOUT_MS)
     shot(page, "2-memory-explorer")
 
     go_to(page, "Probes", "has no probe results")
-    assert page.get_by_text("rim-lens analyze probe runs/demo/rim").count() >= 1
+    page.get_by_text("rim-lens analyze probe runs/demo/rim").first.wait_for(timeout=TIMEOUT_MS)
     shot(page, "3-probes")
+    # Each page has its URL (st.navigation), so the browser's back button returns to the last one.
+    assert page.url.endswith("/probes"), page.url
+    page.go_back()
+    page.get_by_text("Inference prompt:").first.wait_for(timeout=TIMEOUT_MS)
+    assert page.url.endswith("/explorer"), page.url
+    page.go_forward()
+    page.get_by_text("has no probe results").first.wait_for(timeout=TIMEOUT_MS)
+    wait_idle(page)
 
     go_to(page, "Causal", "has no causal report")
     assert page.get_by_role("button", name="Run causal report").is_visible()

@@ -23,6 +23,7 @@ from fixtures import clone_runs
 from streamlit.testing.v1 import AppTest
 
 from dashboards import core
+from dashboards.views import PAGES
 from rim_lens.cli import main
 from rim_lens.data.tasks.base import Task
 from rim_lens.data.tasks.modchain import ModChain
@@ -60,9 +61,14 @@ def open_app(monkeypatch, root: Path | str, page: str | None = None) -> AppTest:
     monkeypatch.setenv(core.ENV_RUNS, str(root))
     at = AppTest.from_file(str(APP), default_timeout=120).run()
     if page is not None:
-        at.sidebar.radio(key="page").set_value(page).run()
+        go_to(at, page)
     assert_no_exception(at)
     return at
+
+
+def go_to(at: AppTest, page: str) -> AppTest:
+    """Open the page titled `page` (its own URL, as a click in the sidebar's navigation does)."""
+    return at.switch_page(f"routes/{PAGES[page][0]}.py").run()
 
 
 def assert_no_exception(at: AppTest) -> None:
@@ -112,6 +118,21 @@ def shown(at: AppTest) -> str:
 
 def messages(at: AppTest, kind: str) -> str:
     return "\n".join(str(e.value) for e in getattr(at, kind))
+
+
+# -- Navigation ----------------------------------------------------------------------------------
+def test_every_page_has_its_own_url(monkeypatch, sample_root):
+    """st.navigation serves each page at its own path (the first at /): opening one by its script
+    shows that page's header and no other's."""
+    headers = {"Runs": "Runs", "Memory explorer": "Memory explorer", "Probes": "Probes",
+               "Causal": "Causal tests", "Playground": "Playground"}  # fmt: skip
+    assert list(PAGES) == list(headers) and len({path for path, _ in PAGES.values()}) == len(PAGES)
+    at = open_app(monkeypatch, sample_root)
+    assert [h.value for h in at.header][:1] == ["Runs"]  # the default page
+    for title, start in headers.items():
+        go_to(at, title)
+        assert_no_exception(at)
+        assert [h.value.startswith(start) for h in at.header] == [True], (title, [h.value for h in at.header])
 
 
 # -- Runs ----------------------------------------------------------------------------------------
@@ -391,7 +412,7 @@ def test_causal_report_from_the_page_then_probes(monkeypatch, fresh_root):
         ), titles
     assert f"rim-lens analyze abstraction {pause}" in messages(at, "code")
 
-    at.sidebar.radio(key="page").set_value("Probes").run()
+    go_to(at, "Probes")
     assert_no_exception(at)
     correctness = root / "demo/rim/analysis/probe_correctness.parquet"
     fitted = pd.read_parquet(correctness)["auroc"].notna().any()
@@ -462,7 +483,7 @@ def test_missing_and_corrupt_artefacts_name_the_fix(monkeypatch, sample_root, tm
     assert_no_exception(at)
     assert "status **failed**: DataError: boom" in messages(at, "error")
 
-    at.sidebar.radio(key="page").set_value("Causal").run()
+    go_to(at, "Causal")
     assert_no_exception(at)
     warnings = messages(at, "warning")
     assert "report.json: corrupt JSON" in warnings and f"rim-lens analyze report {root}/x/broken" in warnings

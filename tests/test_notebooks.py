@@ -74,6 +74,18 @@ def test_notebook_uses_only_the_public_api(name):
                 pytest.fail(f"{name} cell {i}: uses private attribute .{node.attr}")
 
 
+def test_notebooks_train_in_the_papers_setting_and_share_one_setup():
+    """No notebook trains the question-blind ablation; 02 and 03 take their runs from
+    notebooks/nb_setup.py rather than each carrying a copy of the setup."""
+    for name in NAMES:
+        code = "\n".join(c.source for c in _read(name).cells if c.cell_type == "code")
+        assert "readout_sees_question=false" not in code.lower(), name
+    assert "readout_sees_question" not in (NOTEBOOKS / "nb_setup.py").read_text()
+    for name in ("02_probe_memory.ipynb", "03_causal_interventions.ipynb"):
+        code = "\n".join(c.source for c in _read(name).cells if c.cell_type == "code")
+        assert "from nb_setup import" in code and "def trained" not in code and "TINY" not in code, name
+
+
 # -- execution -----------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def kernel_dirs(tmp_path_factory) -> list[str]:

@@ -76,6 +76,16 @@ def _counts(least: int) -> Callable[[list[int]], str | None]:
     return check
 
 
+def _trackers(value: list[str]) -> str | None:
+    """A check: names of experiment trackers rim-lens mirrors its training log to."""
+    from training.tracking import TRACKERS
+
+    unknown = [name for name in value if name not in TRACKERS]
+    if unknown:
+        return f"unknown tracker {clip(repr(unknown[0]))}; choose from {', '.join(TRACKERS)}"
+    return None
+
+
 def _source(value: int | str) -> str | None:
     if isinstance(value, str) and not value.strip():
         return "expected a data file or a number of examples, got an empty string"
@@ -154,6 +164,8 @@ class TrainConfig:
     # The training loss through torch.compile (inductor): fused kernels, about 1.4x the tokens/s of a
     # small model on a CPU core after a one-off compile of 10-40 s per stage (bench/train_step.py).
     compile: bool = False
+    # Experiment trackers mirroring train_log.jsonl (training/tracking.py): e.g. [tensorboard]
+    report_to: list[str] = rule(factory=list, check=_trackers)
 
 
 @dataclass
@@ -208,7 +220,7 @@ class RunConfig:
 
 
 # Keys a resumed run may change: they do not alter what is computed.
-RESUMABLE_CHANGES = ("train.threads", "train.checkpoint_every")
+RESUMABLE_CHANGES = ("train.threads", "train.checkpoint_every", "train.report_to")
 # Keys (or key prefixes) only some methods read, with the `Method` property that says which
 # (trainer.plan_stages, run_spec): changing one is no change of recipe for another method's run,
 # so a demo keeps its baselines when RiM's schedule moves.

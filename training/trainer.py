@@ -33,7 +33,6 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, extract_model_from_parallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from rim_lens import artefacts
@@ -57,6 +56,7 @@ from rim_lens.model.coconut import thought_forward
 from rim_lens.model.layouts import IGNORE, Batch, Layout, SequenceBuilder, collate
 from rim_lens.model.memory import MemorySpec
 from rim_lens.model.tokenizer import build_word_tokenizer, memory_token_ids
+from rim_lens.progress import Progress, logger
 from rim_lens.runs import (
     COMPLETED,
     DIVERGED,
@@ -69,6 +69,7 @@ from rim_lens.runs import (
     staging_path,
 )
 from training import resume as resumption
+from training import tracking
 from training.config import RunConfig, check_data_tokens, differences, layout_problem, load_config
 from training.sampling import LengthBuckets
 from training.schedules import coconut_stage, grounding_weights, refinement_weights
@@ -259,12 +260,12 @@ def load_data(cfg: RunConfig, task: Task) -> Splits:
             path, task.name, skip_invalid=d.skip_invalid, task_options=task.options
         )
         if skipped:
-            print(f"{path}: skipped {skipped} invalid lines")
+            logger.info(f"{path}: skipped {skipped} invalid lines")
         return examples
 
     splits = make_splits(task, d.train, d.val, d.test, d.seed, read)
     if splits.dropped_from_train:
-        print(f"data: dropped {splits.dropped_from_train} training examples whose question is held out")
+        logger.info(f"data: dropped {splits.dropped_from_train} training examples whose question is held out")
     return splits
 
 
@@ -531,9 +532,7 @@ def run_stage(
     model.train()
     # `disable` is left to tqdm on the main process, so TQDM_DISABLE=1 silences the bar.
     quiet = {} if accelerator.is_main_process else {"disable": True}
-    bar = tqdm(
-        total=stage.steps, initial=step, desc=f"{cfg.method}:{stage.name}", dynamic_ncols=True, **quiet
-    )
+    bar = Progress(total=stage.steps, initial=step, desc=f"{cfg.method}:{stage.name}", unit="step", **quiet)
     start = time.perf_counter() - elapsed
     epoch, consumed = at.epoch, at.batch
     loss_fn = stage_loss(stage, t.compile)
@@ -586,7 +585,9 @@ def run_stage(
     if accelerator.is_main_process:
         shown = "  ".join(f"{k} {v:.3f}" for k, v in acc.items())
         took = time.perf_counter() - start
-        print(f"[{cfg.method}] {stage.name}: {step} steps in {took:.0f}s; held-out readout accuracy: {shown}")
+        logger.info(
+            f"[{cfg.method}] {stage.name}: {step} steps in {took:.0f}s; held-out readout accuracy: {shown}"
+        )
     return {"time_s": time.perf_counter() - start, "tokens_seen": tokens, "readout_accuracy": acc}
 
 
@@ -811,7 +812,8 @@ def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False, restart:
             _open(run, cfg, setup, ckpt, plan.staging)
         accelerator.wait_for_everyone()
         try:
-            summary = _train(cfg, run, setup, accelerator, stop, ckpt)
+            with tracking.mirrored(run, cfg.train.report_to, target.name, cfg.to_dict(), main):
+                summary = _train(cfg, run, setup, accelerator, stop, ckpt)
         except KeyboardInterrupt as err:
             if main:
                 where = "; resume it by running the same command"
@@ -958,7 +960,7 @@ def _train(
         metrics["input_share"] = {name: share["mean"] for name, share in shares.items()}
         metrics["input_share_by_layer"] = {name: share["by_layer"] for name, share in shares.items()}
         shown = ", ".join(f"{name} {value:.3f}" for name, value in metrics["input_share"].items())
-        print(f"[{cfg.method}] input share of block-state variance (rim_lens/model/spread.py): {shown}")
+        logger.info(f"[{cfg.method}] input share of block-state variance (rim_lens/model/spread.py): {shown}")
     write_results(run, metrics, predictions)
     summary["accuracy"] = metrics["accuracy"]
     return summary

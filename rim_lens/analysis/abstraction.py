@@ -86,6 +86,7 @@ from rim_lens.data.causal import CausalModel, Variable
 from rim_lens.data.examples import Example
 from rim_lens.errors import RunError
 from rim_lens.model.layouts import Layout, block_positions
+from rim_lens.progress import progress
 from rim_lens.stats import Estimate
 
 if TYPE_CHECKING:
@@ -600,7 +601,7 @@ def abstraction(
                 f"correctly ({len(train)} training, {len(test)} held-out)"
             )
         work.append(_Variable(var, train, test))
-    for job in work:
+    for job in progress(work, desc=f"abstraction ({method})", unit="variable"):
         if job.var.name in notes:
             continue
         promise = {}

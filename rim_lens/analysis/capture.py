@@ -33,6 +33,7 @@ from rim_lens.errors import RunError
 from rim_lens.evaluation import decode_answers
 from rim_lens.fileio import atomic_write_json, atomic_write_text, check_safetensors, read_json, read_jsonl
 from rim_lens.model.layouts import Role, SequenceBuilder, block_positions, slot_names
+from rim_lens.progress import progress
 
 
 def block_states(
@@ -107,7 +108,7 @@ def capture(
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)
     shards, records = [], []
-    for start in range(0, len(examples), shard_size):
+    for start in progress(range(0, len(examples), shard_size), desc="capture", unit="shard"):
         chunk = list(examples[start : start + shard_size])
         texts_per_block = [
             [

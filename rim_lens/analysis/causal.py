@@ -188,15 +188,43 @@ def make_pairs(lab: Lab, examples: Sequence[Example] | None = None, seed: int = 
     """Corrupt each example minimally (one operand changed, so the answer changes); examples the
     task cannot corrupt, or whose corrupt question tokenizes to another length, are skipped."""
     builder, rng = lab.builder, random.Random(seed)
-    pairs = Pairs([], [], [], torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
-    clean_tok, corrupt_tok = [], []
+    chosen = []
     for ex in lab.examples if examples is None else examples:
         try:
             bad = lab.task.corrupt(ex, rng)
         except DataError:  # this example has no single change that alters the answer
             continue
-        if len(builder.prompt(bad)) != len(builder.prompt(ex)):
-            continue
+        if len(builder.prompt(bad)) == len(builder.prompt(ex)):
+            chosen.append((ex, bad))
+    if not chosen:
+        raise RunError("no clean/corrupt pairs could be made from these examples")
+    return _pairs(builder, chosen)
+
+
+def given_pairs(lab: Lab, pairs: Sequence[tuple[Example | str, Example | str]]) -> Pairs:
+    """The user's own (clean, corrupt) pairs, as examples or data lines of the session's task
+    (e.g. `question||steps #### answer`), on any task; their questions may differ in length."""
+    parsed = []
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2:
+            raise RunError(f"pairs[{i}]: expected (clean, corrupt), got {len(pair)} items")
+        clean, corrupt = (ex if isinstance(ex, Example) else lab.task.parse_line(ex) for ex in pair)
+        if lab.task.answers_match(clean.answer, corrupt.answer):
+            raise RunError(
+                f"pairs[{i}]: clean and corrupt have the same answer ({clean.answer[:40]!r}); patching "
+                "measures how much of the clean answer comes back, so give pairs whose answers differ"
+            )
+        parsed.append((clean, corrupt))
+    if not parsed:
+        raise RunError("pairs: no (clean, corrupt) pairs given")
+    return _pairs(lab.builder, parsed)
+
+
+def _pairs(builder: SequenceBuilder, chosen: Sequence[tuple[Example, Example]]) -> Pairs:
+    """Pairs with the answer token where each pair's answers first differ."""
+    pairs = Pairs([], [], [], torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
+    clean_tok, corrupt_tok = [], []
+    for ex, bad in chosen:
         a, b = builder.encode(ex.answer) + [builder.eos], builder.encode(bad.answer) + [builder.eos]
         i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
         pairs.clean.append(ex)
@@ -205,8 +233,6 @@ def make_pairs(lab: Lab, examples: Sequence[Example] | None = None, seed: int = 
         pairs.prefix.append(a[:i])
         clean_tok.append(a[i])
         corrupt_tok.append(b[i])
-    if not pairs.clean:
-        raise RunError("no clean/corrupt pairs could be made from these examples")
     pairs.clean_token, pairs.corrupt_token = torch.tensor(clean_tok), torch.tensor(corrupt_tok)
     return pairs
 

@@ -34,6 +34,7 @@ from rim_lens.data.examples import Example
 from rim_lens.errors import RunError
 from rim_lens.model import coconut
 from rim_lens.model.layouts import IGNORE, Batch, Layout, Role, SequenceBuilder, block_positions
+from rim_lens.progress import progress
 
 # metric(logits, batch, example indices) -> one value (or vector) per row
 Metric = Callable[[torch.Tensor, Batch, torch.Tensor], torch.Tensor]
@@ -141,7 +142,7 @@ def sweep(
     pairs = [(v, e) for v in range(len(variants)) for e in range(n)]
     per_pass = rows_per_pass(backend, seqs, max_rows)
     results = []
-    for start in range(0, len(pairs), per_pass):
+    for start in progress(range(0, len(pairs), per_pass), desc="sweep", unit="pass", leave=False):
         chunk = torch.tensor(pairs[start : start + per_pass])
         var_idx, ex_idx = chunk[:, 0], chunk[:, 1]
         batch = builder.collate([seqs[e] for e in ex_idx.tolist()], side="left")
@@ -225,7 +226,7 @@ def resume_sweep(
         ):
             chunks.append([])
         chunks[-1].append(row)
-    for chunk in chunks:
+    for chunk in progress(chunks, desc="sweep (exact)", unit="pass", leave=False):
         layer, offset = chunk[0][0], chunk[0][1]
         var_idx = torch.tensor([r[2] for r in chunk])
         ex_idx = torch.tensor([r[3] for r in chunk])

@@ -48,12 +48,12 @@ from rim_lens.analysis.results import (
 )
 from rim_lens.analysis.sites import BlockStates, Selection, Site, block_labels
 from rim_lens.data import Example, read_examples
-from rim_lens.data.tasks import Task, get_task
+from rim_lens.data.tasks import TASK_NAMES, Task, get_task
 from rim_lens.errors import RunError
 from rim_lens.fileio import read_text
-from rim_lens.model.checkpoints import load_checkpoint
+from rim_lens.model.checkpoints import load_checkpoint, load_pretrained
 from rim_lens.model.layouts import SequenceBuilder, slot_names
-from rim_lens.model.memory import MemorySpec
+from rim_lens.model.memory import SPEC_FILENAME, MemorySpec
 from rim_lens.runs import Run, open_run
 from rim_lens.stats import Estimate, proportion
 
@@ -98,9 +98,17 @@ class Lab:
         split: str = "test",
         data: str | Path | None = None,
         examples: Sequence[Example] | None = None,
+        spec: MemorySpec | Mapping | str | Path | None = None,
+        task: Task | str | None = None,
     ) -> Lab:
         """A run's checkpoint with the first `n` examples (None: all) of its `split`, of the data
-        file `data`, or exactly `examples`."""
+        file `data`, or exactly `examples`. `run` may also be a model directory (a run's model/, or
+        a Hugging Face directory trained elsewhere: then `spec`, its memory layout as a MemorySpec,
+        a dict or a rim_memory.json path, and `data` or `examples` are needed; `task` defaults to
+        the spec's)."""
+        path = Path(run)
+        if (path / "config.json").is_file() and not (path / artefacts.CONFIG).is_file():
+            return _open_model_dir(path, n, backend, data, examples, spec, task)
         directory = open_run(run)
         model, tokenizer, spec = load_checkpoint(directory.require(artefacts.MODEL))
         task = get_task(spec.task, **_task_options(directory))
@@ -395,15 +403,18 @@ class Lab:
         per_slot: bool = False,
         seed: int = 0,
         method: str | None = None,
+        pairs: Sequence[tuple[Example | str, Example | str]] | None = None,
     ) -> PatchResult:
         """Clean block states patched into minimally corrupted runs, per (layer, block[, slot]):
         how much of the clean answer's logit difference comes back. `method`: `exact` (default on
         the hf backend: skips the work a patch leaves unchanged), `full` (the same numbers, whole
         passes; the default on tl and nnsight) or `attribution` (AtP* with its QK fix: a gradient
         estimate of every cell from two forward passes and one backward, with block-to-block edges;
-        `AttributionResult`)."""
+        `AttributionResult`). `pairs`: your own (clean, corrupt) examples or data lines, on any task
+        (default: each example minimally corrupted by the task, synthetic tasks only)."""
         sel = self.select(layers, blocks, slots)
-        return causal.patch(self, sel, per_slot=per_slot, seed=seed, method=method)
+        given = causal.given_pairs(self, pairs) if pairs is not None else None
+        return causal.patch(self, sel, per_slot=per_slot, seed=seed, method=method, pairs=given)
 
     def interchange(
         self,
@@ -501,6 +512,52 @@ class Lab:
             self.backend, self.builder, self.examples if examples is None else examples, [Variant()]
         )
         return proportion(correct[0].numpy())
+
+
+def _open_model_dir(
+    path: Path,
+    n: int | None,
+    backend: str,
+    data: str | Path | None,
+    examples: Sequence[Example] | None,
+    spec: MemorySpec | Mapping | str | Path | None,
+    task: Task | str | None,
+) -> Lab:
+    """`Lab.open` on a model directory: a rim-lens checkpoint (its rim_memory.json) or a bare
+    Hugging Face directory given `spec`; analyses are written to a temporary folder."""
+    if spec is None and not (path / SPEC_FILENAME).is_file():
+        raise RunError(
+            f"{path}: no {SPEC_FILENAME} here, so its memory layout is unknown; pass it: Lab.open(dir, "
+            "spec=rl.MemorySpec(K=8, M=2, task='gsm8k') (or a rim_memory.json path), data=FILE)"
+        )
+    if examples is None and data is None:  # checked before a possibly large model loads
+        raise RunError(
+            f"{path}: a model directory holds no examples; pass data=FILE (.txt, .jsonl or .json) "
+            "or examples=[...] to Lab.open"
+        )
+    if spec is None:
+        model, tokenizer, spec = load_checkpoint(path)
+    else:
+        if isinstance(spec, str | Path):
+            spec = MemorySpec.load(Path(spec).parent if Path(spec).is_file() else spec)
+        try:
+            spec = spec if isinstance(spec, MemorySpec) else MemorySpec(**spec)
+        except TypeError as err:
+            raise RunError(f"spec: {err}; give the fields of rl.MemorySpec (K, M, task, ...)") from None
+        model, tokenizer = load_pretrained(path, spec)
+        model.eval()
+    if task is None and not spec.task:
+        raise RunError(f"{path}: the memory spec names no task; pass task=, one of {', '.join(TASK_NAMES)}")
+    task = task if isinstance(task, Task) else get_task(task or spec.task)
+    spec = spec if spec.task else spec.replace(task=task.name)
+    if examples is None:
+        examples, _ = read_examples(data, task.name, task_options=task.options)
+        examples = examples[:n] if n else examples
+        source = f"{data}" + (f"[:{n}]" if n else "")
+    else:
+        source = f"{len(examples)} given examples"
+    be = make_backend(backend, model, tokenizer, path)
+    return Lab(model, tokenizer, spec, task, examples, be, source=source)
 
 
 def held_out(run: Run, split: str = "test") -> Path:

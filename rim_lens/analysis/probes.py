@@ -37,6 +37,7 @@ from threadpoolctl import threadpool_limits
 from rim_lens.analysis.capture import CaptureStore
 from rim_lens.analysis.sites import block_labels
 from rim_lens.errors import RunError
+from rim_lens.progress import progress
 
 ControlType = Callable[[dict], str]
 VALUE = "value"  # the variable a step writes; others are derived (`Task.derived_values`)
@@ -328,57 +329,61 @@ def probe_correctness(
     )
     problems: dict[int, _Problem | None] = {}  # per block, made when first needed
     rows = []
-    for layer in store.layers if layers is None else layers:
-        for k in block_labels(store.K) if blocks is None else blocks:
-            X = _features(store, layer, k, slots)  # first: it checks layer, block and slot
-            y = store.correct(block=k)
-            row = {
-                **_cell(layer, k, slots),
-                "auroc": np.nan,
-                "auroc_lo": np.nan,
-                "auroc_hi": np.nan,
-                "auprc": np.nan,
-                "auprc_lo": np.nan,
-                "auprc_hi": np.nan,
-                "control_auroc": np.nan,
-                "selectivity": np.nan,
-                "base_rate": float(y.mean()),
-                "n": len(y),
-                "note": "",
-            }
-            rare = int(min(y.sum(), len(y) - y.sum()))
-            if k not in problems:
-                problems[k] = (
-                    _problem(np.arange(store.n), [y], types, groups, folds, seed, (k,))
-                    if rare >= min_class
-                    else None
-                )
-            pb = problems[k]
-            if constant(X):
-                rows.append({**row, "note": CONSTANT})
-                continue
-            if pb is None:
-                what = (
-                    f"all {'right' if y.mean() > 0.5 else 'wrong'}"
-                    if rare == 0
-                    else f"only {rare} {'wrong' if y.mean() > 0.5 else 'right'}"
-                )
-                rows.append(
-                    {**row, "note": f"readouts after block {k} are {what} (need {min_class} of each class)"}
-                )
-                continue
-            p = oof_proba(X, y, pb.folds[0], C)[:, 1]
-            row["auroc"], row["auprc"] = roc_auc_score(y, p), average_precision_score(y, p)
-            (row["auroc_lo"], row["auprc_lo"]), (row["auroc_hi"], row["auprc_hi"]) = bootstrap_ci(
-                lambda w, y=y, p=p: weighted_ranking(y, p, w), groups, n_boot, seed
+    cells = [
+        (layer, k)
+        for layer in (store.layers if layers is None else layers)
+        for k in (block_labels(store.K) if blocks is None else blocks)
+    ]
+    for layer, k in progress(cells, desc="correctness probes", unit="cell"):
+        X = _features(store, layer, k, slots)  # first: it checks layer, block and slot
+        y = store.correct(block=k)
+        row = {
+            **_cell(layer, k, slots),
+            "auroc": np.nan,
+            "auroc_lo": np.nan,
+            "auroc_hi": np.nan,
+            "auprc": np.nan,
+            "auprc_lo": np.nan,
+            "auprc_hi": np.nan,
+            "control_auroc": np.nan,
+            "selectivity": np.nan,
+            "base_rate": float(y.mean()),
+            "n": len(y),
+            "note": "",
+        }
+        rare = int(min(y.sum(), len(y) - y.sum()))
+        if k not in problems:
+            problems[k] = (
+                _problem(np.arange(store.n), [y], types, groups, folds, seed, (k,))
+                if rare >= min_class
+                else None
             )
-            if pb.control_ok:
-                p_control = oof_proba(X, pb.control[0], pb.control_folds[0], C)[:, 1]
-                row["control_auroc"] = roc_auc_score(pb.control[0], p_control)
-                row["selectivity"] = row["auroc"] - row["control_auroc"]
-            else:
-                row["note"] = "control labels have one class (one input type)"
-            rows.append(row)
+        pb = problems[k]
+        if constant(X):
+            rows.append({**row, "note": CONSTANT})
+            continue
+        if pb is None:
+            what = (
+                f"all {'right' if y.mean() > 0.5 else 'wrong'}"
+                if rare == 0
+                else f"only {rare} {'wrong' if y.mean() > 0.5 else 'right'}"
+            )
+            rows.append(
+                {**row, "note": f"readouts after block {k} are {what} (need {min_class} of each class)"}
+            )
+            continue
+        p = oof_proba(X, y, pb.folds[0], C)[:, 1]
+        row["auroc"], row["auprc"] = roc_auc_score(y, p), average_precision_score(y, p)
+        (row["auroc_lo"], row["auprc_lo"]), (row["auroc_hi"], row["auprc_hi"]) = bootstrap_ci(
+            lambda w, y=y, p=p: weighted_ranking(y, p, w), groups, n_boot, seed
+        )
+        if pb.control_ok:
+            p_control = oof_proba(X, pb.control[0], pb.control_folds[0], C)[:, 1]
+            row["control_auroc"] = roc_auc_score(pb.control[0], p_control)
+            row["selectivity"] = row["auroc"] - row["control_auroc"]
+        else:
+            row["note"] = "control labels have one class (one input type)"
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -579,9 +584,10 @@ def value_probes(
     ]
     # Cells are independent and each fits dozens of small probes: they run in worker processes
     # (the fits hold the GIL), in order, so the table does not depend on n_jobs.
-    fitted = Parallel(n_jobs=n_jobs)(
+    jobs = Parallel(n_jobs=n_jobs, return_as="generator")(
         delayed(_cell_hits)(_features(store, layer, k, slots), problems, C) for layer, k in cells
     )
+    fitted = list(progress(jobs, desc="value probes", total=len(cells), unit="cell"))
     out, per_example = [], {}
     for (layer, k), found in zip(cells, fitted):
         for (variable, t), (name, rows, labels, note) in targets.items():

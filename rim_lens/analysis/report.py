@@ -32,6 +32,7 @@ from rim_lens.data.causal import STEP
 from rim_lens.errors import RimLensError, RunError
 from rim_lens.fileio import atomic_write_json, atomic_write_text
 from rim_lens.methods import Method
+from rim_lens.progress import progress
 from rim_lens.runs import open_run
 from rim_lens.stats import Estimate
 
@@ -232,12 +233,18 @@ def measure(
     validation) examples conditional probes are fitted and chosen on. `descriptive`: also the
     figures no finding decides on (correctness and logistic value probes, attribution patching)."""
     done = {}
+    bar = progress(desc=f"report: {lab.spec.method} card", total=6 if descriptive else 5, unit="step")
     ablation = lab.ablate(mode="mean", seed=seed)
+    bar.step("ablation")
     knock = lab.knockout()
+    bar.step("knockout")
     inter = lab.interchange(layers=layers, seed=seed)
+    bar.step("interchange")
     results = [ablation, knock, inter]
     probe = lab.probe(layers=layers, seed=seed) if descriptive else None
-    results += [probe] if probe else []
+    if probe:
+        results.append(probe)
+        bar.step("probes")
     for result in results:
         result.save(lab.out)
         done[result.record["analysis"]] = _cited(result.record)
@@ -280,6 +287,7 @@ def measure(
         card["best_value_probe"] = {k: v for k, v in best.items() if k != "selectivity"} if best else None
         card["best_value_probe_selectivity"] = best["selectivity"] if best else None
     card.update(_decodability(lab, probe_sets, seed, done, layers))
+    bar.step("conditional probes")
     start = time.perf_counter()
     try:
         patched = lab.patch(layers=layers, seed=seed)
@@ -311,6 +319,8 @@ def measure(
         )
         if descriptive:
             card.update(_attribution(lab, patched, seed, done, layers))
+    bar.step("patching")
+    bar.close()
     if lab.run and lab.run.exists(artefacts.METRICS):
         metrics = lab.run.read_json(artefacts.METRICS)
         ci = metrics.get("accuracy_ci")

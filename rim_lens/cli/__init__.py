@@ -15,10 +15,12 @@ from collections.abc import Sequence
 from rim_lens.cli.args import Parser, error_line
 from rim_lens.errors import RimLensError
 from rim_lens.fileio import storage_errno, storage_error
+from rim_lens.progress import log_to_stderr
 
 
 def build_parser() -> argparse.ArgumentParser:
     # Each command module adds its subparser and sets `func`, the handler of the parsed args.
+    from rim_lens import __version__
     from rim_lens.cli import analyze, dashboard, data, demo, model, train
 
     parser = Parser(
@@ -26,10 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train Reasoning-in-Memory models and test whether their memory blocks "
         "carry the reasoning.",
     )
+    parser.add_argument("--version", action="version", version=f"rim-lens {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or stage lines, only results")
     for module in (data, model, train, demo, analyze, dashboard):
         module.register(sub)
+    _everywhere(parser, "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def _everywhere(parser: argparse.ArgumentParser, *flags: str, **options) -> None:
+    """Accept `flags` after any (sub)command too (`rim-lens train R.yaml --quiet`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                child.add_argument(*flags, **options)
+                _everywhere(child, *flags, **options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as done:  # --help, or a one-line usage error already printed
         return int(done.code or 0)
     _quiet_libraries()
+    log_to_stderr(args.quiet)
     # A file over the size limit (ulimit -f) is then an error a write reports, not a signal that
     # kills the process without a word.
     if threading.current_thread() is threading.main_thread():

@@ -437,8 +437,10 @@ def test_lab_abstraction_is_a_typed_result(runs, tmp_path):
 
 def test_das_learns_the_same_basis_through_every_backend(runs):
     """The site is mapped onto TransformerLens' one-position-per-example hook the same way on the
-    plain HF hooks, the TransformerBridge and nnsight: the same subspace (up to the rounding that
-    80 Adam steps accumulate from the backends' float differences)."""
+    plain HF hooks, the TransformerBridge and nnsight: the same subspace, up to the rounding that
+    80 Adam steps accumulate from the backends' float differences (at most 0.007 of a projection's
+    entries on the CPUs and kernel settings tried: AVX-512, AVX2 and `default`; the bound is
+    about 4 times that)."""
     bases = {}
     for backend in ("hf", "tl", "nnsight"):
         lab = Lab.open(runs["rim"], n=24, backend=backend)
@@ -447,7 +449,7 @@ def test_das_learns_the_same_basis_through_every_backend(runs):
         bases[backend] = ab.das_directions(lab, Site(1, 2, 1), pairs, rank=2)
     projection = {name: b @ b.T for name, b in bases.items()}
     for backend in ("tl", "nnsight"):
-        assert (projection[backend] - projection["hf"]).abs().max() < 5e-3, backend
+        assert (projection[backend] - projection["hf"]).abs().max() < 0.03, backend
 
 
 def test_report_measures_the_control_at_the_runs_best_sites(runs):

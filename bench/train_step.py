@@ -97,7 +97,7 @@ def serve(args: argparse.Namespace) -> int:
             if hasattr(trainer, "stage_loss"):
                 loss = trainer.stage_loss(stage, cfg.train.compile)
             else:  # the reference's trainer: one eager loss function
-                loss = lambda m, b, w, stage=stage: trainer._loss(m, b, w, stage.logits)  # noqa: E731
+                loss = lambda m, b, w, stage=stage: trainer._loss(m, b, w, trainer.stage_logits(stage))  # noqa: E731
             params = [p for p in model.parameters() if p.requires_grad]
             entries[f"{method}:{stage.name}"] = {
                 "model": model,

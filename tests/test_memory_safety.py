@@ -18,9 +18,9 @@ from rim_lens.model.decoding import greedy_decode
 from rim_lens.model.layouts import IGNORE, SequenceBuilder, collate
 from rim_lens.model.memory import MemorySpec
 from rim_lens.model.tokenizer import build_word_tokenizer, memory_token_ids
+from rim_lens.schedules import grounding_weights
 from training.config import load_config
 from training.sampling import LengthBuckets
-from training.schedules import grounding_weights
 from training.trainer import (
     _loss,
     _with_lora,

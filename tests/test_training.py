@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 
 from rim_lens.errors import ConfigError, DataError, RunError
 from rim_lens.model.checkpoints import load_checkpoint
+from rim_lens.schedules import block_weights, grounding_weights, refinement_weights, step_weights
 from training import trainer
 from training.config import RunConfig, load_config
-from training.schedules import block_weights, grounding_weights, refinement_weights, step_weights
 from training.trainer import train
 
 torch.set_num_threads(1)

@@ -28,7 +28,7 @@ from rim_lens.data.examples import Example
 from rim_lens.data.tasks import TASK_NAMES, get_task
 from rim_lens.errors import ConfigError, RimLensError, clip, size_text
 from rim_lens.fileio import read_text
-from rim_lens.methods import METHODS, Method
+from rim_lens.methods import get_method, method_names
 from rim_lens.model.memory import TRAINING_FIELDS, MemorySpec
 from rim_lens.runs import check_name
 
@@ -186,7 +186,7 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    method: str = rule("rim", choices=METHODS)
+    method: str = rule("rim", choices=method_names)
     name: str = rule("", check=_run_name)
     seed: int = rule(0, min=SEEDS[0], max=SEEDS[1])
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -210,7 +210,7 @@ class RunConfig:
 # Keys a resumed run may change: they do not alter what is computed.
 RESUMABLE_CHANGES = ("train.threads", "train.checkpoint_every")
 # Keys (or key prefixes) only some methods read, with the `Method` property that says which
-# (trainer.plan_stages, run_spec): changing one is no change of recipe for another method's run,
+# (`Method.stages`, trainer.run_spec): changing one is no change of recipe for another method's run,
 # so a demo keeps its baselines when RiM's schedule moves.
 METHOD_KEYS: dict[str, str] = {
     "train.stage1_fraction": "grounded",
@@ -226,7 +226,7 @@ METHOD_KEYS: dict[str, str] = {
 
 def reads(method: str, key: str) -> bool:
     """Whether a run of `method` reads the dotted recipe key `key`."""
-    m = Method(method)
+    m = get_method(method)
     return all(getattr(m, prop) for prefix, prop in METHOD_KEYS.items() if key.startswith(prefix))
 
 
@@ -480,7 +480,7 @@ def layout_problem(config: RunConfig, limit: int) -> tuple[str, str | None]:
     more: K blocks of M + 2 tokens (the largest of train.K_choices x M_choices), grounding's
     step_offset + 1 blocks, or Coconut's thoughts between <bot> and <eot>. Plain arithmetic, so
     a huge value is refused before any sequence is built."""
-    m, t, method = config.memory, config.train, Method(config.method)
+    m, t, method = config.memory, config.train, get_method(config.method)
     spans = []
     if method.uses_blocks:
         K, M = max(t.K_choices or [m.K]), max(t.M_choices or [m.M])

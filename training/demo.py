@@ -20,18 +20,19 @@ from importlib import resources
 from multiprocessing import get_context
 from pathlib import Path
 
+from rim_lens import artefacts
 from rim_lens.artefacts import SPLITS, split_file
 from rim_lens.compare import comparison, latency_side_by_side, render
 from rim_lens.data import write_examples
 from rim_lens.data.tasks import get_task
 from rim_lens.errors import RunError
 from rim_lens.fileio import atomic_write_json, atomic_write_text
-from rim_lens.methods import DEMO_METHODS, Method
+from rim_lens.methods import COCONUT, COT, DEMO_METHODS, DIRECT, PAUSE, RIM
 from rim_lens.runs import Run
 
 RECIPES = Path(str(resources.files("training") / "recipes"))
 # Longest first, so that parallel jobs finish together.
-TRAINING_ORDER = (Method.RIM, Method.PAUSE, Method.COCONUT, Method.COT, Method.DIRECT)
+TRAINING_ORDER = tuple(m.name for m in (RIM, PAUSE, COCONUT, COT, DIRECT))
 
 
 def recipe_path(full: bool) -> Path:
@@ -85,20 +86,20 @@ def check_runs(recipe: Path, planned: list[tuple[str, int, Path, list[str]]], ov
 def gap_closure(metrics: dict[str, dict]) -> dict | None:
     """How much of the direct -> CoT gap RiM closes, and the demo's bar on intervals: RiM's lower
     bound above the gap's midpoint and above pause's upper bound (None without those runs)."""
-    if not {"rim", "direct", "cot"} <= set(metrics):
+    if not {RIM.name, DIRECT.name, COT.name} <= set(metrics):
         return None
-    rim, direct, cot = (metrics[m]["accuracy"] for m in ("rim", "direct", "cot"))
+    rim, direct, cot = (metrics[m]["accuracy"] for m in (RIM.name, DIRECT.name, COT.name))
     if cot <= direct:
         return {"closed": None, "note": "CoT is not above direct: there is no gap to close"}
-    rim_lo = metrics["rim"]["accuracy_ci"][0]
+    rim_lo = metrics[RIM.name]["accuracy_ci"][0]
     midpoint = (direct + cot) / 2
     out = {
         "closed": (rim - direct) / (cot - direct),
         "midpoint": midpoint,
         "rim_lo_above_midpoint": rim_lo > midpoint,
     }
-    if "pause" in metrics:
-        out["pause_hi"] = metrics["pause"]["accuracy_ci"][1]
+    if PAUSE.name in metrics:
+        out["pause_hi"] = metrics[PAUSE.name]["accuracy_ci"][1]
         out["rim_lo_above_pause_hi"] = rim_lo > out["pause_hi"]
     return out
 
@@ -149,7 +150,7 @@ def verdict_table(per_seed_metrics: list[dict[str, dict]], split: str = "test") 
         pause = f"{gap['pause_hi']:.3f}" if "pause_hi" in gap else "–"
         rows.append(
             f"| {s} | {' | '.join(cells)} | {gap['closed']:.0%} | {gap['midpoint']:.3f} | "
-            f"{metrics['rim']['accuracy_ci'][0]:.3f} | {pause} | {'yes' if clears else 'no'} |"
+            f"{metrics[RIM.name]['accuracy_ci'][0]:.3f} | {pause} | {'yes' if clears else 'no'} |"
         )
     rows.append(f"\nRiM clears the bar on {cleared} of {counted} seeds.")
     return "\n".join(rows)
@@ -233,9 +234,9 @@ def run_demo(
         split = next(iter(metrics.values())).get("scored_on", "test")
         sections.append(seed_table(per_seed, split))
         sections.append(verdict_table(per_seed_metrics, split))
-    if "rim" in metrics and metrics["rim"].get("per_block_accuracy"):
+    if RIM.name in metrics and metrics[RIM.name].get("per_block_accuracy"):
         sections.append(
-            "RiM's accuracy by memory budget K (answer read after block K):\n\n" + k_curve(metrics["rim"])
+            "RiM's accuracy by memory budget K (answer read after block K):\n\n" + k_curve(metrics[RIM.name])
         )
     gap = gap_closure(metrics)
     if gap and "note" in gap:
@@ -262,19 +263,17 @@ def run_demo(
         "seconds_training": seconds_training,
     }
     print("\n" + table)
-    if report and "rim" in metrics:
+    if report and RIM.name in metrics:
         from rim_lens.analysis.report import build_report
 
         card = build_report(
-            runs_dir / "rim",
-            control=runs_dir / "pause" if "pause" in metrics else None,
-            direct=runs_dir / "direct" if "direct" in metrics else None,
+            runs_dir / RIM.name,
+            control=runs_dir / PAUSE.name if PAUSE.name in metrics else None,
+            direct=runs_dir / DIRECT.name if DIRECT.name in metrics else None,
         )
         summary["verdict"] = card["verdict"]
-        print(
-            f"\nDo the memory blocks carry the reasoning? ({runs_dir / 'rim' / 'analysis' / 'report.md'})\n"
-            + card["verdict"]
-        )
+        where = runs_dir / RIM.name / artefacts.ANALYSIS / "report.md"
+        print(f"\nDo the memory blocks carry the reasoning? ({where})\n" + card["verdict"])
     summary["seconds_total"] = time.perf_counter() - start
     atomic_write_json(runs_dir / "summary.json", summary)
     atomic_write_text(runs_dir / "summary.md", table + "\n")

@@ -50,7 +50,7 @@ from rim_lens.fileio import (
     remove_dir,
     replace_dir,
 )
-from rim_lens.methods import Method
+from rim_lens.methods import Stage, get_method
 from rim_lens.model import spread
 from rim_lens.model.checkpoints import build_model, load_pretrained, save_checkpoint, set_dropout
 from rim_lens.model.coconut import thought_forward
@@ -71,7 +71,6 @@ from rim_lens.runs import (
 from training import resume as resumption
 from training.config import RunConfig, check_data_tokens, differences, layout_problem, load_config
 from training.sampling import LengthBuckets
-from training.schedules import coconut_stage, grounding_weights, refinement_weights
 
 # train.precision -> accelerate's mixed_precision: autocast in bf16 / fp16, weights kept in fp32.
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -132,21 +131,9 @@ def predicted_tokens(model, batch: Batch, logits: Logits = target_logits) -> tor
     return predicted
 
 
-@dataclass
-class Stage:
-    """One optimisation phase: its layout of examples, loss weights, steps, LR and dropout, and
-    how it computes logits at the target positions (one pass, or Coconut's thought passes)."""
-
-    name: str
-    steps: int
-    lr: float
-    dropout: float
-    layout: Callable[[Example], Layout]
-    weights: Callable[[Batch, float], torch.Tensor]  # (batch, progress in [0, 1]) -> [B, S]
-    logits: Logits = target_logits
-    held_out: Callable[[Example], Layout] | None = None  # the held-out check's layout (None: `layout`)
-    largest: Callable[[Example], Layout] | None = None  # the longest `layout` can be (None: `layout`)
-    lr_key: str = "train.lr"  # the recipe key of `lr`, for the divergence message
+def stage_logits(stage: Stage) -> Logits:
+    """How `stage` computes logits at the target positions: one pass, or the thought passes."""
+    return coconut_logits if stage.thought_passes else target_logits
 
 
 def stage_loss(stage: Stage, compile: bool) -> Callable[..., torch.Tensor]:
@@ -155,58 +142,13 @@ def stage_loss(stage: Stage, compile: bool) -> Callable[..., torch.Tensor]:
     Only the single-pass loss is compiled: Coconut's thought passes loop over a KV cache, and
     held-out checks run eagerly (their shapes and modes differ from training's).
     """
-    loss = partial(_loss, logits=stage.logits)
-    return torch.compile(loss) if compile and stage.logits is target_logits else loss
-
-
-def varied_budget(builder: SequenceBuilder, Ks: list[int], Ms: list[int], seed: int) -> Callable:
-    """The refinement layout with each example's K and M drawn uniformly from `Ks` and `Ms`, the
-    same for an example in every epoch and run of this seed (drawn from the example's id)."""
-
-    def layout(ex: Example) -> Layout:
-        rng = random.Random(f"{seed}:{ex.id}")
-        return builder.refinement(ex, n_blocks=rng.choice(Ks), n_memory=rng.choice(Ms))
-
-    return layout
+    loss = partial(_loss, logits=stage_logits(stage))
+    return torch.compile(loss) if compile and not stage.thought_passes else loss
 
 
 def plan_stages(cfg: RunConfig, builder: SequenceBuilder) -> list[Stage]:
-    """RiM: grounding then refinement; pause: refinement only; direct and CoT: one stage;
-    Coconut: stages 0..S of its curriculum then the all-thoughts stage S + 1."""
-    t = cfg.train
-    # Each row's K is its last block (a varied budget gives rows different K).
-    refine = lambda b, s: refinement_weights(b.target_index, b.blocks.amax(1, keepdim=True), t.alpha)  # noqa: E731
-    plain = lambda b, s: (b.target_index > 0).float()  # noqa: E731
-    refinement = {"layout": builder.refinement}
-    if t.K_choices or t.M_choices:
-        Ks, Ms = t.K_choices or [cfg.memory.K], t.M_choices or [cfg.memory.M]
-        refinement = {
-            "layout": varied_budget(builder, Ks, Ms, cfg.seed),
-            "held_out": builder.refinement,
-            "largest": partial(builder.refinement, n_blocks=max(Ks), n_memory=max(Ms)),
-        }
-    if cfg.method == "rim":
-        stage1 = round(t.steps * t.stage1_fraction)
-        ground = lambda b, s: grounding_weights(b.target_index, b.n_steps, s, t.lambda_hold)  # noqa: E731
-        stages = [
-            Stage("grounding", stage1, t.lr, t.dropout, builder.grounding, ground),
-            Stage(
-                "refinement",
-                t.steps - stage1,
-                t.stage2_lr,
-                t.stage2_dropout,
-                weights=refine,
-                lr_key="train.stage2_lr",
-                **refinement,
-            ),
-        ]
-        return [s for s in stages if s.steps > 0]
-    if cfg.method == "pause":
-        return [Stage("refinement", t.steps, t.lr, t.dropout, weights=refine, **refinement)]
-    if cfg.method == "coconut":
-        return coconut_stages(cfg, builder)
-    layout = builder.direct if cfg.method == "direct" else builder.cot
-    return [Stage("train", t.steps, t.lr, t.dropout, layout, plain)]
+    """The run's stages, as its method plans them (`rim_lens.methods`)."""
+    return get_method(cfg.method).stages(cfg, builder)
 
 
 # -- data and model ------------------------------------------------------------------------------
@@ -231,7 +173,7 @@ def load_data(cfg: RunConfig, task: Task) -> Splits:
 def run_spec(cfg: RunConfig, task: Task) -> MemorySpec:
     """The memory spec the run's checkpoint is saved with: the recipe's memory section plus the
     method, the task and (Coconut) the inference thought count, c x stages."""
-    method = Method(cfg.method)
+    method = get_method(cfg.method)
     # Without blocks the readout must see the question, whatever the memory section says.
     return cfg.memory.replace(
         method=cfg.method,
@@ -256,24 +198,6 @@ def make_model(cfg: RunConfig, spec: MemorySpec, texts: list[str]):
         # Non-reentrant checkpointing is correct with frozen inputs (LoRA) and without use_cache.
         model.activation_checkpointing_enable({"use_reentrant": False})
     return model, tokenizer
-
-
-def coconut_stages(cfg: RunConfig, builder: SequenceBuilder) -> list[Stage]:
-    """Coconut's curriculum as stages (`schedules.coconut_stage`): stage 0 gets
-    `coconut.cot_fraction` of the steps, stages 1..S `coconut.stage_fraction` each, stage S + 1
-    the rest; all use the recipe's LR and dropout, and the loss covers the remaining steps and
-    the answer."""
-    t, co = cfg.train, cfg.coconut
-    per_stage = round(t.steps * co.stage_fraction)
-    cot = per_stage if co.cot_fraction is None else round(t.steps * co.cot_fraction)
-    plain = lambda b, s: (b.target_index > 0).float()  # noqa: E731
-    stages = []
-    for s in range(co.stages + 2):
-        n_thoughts, skip = coconut_stage(s, co.c, co.stages)
-        steps = cot if s == 0 else per_stage if s <= co.stages else t.steps - cot - per_stage * co.stages
-        layout = partial(builder.thoughts, n_thoughts=n_thoughts, skip_steps=skip)
-        stages.append(Stage(f"stage_{s}", steps, t.lr, t.dropout, layout, plain, logits=coconut_logits))
-    return [s for s in stages if s.steps > 0]
 
 
 def _with_lora(model, options: dict, memory_ids: tuple[int, ...]):
@@ -471,7 +395,13 @@ def run_stage(
 
     def monitor_now(step: int) -> dict[str, float]:
         acc = held_out_accuracy(
-            model, monitor_layouts, stage.name, batches, accelerator.device, cfg.eval.batch_size, stage.logits
+            model,
+            monitor_layouts,
+            stage.name,
+            batches,
+            accelerator.device,
+            cfg.eval.batch_size,
+            stage_logits(stage),
         )
         if accelerator.is_main_process:
             run.log({"stage": stage.name, "step": step, "readout_accuracy": acc})

@@ -15,7 +15,7 @@ from rim_lens import artefacts
 from rim_lens.analysis import figures
 from rim_lens.analysis.report import CARD, REPORT_JSON, calibrated, card_value, control_of, percent, sibling
 from rim_lens.analysis.verdict import PARTIAL, SUPPORTED, Finding
-from rim_lens.methods import Method
+from rim_lens.methods import DIRECT, PAUSE, RIM, latent_methods
 
 # The saved analysis each finding is drawn from, and how to draw it.
 FIGURES = {
@@ -35,7 +35,7 @@ KNOCKOUT = ("Attention knockout", "knockout", figures.knockout_bars)
 
 def page(ctx: Context) -> None:
     st.header("Causal tests: do the memory blocks (or continuous thoughts) carry the reasoning?")
-    run = choose(ctx, ctx.block_runs(core.LATENT_METHODS), "causal.run")
+    run = choose(ctx, ctx.block_runs(latent_methods()), "causal.run")
     if run is None:
         return
     report = None
@@ -57,7 +57,7 @@ def page(ctx: Context) -> None:
         _report_button(ctx, run)
 
     control = _control(ctx, run, report)
-    pairs = [(run.path.name if run.path.name in core.LATENT_METHODS else "run", run)]
+    pairs = [(run.path.name if run.path.name in latent_methods() else "run", run)]
     pairs += [("control", control)] if control else []
     found = {f["name"]: Finding.from_dict(f) for f in (report or {}).get("findings", [])}
     for name, spec in [*FIGURES.items(), ("knockout", KNOCKOUT)]:
@@ -123,7 +123,7 @@ def _intervals(finding: Finding) -> None:
     values = {f"run: {k}": v for k, v in finding.run.items()} | {
         f"control: {k}": v for k, v in finding.control.items()
     }
-    colors = {k: Method.RIM.color if k.startswith("run") else Method.PAUSE.color for k in values}
+    colors = {k: RIM.color if k.startswith("run") else PAUSE.color for k in values}
     title = f"{finding.name.capitalize()}: {finding.figure}"
     fig = figures.estimates(values, title, finding.reference, colors).update_layout(height=340)
     chart(fig, key=f"causal.{finding.name}.intervals")
@@ -232,7 +232,7 @@ def _variables(ctx: Context, pairs: list[tuple[str, RunInfo]], finding: Finding 
 
 
 def _report_button(ctx: Context, run: RunInfo) -> None:
-    control, direct = sibling(run.path, Method.PAUSE), sibling(run.path, Method.DIRECT)
+    control, direct = sibling(run.path, PAUSE.name), sibling(run.path, DIRECT.name)
     note = (
         f"control: {core.Root.display(ctx.root, control)}"
         if control
@@ -268,7 +268,7 @@ def _report_button(ctx: Context, run: RunInfo) -> None:
 
 def _control(ctx: Context, run: RunInfo, report: dict | None) -> RunInfo | None:
     """The control run the report names, if it lies under the root, else the pause run beside it."""
-    for path in dict.fromkeys(filter(None, (control_of(run.path, report), sibling(run.path, Method.PAUSE)))):
+    for path in dict.fromkeys(filter(None, (control_of(run.path, report), sibling(run.path, PAUSE.name)))):
         try:
             path = ctx.root.inside(path)
         except core.OutsideRoot:

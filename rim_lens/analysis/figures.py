@@ -10,10 +10,8 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from rim_lens.methods import Method
+from rim_lens.methods import color_of
 from rim_lens.stats import Estimate
-
-METHOD_COLORS = {m.value: m.color for m in Method}
 
 
 def _numeric(df: pd.DataFrame, *cols: str) -> pd.DataFrame:
@@ -210,7 +208,7 @@ def per_block_accuracy(metrics: Mapping[str, dict]) -> go.Figure:
     fig = go.Figure()
     K = max((len(m.get("per_block_accuracy", [])) for m in metrics.values()), default=1)
     for name, m in metrics.items():
-        color = METHOD_COLORS.get(m.get("method", name))
+        color = color_of(m.get("method", name))
         if "per_block_accuracy" in m:
             fig.add_scatter(
                 x=list(range(1, len(m["per_block_accuracy"]) + 1)),
@@ -283,7 +281,7 @@ def comparison_bars(metrics: Mapping[str, dict]) -> go.Figure:
         x=names,
         y=[metrics[n]["accuracy"] for n in names],
         name="final block",
-        marker_color=[METHOD_COLORS.get(metrics[n].get("method"), "#888") for n in names],
+        marker_color=[color_of(metrics[n].get("method"), "#888") for n in names],
     )
     fig.add_bar(
         x=names,

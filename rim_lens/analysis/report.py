@@ -31,7 +31,7 @@ from rim_lens.data import Example
 from rim_lens.data.causal import STEP
 from rim_lens.errors import RimLensError, RunError
 from rim_lens.fileio import atomic_write_json, atomic_write_text
-from rim_lens.methods import Method
+from rim_lens.methods import DIRECT, PAUSE, get_method, latent_methods
 from rim_lens.runs import open_run
 from rim_lens.stats import Estimate
 
@@ -182,21 +182,17 @@ def card_value(card: dict | None, key: str) -> str:
     return shown
 
 
-def sibling(run_dir: str | Path, method: str | Method) -> Path | None:
+def sibling(run_dir: str | Path, method: str) -> Path | None:
     """The run called `method` beside `run_dir` (how `rim-lens demo` lays runs out), if it has a model."""
     path = Path(run_dir).parent / str(method)
     return path if path != Path(run_dir) and (path / artefacts.MODEL).is_dir() else None
 
 
-# The runs that reason in latent states, whose cards a report shows side by side.
-LATENT_METHODS = (Method.RIM, Method.PAUSE, Method.COCONUT)
-
-
 def compared_runs(run_dir: str | Path, control: str | Path | None = None) -> list[Path]:
     """The latent-reasoning runs beside `run_dir` that are neither it nor its control (default:
-    the pause run beside it), in `LATENT_METHODS` order: the further columns of its card."""
-    control = Path(control) if control is not None else sibling(run_dir, Method.PAUSE)
-    found = [sibling(run_dir, m) for m in LATENT_METHODS]
+    the pause run beside it), in `methods.latent_methods` order: the further columns of its card."""
+    control = Path(control) if control is not None else sibling(run_dir, PAUSE.name)
+    found = [sibling(run_dir, m) for m in latent_methods()]
     return [p for p in found if p is not None and (control is None or p.resolve() != control.resolve())]
 
 
@@ -207,7 +203,7 @@ def control_of(run_dir: str | Path, report: dict | None = None) -> Path | None:
         path = Path(named) if Path(named).is_absolute() else Path(run_dir) / named
         if (path / artefacts.MODEL).is_dir():
             return path.resolve()
-    return sibling(run_dir, Method.PAUSE)
+    return sibling(run_dir, PAUSE.name)
 
 
 def halves(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -455,8 +451,8 @@ def build_report(
     run = open_run(run_dir)
     lab = Lab.open(run.path, backend=backend, n=n, split=split)
     lab.require_blocks()
-    control_dir = Path(control) if control is not None else sibling(run.path, Method.PAUSE)
-    direct_dir = Path(direct) if direct is not None else sibling(run.path, Method.DIRECT)
+    control_dir = Path(control) if control is not None else sibling(run.path, PAUSE.name)
+    direct_dir = Path(direct) if direct is not None else sibling(run.path, DIRECT.name)
     control_lab = Lab.open(control_dir, backend=backend, examples=lab.examples) if control_dir else None
     sets = probe_sets(lab, split)
     report = {"run": measure(lab, seed, layers, sets), "control": None, "compared": []}
@@ -541,7 +537,7 @@ def _calibration(lab: Lab) -> tuple[dict | None, dict]:
 def markdown(report: dict) -> str:
     """report.md: the findings, the card with how each figure was measured, the variables, what was done."""
     r, c, others = report["run"], report["control"], report.get("compared") or []
-    thoughts = Method(r["method"]).uses_thoughts
+    thoughts = get_method(r["method"]).uses_thoughts
     lines = [f"# Do the {'continuous thoughts' if thoughts else 'memory blocks'} carry the reasoning?", ""]
     lines += [
         "## Verdict",
@@ -574,7 +570,7 @@ def markdown(report: dict) -> str:
             f"| {row.key} | {row.how} | " + " | ".join(card_value(x, row.key) for _, x in columns) + " |"
         )
     lines += ["", f"Examples: {r.get('examples')}; backend {r.get('backend')}."]
-    if any(Method(x["method"]).uses_thoughts for _, x in columns):
+    if any(get_method(x["method"]).uses_thoughts for _, x in columns):
         lines += [
             "For Coconut, block k is continuous thought k (one slot): an intervention there is applied "
             "in the pass that computes it, so every later thought is recomputed from it."

@@ -16,6 +16,7 @@ from rim_lens.analysis.capture import CaptureStore
 from rim_lens.analysis.probes import (
     CONSTANT,
     MIN_EXAMPLES_PER_TYPE,
+    ProbeResult,
     control_labels,
     control_types,
     probe_correctness,
@@ -25,7 +26,6 @@ from rim_lens.analysis.probes import (
     value_probes,
     weighted_ranking,
 )
-from rim_lens.analysis.results import ProbeResult
 from rim_lens.errors import RunError
 
 N, LAYERS, K, SLOTS, D = 240, [0, 1], 3, ["<b>", "</b>"], 6

@@ -55,7 +55,7 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -81,15 +81,13 @@ from rim_lens.analysis.backends import Edit, make_backend
 from rim_lens.analysis.engine import Variant, score
 from rim_lens.analysis.interventions import Patch
 from rim_lens.analysis.results import Result, with_intervals
+from rim_lens.analysis.session import Session
 from rim_lens.analysis.sites import BlockStates, Selection, Site, block_index
 from rim_lens.data.causal import CausalModel, Variable
 from rim_lens.data.examples import Example
 from rim_lens.errors import RunError
 from rim_lens.model.layouts import Layout, block_positions
 from rim_lens.stats import Estimate
-
-if TYPE_CHECKING:
-    from rim_lens.analysis.lab import Lab
 
 # -- the analysis' choices, in one place ----------------------------------------------------------
 METHODS = ("das", "probe", "random")
@@ -135,7 +133,7 @@ class Pairs:
         return Pairs([self.base[i] for i in rows], [self.source[i] for i in rows], answers)
 
 
-def split_examples(lab: Lab, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def split_examples(lab: Session, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the session's examples in the training part and the held-out part, split by the
     task's canonical key (a `verdict.SELECT_FRACTION` share of the keys for training)."""
     keys = [lab.task.key(ex.question) for ex in lab.examples]
@@ -147,7 +145,7 @@ def split_examples(lab: Lab, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_pairs(
-    lab: Lab, model: CausalModel, name: str, idx: Sequence[int], n: int = PAIRS, seed: int = 0
+    lab: Session, model: CausalModel, name: str, idx: Sequence[int], n: int = PAIRS, seed: int = 0
 ) -> Pairs:
     """Up to `n` informative pairs among the examples `idx`: each base with up to ceil(n / bases)
     sources (other questions), such that the counterfactual answer is defined, differs from the
@@ -184,7 +182,7 @@ def make_pairs(
 
 
 def arbitrary_answers(
-    lab: Lab, model: CausalModel, name: str, pairs: Pairs, seed: int = 0
+    lab: Session, model: CausalModel, name: str, pairs: Pairs, seed: int = 0
 ) -> tuple[list[int], list[str]]:
     """The arbitrary-target control's pairs and answers: the base's answer with the variable set
     to a fixed pseudo-random relabelling of the source's value (TL `arbitrary_targets`, keyed by
@@ -311,7 +309,7 @@ class Outcome:
 
 
 def iia(
-    lab: Lab, sel: Selection, pairs: Pairs, bases: Mapping, matched: Mapping | None = None
+    lab: Session, sel: Selection, pairs: Pairs, bases: Mapping, matched: Mapping | None = None
 ) -> dict[Unit, Outcome]:
     """Per unit of `bases` (a site, or a joint group of sites), what interchanging along
     `bases[unit]` does to each pair (a basis None: the whole state, a `Patch`), in one sweep with
@@ -394,7 +392,7 @@ class _SiteModel:
 
     HOOK = "site"
 
-    def __init__(self, lab: Lab, layouts: Sequence[Layout], unit: Unit, width: int) -> None:
+    def __init__(self, lab: Session, layouts: Sequence[Layout], unit: Unit, width: int) -> None:
         self.original_model = lab.backend.model  # what TL checks is in evaluation mode
         self.lab, self.layouts, self.sites, self.width = lab, list(layouts), unit_sites(unit), width
         self._hooks: list = []
@@ -445,7 +443,7 @@ class _SiteModel:
 
 
 def das_directions(
-    lab: Lab, site: Unit, pairs: Pairs, rank: int, seed: int = 0, init: torch.Tensor | None = None
+    lab: Session, site: Unit, pairs: Pairs, rank: int, seed: int = 0, init: torch.Tensor | None = None
 ) -> torch.Tensor:
     """A rank-`rank` basis at `site` (or over a joint group's concatenated states) learned by DAS
     so that interchanging it turns each base's output into the pair's answer (cross-entropy on
@@ -541,7 +539,7 @@ class _Variable:
         return row
 
     def measure(
-        self, lab: Lab, sel: Selection, basis: str, site: Unit, directions: torch.Tensor | None, *,
+        self, lab: Session, sel: Selection, basis: str, site: Unit, directions: torch.Tensor | None, *,
         matched: torch.Tensor | None = None, pairs: tuple[Pairs, Pairs] | None = None, train: bool = True,
         chosen: bool = False, note: str = "",
     ) -> dict:  # fmt: skip
@@ -557,7 +555,7 @@ class _Variable:
 
 
 def abstraction(
-    lab: Lab,
+    lab: Session,
     sel: Selection,
     variable: str | Sequence[str] | None = None,
     method: str = "das",
@@ -709,7 +707,7 @@ def _variables(model: CausalModel, examples: Sequence[Example], wanted) -> list[
     return [known[n] for n in names]
 
 
-def _fixed_sites(lab: Lab, sites, variables: list[Variable]) -> dict[str, list[Unit]]:
+def _fixed_sites(lab: Session, sites, variables: list[Variable]) -> dict[str, list[Unit]]:
     """Given units by variable name (a list: the same for every variable), each site checked."""
     if sites is None:
         return {}
@@ -726,7 +724,7 @@ def _fixed_sites(lab: Lab, sites, variables: list[Variable]) -> dict[str, list[U
 
 
 def _map(
-    lab: Lab,
+    lab: Session,
     sel: Selection,
     states: BlockStates,
     model: CausalModel,
@@ -812,7 +810,7 @@ def _promising(promise: dict[Site, tuple[float, float]]) -> list[Site]:
 
 
 def _das(
-    lab: Lab, sel: Selection, model: CausalModel, job: _Variable, units: list[Unit], ranks: list[int],
+    lab: Session, sel: Selection, model: CausalModel, job: _Variable, units: list[Unit], ranks: list[int],
     controls: bool, seed: int,
 ) -> None:  # fmt: skip
     """DAS at `units` for every rank (in increasing order, until one reaches `FULL_IIA` on training
@@ -855,7 +853,7 @@ def _das(
     )
 
 
-def _untrained_lab(lab: Lab, seed: int) -> Lab:
+def _untrained_lab(lab: Session, seed: int) -> Session:
     """The session over an untrained copy of its model (same backend, examples and layouts)."""
     copy = untrained_copy(lab.model, seed)
     backend = make_backend(lab.backend.name, copy, lab.tokenizer, lab.backend.model_dir)

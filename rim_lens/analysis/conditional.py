@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -40,13 +40,11 @@ from rim_lens.analysis import figures
 from rim_lens.analysis.capture import question_and_block_states
 from rim_lens.analysis.probes import value_columns
 from rim_lens.analysis.results import Result
+from rim_lens.analysis.session import Session
 from rim_lens.analysis.sites import Selection
 from rim_lens.data.examples import Example
 from rim_lens.errors import RunError
 from rim_lens.stats import Estimate, bootstrap
-
-if TYPE_CHECKING:
-    from rim_lens.analysis.lab import Lab
 
 TRAIN = 2000  # training-split examples the probes are fitted on
 VALIDATION = 500  # validation-split examples the penalty and the cell are chosen on
@@ -322,14 +320,14 @@ class _Split:
         return self.blocks[:, li, block - 1].reshape(len(self.blocks), -1)
 
 
-def _split(lab: Lab, examples: Sequence[Example], layers: list[int]) -> _Split:
+def _split(lab: Session, examples: Sequence[Example], layers: list[int]) -> _Split:
     blocks, question = question_and_block_states(lab.backend, lab.builder, list(examples), layers)
     groups = np.unique([lab.task.key(ex.question) for ex in examples], return_inverse=True)[1]
     return _Split(list(examples), blocks.float().numpy(), question.float().numpy(), groups)
 
 
 def conditional_probe(
-    lab: Lab, sel: Selection, train: Sequence[Example], validation: Sequence[Example], seed: int = 0
+    lab: Session, sel: Selection, train: Sequence[Example], validation: Sequence[Example], seed: int = 0
 ) -> ConditionalResult:
     """Conditional probes per (layer, block, step) of the selection (module docstring): fitted on
     `train`, penalty, decoder and cell chosen on `validation`, the chosen cell scored on the

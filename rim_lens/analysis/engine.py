@@ -177,7 +177,7 @@ def resume_sweep(
     position, so a forward pass starts where its rows start to differ. Interventions only: a
     knockout changes the mask of every layer (use `sweep`). The hf backend only: the others run
     whole passes through their own hooks. `last_only`: the metric reads the last position only
-    (e.g. `causal.logit_diff`), which then is all it gets (logits [rows, 1, V]), and the last layer
+    (e.g. `patching.logit_diff`), which then is all it gets (logits [rows, 1, V]), and the last layer
     computes no more than that needs."""
     if not isinstance(backend, HFBackend):
         raise RunError(

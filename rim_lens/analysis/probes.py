@@ -21,10 +21,12 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
@@ -34,9 +36,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from rim_lens.analysis import figures
 from rim_lens.analysis.capture import CaptureStore
-from rim_lens.analysis.sites import block_labels
+from rim_lens.analysis.results import Result
+from rim_lens.analysis.session import Session
+from rim_lens.analysis.sites import Selection, block_labels
 from rim_lens.errors import RunError
+from rim_lens.stats import bootstrap
 
 ControlType = Callable[[dict], str]
 VALUE = "value"  # the variable a step writes; others are derived (`Task.derived_values`)
@@ -619,3 +625,91 @@ def value_probes(
                     row["note"] = "control labels have one class (one input type)"
             out.append(row)
     return pd.DataFrame(out), per_example
+
+
+@dataclass(repr=False)
+class ProbeResult(Result):
+    """Value probes (`table`: per layer, block, step) and correctness probes (`correctness`),
+    with probe-based answer selection in the summary. `best` picks the most selective value
+    probe on some examples and scores it on others."""
+
+    correctness: pd.DataFrame | None = None
+    hits: dict = field(default_factory=dict)  # (layer, block, step) -> (rows, hits, control hits)
+    groups: np.ndarray | None = None  # question group of every probed example
+    name: ClassVar[str] = "probe_values"
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {"probe_correctness": self.correctness, "probe_values": self.table}
+
+    def best(
+        self,
+        select_on: np.ndarray | None = None,
+        score_on: np.ndarray | None = None,
+        variable: str = "value",
+    ) -> dict | None:
+        """The (layer, block, step) probe of `variable` (default: the value each step writes) with
+        the highest selectivity on the examples `select_on` (indices; default all), and its
+        selectivity on `score_on` (default all) with a bootstrap interval over question groups.
+        With the defaults the cell is chosen and scored on the same examples, which is optimistic
+        (the maximum of a grid)."""
+
+        def selectivity(cell, chosen):
+            rows, hits, control = self.hits[cell]
+            keep = np.ones(len(rows), bool) if chosen is None else np.isin(rows, chosen)
+            return rows[keep], (hits - control)[keep], hits[keep], control[keep]
+
+        scored = {}
+        for cell in self.hits:
+            if cell[2] != variable:
+                continue
+            _, diff, _, _ = selectivity(cell, select_on)
+            if diff.size:
+                scored[cell] = diff.mean()
+        if not scored:
+            return None
+        cell = max(scored, key=scored.get)
+        rows, diff, hits, control = selectivity(cell, score_on)
+        if not diff.size:
+            return None
+        layer, block, variable, step = cell
+        return {
+            "layer": layer,
+            "block": block,
+            "variable": variable,
+            "step": step,
+            "score": float(hits.mean()),
+            "control": float(control.mean()),
+            "selectivity": bootstrap(diff, groups=self.groups[rows]),
+        }
+
+    def figures(self) -> dict[str, go.Figure]:
+        figs = {}
+        if self.correctness is not None and len(self.correctness):
+            figs["probe_correctness.auroc"] = figures.layer_block_heatmap(
+                self.correctness, "auroc", "Correctness probe AUROC", zmid=0.5
+            )
+        figs["probe_values.steps"] = figures.value_probe_heatmap(self.table)
+        figs["probe_values.curves"] = figures.probe_curves(self.table)
+        return figs
+
+
+def analyse(lab: Session, sel: Selection, seed: int = 0, n_boot: int = 1000) -> ProbeResult:
+    """Linear probes per (layer, block) of `sel` for whether the readout after the block is right
+    and for every step's value, each beside a control task (selectivity = score - control)."""
+    store = lab.capture().store
+    chosen = None if len(sel.slots) == lab.spec.block_slots else list(sel.slots)
+    options = dict(layers=sel.layers, blocks=sel.blocks, slots=chosen, seed=seed, n_boot=n_boot)
+    correctness = probe_correctness(store, **options)
+    values, hits = value_probes(store, **options)
+    result = ProbeResult(values, correctness=correctness, hits=hits, groups=question_groups(store))
+    fitted = correctness["auroc"].notna().any()
+    auroc = correctness.groupby("layer")["auroc"].mean()
+    best = result.best()
+    result.summary = {
+        "selection": select_answers(store, correctness, slots=chosen, seed=seed) if fitted else None,
+        "correctness_auroc": float(auroc.max()) if fitted else None,
+        "correctness_auroc_layer": int(auroc.idxmax()) if fitted else None,
+        "best_value_probe": best,
+    }
+    result.record = lab.record("probe", sel, seed=seed, n_boot=n_boot)
+    return result

@@ -23,6 +23,7 @@ import streamlit as st
 import yaml
 
 from rim_lens import artefacts
+from rim_lens.analysis.registry import analysis_of
 from rim_lens.artefacts import PRODUCERS
 from rim_lens.errors import RimLensError, RunError
 from rim_lens.fileio import read_jsonl, read_text
@@ -267,7 +268,7 @@ def read(root: Root, run: RunInfo, name: str) -> Any:
 def analysis_name(name: str) -> str:
     """The analysis that writes `analysis/<name>` (e.g. probe_values.parquet -> probe,
     capture/meta.json -> capture)."""
-    return artefacts.analysis_of(name.removeprefix(f"{artefacts.ANALYSIS}/").split("/")[0].split(".")[0])
+    return analysis_of(name.removeprefix(f"{artefacts.ANALYSIS}/").split("/")[0].split(".")[0])
 
 
 # -- run facts -----------------------------------------------------------------------------------

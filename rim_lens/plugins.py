@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 from rim_lens.errors import ConfigError
@@ -24,9 +25,10 @@ def modules() -> list[str]:
     return named + [m.strip() for m in os.environ.get(ENV, "").split(",") if m.strip()]
 
 
-def load() -> None:
-    """Import every plugin module not imported yet; ConfigError naming one that cannot be."""
-    for name in modules():
+def load(built_in: Sequence[str] = ()) -> None:
+    """Import `built_in` (rim-lens's own modules that declare things) and every plugin module not
+    imported yet; ConfigError naming one that cannot be."""
+    for name in [*built_in, *modules()]:
         if name in _loaded:
             continue
         _loaded.add(name)

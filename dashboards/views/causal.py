@@ -13,6 +13,7 @@ from dashboards.core import RunInfo, command, missing, section
 from dashboards.ui import READ_ONLY, Context, chart, choose
 from rim_lens import artefacts
 from rim_lens.analysis import figures
+from rim_lens.analysis.registry import analysis_of
 from rim_lens.analysis.report import CARD, REPORT_JSON, calibrated, card_value, control_of, percent, sibling
 from rim_lens.analysis.verdict import PARTIAL, SUPPORTED, Finding
 from rim_lens.methods import DIRECT, PAUSE, RIM, latent_methods
@@ -135,7 +136,7 @@ def _figures(ctx: Context, pairs: list[tuple[str, RunInfo]], title: str, stem: s
     for col, (who, r) in zip(cols, pairs):
         with col, section(f"{stem} of {r.shown}"):
             table = core.read(ctx.root, r, f"{artefacts.ANALYSIS}/{stem}.parquet")
-            what = artefacts.analysis_of(stem)
+            what = analysis_of(stem)
             if table is None:
                 st.caption(f"{who}: {r.name}")
                 missing(

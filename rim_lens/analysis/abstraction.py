@@ -83,6 +83,7 @@ from rim_lens.analysis.interventions import Patch
 from rim_lens.analysis.results import Result, with_intervals
 from rim_lens.analysis.session import Session
 from rim_lens.analysis.sites import BlockStates, Selection, Site, block_index
+from rim_lens.artefacts import ABSTRACTION_BASES
 from rim_lens.data.causal import CausalModel, Variable
 from rim_lens.data.examples import Example
 from rim_lens.errors import RunError
@@ -90,7 +91,6 @@ from rim_lens.model.layouts import Layout, block_positions
 from rim_lens.stats import Estimate
 
 # -- the analysis' choices, in one place ----------------------------------------------------------
-METHODS = ("das", "probe", "random")
 PAIRS = 128  # pairs per part (training, held-out) and variable
 DAS_SITES = 2  # sites per variable DAS is fitted at: the most promising on training pairs
 # 80 Adam steps of 16 pairs: on the hand-built model as close to the stored direction as fit_das'
@@ -578,8 +578,8 @@ def abstraction(
     fit the arbitrary-target and untrained DAS controls. The best unit and rank (on training pairs)
     also gets the full state's IIA at the same sites.
     """
-    if method not in METHODS:
-        raise RunError(f"unknown abstraction method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in ABSTRACTION_BASES:
+        raise RunError(f"unknown abstraction method {method!r}; choose one of {', '.join(ABSTRACTION_BASES)}")
     checked = _ranks(rank, lab.backend.d_model)
     model = lab.task.causal_model()
     variables = _variables(model, lab.examples, variable)

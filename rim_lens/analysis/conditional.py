@@ -36,12 +36,14 @@ import plotly.graph_objects as go
 from scipy.linalg import cho_factor, cho_solve
 from threadpoolctl import threadpool_limits
 
+from rim_lens import artefacts
 from rim_lens.analysis import figures
 from rim_lens.analysis.capture import question_and_block_states
 from rim_lens.analysis.probes import value_columns
 from rim_lens.analysis.results import Result
 from rim_lens.analysis.session import Session
 from rim_lens.analysis.sites import Selection
+from rim_lens.data import read_examples
 from rim_lens.data.examples import Example
 from rim_lens.errors import RunError
 from rim_lens.stats import Estimate, bootstrap
@@ -367,7 +369,7 @@ def conditional_probe(
     table = pd.DataFrame(rows)
     result = ConditionalResult(table)
     result.record = lab.record(
-        "probe_conditional",
+        "conditional",
         sel,
         None,
         seed=seed,
@@ -432,3 +434,20 @@ def gain(summary: dict | None) -> Estimate | None:
     if found is None:
         return Estimate(0.0, 0.0, 0.0, 0, "none probed")
     return found if isinstance(found, Estimate) else Estimate.from_dict(found)
+
+
+def probe_sets(lab: Session, split: str = "test") -> tuple[list[Example], list[Example]] | None:
+    """The examples conditional probes are fitted on (the first `conditional.TRAIN` of the run's
+    training split) and chosen on (the first `conditional.VALIDATION` of its validation split, or
+    of its test split when the report reads validation); None for a run without those splits."""
+    if lab.run is None:
+        return None
+    chosen_on = "test" if split == "val" else "val"
+    found = []
+    for name, size in (("train", TRAIN), (chosen_on, VALIDATION)):
+        path = artefacts.split_path(lab.run.path, name)
+        if not path.exists():
+            return None
+        examples, _ = read_examples(path, lab.task.name, task_options=lab.task.options)
+        found.append(examples[:size])
+    return found[0], found[1]

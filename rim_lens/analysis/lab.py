@@ -30,10 +30,12 @@ from rim_lens.analysis import causal, interchange, patching
 from rim_lens.analysis.backends import make_backend
 from rim_lens.analysis.causal import AblationResult, DecodeResult, EffectResult, KnockoutResult
 from rim_lens.analysis.interchange import InterchangeResult
-from rim_lens.analysis.interventions import Intervention
+from rim_lens.analysis.interventions import ABLATIONS, Intervention
 from rim_lens.analysis.patching import PatchResult
+from rim_lens.analysis.registry import analysis
 from rim_lens.analysis.session import Layers, Session
 from rim_lens.analysis.sites import Site, block_labels
+from rim_lens.artefacts import ABSTRACTION_BASES, PATCH_METHODS
 from rim_lens.data import Example, read_examples
 from rim_lens.data.tasks import Task, get_task
 from rim_lens.errors import RunError
@@ -124,6 +126,11 @@ class Lab(Session):
         K = spec.latent_blocks
         return f"Lab({where}: {spec.method}, K={K}, {len(self.examples)} examples, {self.backend.name})"
 
+    @analysis(
+        stems=("pca", "pca_examples", "pca_explained", "pca_input_dependence"),
+        example="--layers 2 --blocks 1-4",
+        help={"per_slot": "one PCA per slot instead of one over every slot"},
+    )
     def pca(
         self, layers: Layers = None, blocks: Layers = None, slots: Layers = None, per_slot: bool = False
     ) -> PCAResult:
@@ -136,6 +143,11 @@ class Lab(Session):
         result.record = self.record("pca", sel, per_slot=per_slot)
         return result
 
+    @analysis(
+        stems=("probe_correctness", "probe_values"),
+        example="--layers 1-2 --blocks 1-4",
+        help={"n_boot": "bootstrap resamples of each interval (default: 1000)"},
+    )
     def probe(
         self,
         layers: Layers = None,
@@ -152,22 +164,43 @@ class Lab(Session):
             self, self.select(layers, blocks, slots, readable=True), seed=seed, n_boot=n_boot
         )
 
+    @analysis(
+        "conditional",
+        stems=("probe_conditional",),
+        example="--layers 2",
+    )
     def conditional_probe(
         self,
-        train: Sequence[Example],
-        validation: Sequence[Example],
+        train: Sequence[Example] | None = None,
+        validation: Sequence[Example] | None = None,
         layers: Layers = None,
         blocks: Layers = None,
         seed: int = 0,
     ) -> ConditionalResult:
         """What each (layer, block) adds to the question's own states about each step's value:
         ridge probes on [question; block] minus on the question, fitted on `train`, chosen on
-        `validation`, the chosen cell scored on the session's examples (`conditional`)."""
+        `validation` (default: the run's training and validation splits, `conditional.probe_sets`),
+        the chosen cell scored on the session's examples (`conditional`)."""
         from rim_lens.analysis import conditional
 
+        if train is None or validation is None:
+            sets = conditional.probe_sets(self)
+            if sets is None:
+                raise RunError(
+                    "conditional probes need training and validation examples: pass them, or open a run"
+                )
+            train, validation = sets
         sel = self.select(layers, blocks, readable=True)
         return conditional.conditional_probe(self, sel, train, validation, seed=seed)
 
+    @analysis(
+        stems=("lens", "lens_quality"),
+        example="--layers 2 --top-k 3",
+        help={
+            "top_k": "tokens shown per block state (default: 5)",
+            "tuned": "also the tuned lens, fitted on the first half of the examples (default: on)",
+        },
+    )
     def lens(
         self,
         layers: Layers = None,
@@ -184,6 +217,12 @@ class Lab(Session):
         return lens.analyse(self, self.select(layers, blocks, slots, readable=True), top_k=top_k, tuned=tuned)
 
     # -- causal ------------------------------------------------------------------------------------
+    @analysis(
+        stems=("ablate",),
+        example="--blocks 1-4 --mode zero --grid",
+        choices={"mode": tuple(ABLATIONS)},
+        help={"mode": "how blocks are ablated (default: mean)", "grid": "also every single (layer, block)"},
+    )
     def ablate(
         self,
         layers: Layers = None,
@@ -197,11 +236,23 @@ class Lab(Session):
         intact, each block alone, blocks 1..k, all; with `grid` every (layer, block)."""
         return causal.ablate(self, self.select(layers, blocks, slots), mode=mode, grid=grid, seed=seed)
 
+    @analysis(stems=("knockout",), example="--blocks 1-4")
     def knockout(self, layers: Layers = None, blocks: Layers = None, slots: Layers = None) -> KnockoutResult:
         """Accuracy with attention edges removed: the answer cannot see block k, block k cannot see
         earlier blocks (in every layer)."""
         return causal.knockout(self, self.select(layers, blocks, slots))
 
+    @analysis(
+        stems=("patch", "patch_sets", "patch_attribution", "patch_edges", "patch_components"),
+        example="--layers 1-2 --method attribution",
+        choices={"method": PATCH_METHODS},
+        help={
+            "per_slot": "one cell per (layer, block, slot)",
+            "method": "exact (skips unchanged work; hf backend, the default there), full (the same numbers, "
+            "whole passes; the default on tl and nnsight), attribution (gradient estimate of every cell and "
+            "block-to-block edges; writes patch_attribution.*)",
+        },
+    )
     def patch(
         self,
         layers: Layers = None,
@@ -226,6 +277,11 @@ class Lab(Session):
             )
         return patching.patch(self, sel, per_slot=per_slot, seed=seed, method=method)
 
+    @analysis(
+        stems=("interchange", "interchange_values"),
+        example="--layers 2",
+        help={"grid": "every (layer, block) alone, not only every block at once (default: on)"},
+    )
     def interchange(
         self,
         layers: Layers = None,
@@ -237,6 +293,20 @@ class Lab(Session):
         """Example B given example A's block states: how often B's output becomes A's answer."""
         return interchange.interchange(self, self.select(layers, blocks, slots), seed=seed, grid=grid)
 
+    @analysis(
+        stems=("abstraction", "abstraction_pairs"),
+        example="--variable step1 --rank 1,2 --joint",
+        choices={"method": ABSTRACTION_BASES},
+        flags={"method": "basis"},
+        help={
+            "variable": "one variable, e.g. step1 (default: every one)",
+            "method": "the subspace to interchange along (default: das, with the probe map)",
+            "rank": "subspace rank(s), e.g. 1,2 (default: 1)",
+            "grid": "the map over every site (default: on)",
+            "controls": "placebo, arbitrary-target and untrained-model controls (default: on)",
+            "joint": "also fit DAS over every slot of several blocks at once (as the report does)",
+        },
+    )
     def abstraction(
         self,
         variable: str | Sequence[str] | None = None,

@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from rim_lens import artefacts
-from rim_lens.analysis import verdict
+from rim_lens.analysis import conditional, verdict
 from rim_lens.analysis.abstraction import RANKS, UNDERFIT
+from rim_lens.analysis.backends import BACKENDS
 from rim_lens.analysis.lab import Lab, Layers
+from rim_lens.analysis.registry import analysis
 from rim_lens.analysis.results import plain
 from rim_lens.data import Example
 from rim_lens.data.causal import STEP
@@ -433,6 +435,23 @@ def _cited(record: dict) -> dict:
     return {**options, "fingerprint": record.get("fingerprint")}
 
 
+def _shown(report: dict) -> str:
+    return report["verdict"]
+
+
+@analysis(
+    "report",
+    on_run=True,
+    stems=(artefacts.REPORT,),
+    example="--n 200 --layers 1-2",
+    choices={"backend": BACKENDS, "split": artefacts.SPLITS},
+    help={
+        "control": "control run (default: the sibling 'pause' run)",
+        "direct": "direct-answer run for the baseline (default: the sibling 'direct' run)",
+        "layers": "the layers of its per-layer grids (default: all)",
+    },
+    show=_shown,
+)
 def build_report(
     run_dir: str | Path,
     control: str | Path | None = None,
@@ -454,7 +473,7 @@ def build_report(
     control_dir = Path(control) if control is not None else sibling(run.path, PAUSE.name)
     direct_dir = Path(direct) if direct is not None else sibling(run.path, DIRECT.name)
     control_lab = Lab.open(control_dir, backend=backend, examples=lab.examples) if control_dir else None
-    sets = probe_sets(lab, split)
+    sets = conditional.probe_sets(lab, split)
     report = {"run": measure(lab, seed, layers, sets), "control": None, "compared": []}
     if control_lab is not None:
         report["control"] = measure(control_lab, seed, layers, sets)
@@ -482,26 +501,6 @@ def build_report(
     atomic_write_json(lab.out / REPORT_JSON, report)
     atomic_write_text(lab.out / REPORT_MD, markdown(report))
     return report
-
-
-def probe_sets(lab: Lab, split: str = "test") -> tuple[list[Example], list[Example]] | None:
-    """The examples conditional probes are fitted on (the first `conditional.TRAIN` of the run's
-    training split) and chosen on (the first `conditional.VALIDATION` of its validation split, or
-    of its test split when the report reads validation); None for a run without those splits."""
-    from rim_lens.analysis.conditional import TRAIN, VALIDATION
-    from rim_lens.data import read_examples
-
-    if lab.run is None:
-        return None
-    chosen_on = "test" if split == "val" else "val"
-    found = []
-    for name, size in (("train", TRAIN), (chosen_on, VALIDATION)):
-        path = artefacts.split_path(lab.run.path, name)
-        if not path.exists():
-            return None
-        examples, _ = read_examples(path, lab.task.name, task_options=lab.task.options)
-        found.append(examples[:size])
-    return found[0], found[1]
 
 
 def architecture(lab: Lab) -> dict:
@@ -579,9 +578,9 @@ def markdown(report: dict) -> str:
     lines += variables_table(r, c)
     lines += ["## What was done", ""]
     for who, card in (("run", r), ("control", c), *((o["method"], o) for o in others)):
-        for analysis, options in ((card or {}).get("done") or {}).items():
+        for what, options in ((card or {}).get("done") or {}).items():
             cited = ", ".join(f"{k} `{_short(v)}`" for k, v in options.items() if v is not None)
-            lines.append(f"- {who}, {analysis}: {cited}")
+            lines.append(f"- {who}, {what}: {cited}")
     return "\n".join(lines) + "\n"
 
 

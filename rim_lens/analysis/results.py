@@ -21,6 +21,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from rim_lens import artefacts
+from rim_lens.analysis.registry import analysis_of
 from rim_lens.errors import RunError
 from rim_lens.fileio import atomic_write, atomic_write_json, atomic_write_text, read_json
 from rim_lens.stats import Estimate, proportion
@@ -102,7 +103,7 @@ def with_intervals(rows: list[dict], flags: np.ndarray, key: str = "accuracy") -
 
 # -- saved results --------------------------------------------------------------------------------
 def _missing(run_dir: str | Path, stem: str) -> RunError:
-    what = artefacts.analysis_of(stem)
+    what = analysis_of(stem)
     return RunError(f"{run_dir}: no {what} analysis; produce it with `rim-lens analyze {what} {run_dir}`")
 
 
@@ -120,5 +121,5 @@ def load_summary(run_dir: str | Path, stem: str) -> dict:
     if not path.exists():
         raise _missing(run_dir, stem)
     return read_json(
-        path, RunError, f"produce it again with `rim-lens analyze {artefacts.analysis_of(stem)} {run_dir}`"
+        path, RunError, f"produce it again with `rim-lens analyze {analysis_of(stem)} {run_dir}`"
     )

@@ -22,6 +22,7 @@ from rim_lens.analysis import fingerprint
 from rim_lens.analysis.backends import Backend
 from rim_lens.analysis.capture import CaptureResult, CaptureStore, block_states, capture
 from rim_lens.analysis.interventions import Context, Intervention
+from rim_lens.analysis.registry import analysis
 from rim_lens.analysis.results import plain
 from rim_lens.analysis.sites import BlockStates, Selection
 from rim_lens.data import Example
@@ -136,6 +137,16 @@ class Session:
         )
         return intervention.fit(context)
 
+    @analysis(
+        stems=(),
+        example="--layers 0-2 --attn",
+        cli={"refresh": True},
+        help={
+            "attn": "also attention outputs",
+            "readouts": "the greedy readout after every block too (default: on)",
+            "batch_size": "examples per forward pass (default: 64)",
+        },
+    )
     def capture(
         self,
         layers: Layers = None,

@@ -17,7 +17,9 @@ from rim_lens.errors import RimLensError
 from rim_lens.fileio import storage_errno, storage_error
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of `argv`: the analyses' subcommands are built only for `rim-lens analyze`
+    (they load the Lab, which other commands should not wait for)."""
     # Each command module adds its subparser and sets `func`, the handler of the parsed args.
     from rim_lens.cli import analyze, dashboard, data, demo, model, train
 
@@ -27,13 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
         "carry the reasoning.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (data, model, train, demo, analyze, dashboard):
+    for module in (data, model, train, demo, dashboard):
         module.register(sub)
+    analyze.register(sub, full=list(argv or [])[:1] == ["analyze"])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help, or a one-line usage error already printed

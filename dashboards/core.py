@@ -23,7 +23,7 @@ import streamlit as st
 import yaml
 
 from rim_lens import artefacts
-from rim_lens.analysis.registry import analysis_of
+from rim_lens.analysis.registry import analyses, analysis_of
 from rim_lens.artefacts import PRODUCERS
 from rim_lens.errors import RimLensError, RunError
 from rim_lens.fileio import read_jsonl, read_text
@@ -263,6 +263,22 @@ def read(root: Root, run: RunInfo, name: str) -> Any:
         analysis = name.startswith(f"{artefacts.ANALYSIS}/")
         fix = f"rim-lens analyze {analysis_name(name)} {run.shown}" if analysis else producer(run, name)
         raise RunError(f"{err}" + (f"; produce it again with `{fix}`" if fix else "")) from None
+
+
+def analyses_of(root: Root, run: RunInfo) -> list[dict]:
+    """Every declared analysis (`rim_lens.analysis.registry`, plugins' too): what it does, whether the
+    run holds what it writes, and the command that writes it."""
+    folder = artefact(root, run, artefacts.ANALYSIS)
+    written = {p.name.split(".")[0] for p in folder.iterdir()} if folder and folder.is_dir() else set()
+    return [
+        {
+            "analysis": a.name,
+            "what it does": a.summary,
+            "written": bool(written & set(a.stems)),
+            "command": f"rim-lens analyze {a.name} {run.shown}",
+        }
+        for a in analyses().values()
+    ]
 
 
 def analysis_name(name: str) -> str:

@@ -7,8 +7,10 @@ module registers what it defines (`methods.register`, `analysis.registry.analysi
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
@@ -21,8 +23,16 @@ _loaded: set[str] = set()
 
 def modules() -> list[str]:
     """The plugin modules named by the entry points and by RIM_LENS_PLUGINS."""
-    named = [ep.value.partition(":")[0] for ep in entry_points(group=GROUP)]
-    return named + [m.strip() for m in os.environ.get(ENV, "").split(",") if m.strip()]
+    return [
+        *_installed(tuple(sys.path)),
+        *(m.strip() for m in os.environ.get(ENV, "").split(",") if m.strip()),
+    ]
+
+
+@functools.cache
+def _installed(path: tuple[str, ...]) -> list[str]:
+    """The modules of the `rim_lens.plugins` entry points on `path` (scanned once per path)."""
+    return [ep.value.partition(":")[0] for ep in entry_points(group=GROUP)]
 
 
 def load(built_in: Sequence[str] = ()) -> None:

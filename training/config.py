@@ -28,7 +28,7 @@ from rim_lens.data.examples import Example
 from rim_lens.data.tasks import TASK_NAMES, get_task
 from rim_lens.errors import ConfigError, RimLensError, clip, size_text
 from rim_lens.fileio import read_text
-from rim_lens.methods import get_method, method_names
+from rim_lens.methods import RIM, get_method, method_names
 from rim_lens.model.memory import TRAINING_FIELDS, MemorySpec
 from rim_lens.runs import check_name
 
@@ -186,7 +186,7 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    method: str = rule("rim", choices=method_names)
+    method: str = rule(RIM.name, choices=method_names)
     name: str = rule("", check=_run_name)
     seed: int = rule(0, min=SEEDS[0], max=SEEDS[1])
     task: TaskConfig = field(default_factory=TaskConfig)

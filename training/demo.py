@@ -170,7 +170,7 @@ def run_demo(
     overwrite: bool = False,
 ) -> dict:
     """Train and compare the methods of the demo recipe (or `recipe`) over `seeds` training seeds
-    (`method_seeds`: fewer for some methods, e.g. {"coconut": 1}), `jobs` runs at a time; returns
+    (`method_seeds`: fewer for some methods, e.g. 1 for coconut), `jobs` runs at a time; returns
     the summary written to runs_dir. A run of another recipe is replaced only with `overwrite`."""
     from training.config import load_config
     from training.trainer import load_data

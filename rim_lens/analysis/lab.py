@@ -17,9 +17,10 @@ written under the run's `analysis/capture` and reused only while its record matc
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import yaml
@@ -32,7 +33,7 @@ from rim_lens.analysis.causal import AblationResult, DecodeResult, EffectResult,
 from rim_lens.analysis.interchange import InterchangeResult
 from rim_lens.analysis.interventions import ABLATIONS, Intervention
 from rim_lens.analysis.patching import PatchResult
-from rim_lens.analysis.registry import analysis
+from rim_lens.analysis.registry import analyses, analysis
 from rim_lens.analysis.session import Layers, Session
 from rim_lens.analysis.sites import Site, block_labels
 from rim_lens.artefacts import ABSTRACTION_BASES, PATCH_METHODS
@@ -119,6 +120,13 @@ class Lab(Session):
         return Lab(
             self.model, self.tokenizer, self.spec, self.task, self.examples, be, self.run, out, self.source
         )
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        """An analysis declared outside the Lab (a plugin's, `registry`), as a method."""
+        found = None if name.startswith("_") else analyses().get(name)
+        if found is None or found.on_run:
+            raise AttributeError(f"'Lab' object has no attribute {name!r}")
+        return partial(found.function, self)
 
     def __repr__(self) -> str:
         where = self.run.path if self.run else "a model in memory"

@@ -98,7 +98,9 @@ def kind_of(param: inspect.Parameter) -> str | None:
     """How the command line reads a parameter, from its annotation: "flag", "ints" (a list such as
     1,3-4 or `all`), "int", "float", "text", or None for what a command line cannot give (an
     intervention, examples, sites)."""
-    note = str(param.annotation).replace(" ", "")
+    note = param.annotation  # text under `from __future__ import annotations`, else the type itself
+    note = note.__name__ if isinstance(note, type) else str(note)
+    note = re.sub(r"collections\.abc\.|typing\.|\s", "", note)
     if note == "bool":
         return "flag"
     if note == "Layers" or note.startswith("int|Sequence[int]") or note == "Sequence[int]|None":

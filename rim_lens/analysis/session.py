@@ -138,7 +138,7 @@ class Session:
         return intervention.fit(context)
 
     @analysis(
-        stems=(),
+        stems=(artefacts.CAPTURE,),
         example="--layers 0-2 --attn",
         cli={"refresh": True},
         help={

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rim_lens.errors import RunError
-from rim_lens.methods import Method, get_method
+from rim_lens.methods import RIM, Method, get_method
 
 SPEC_FILENAME = "rim_memory.json"
 # Set by training from the recipe's top level (`thoughts`: from its `coconut` section), never in
@@ -36,7 +36,7 @@ class MemorySpec:
     # The metadata are the recipe's checks of the `memory` section (see training/config.py). A
     # "word" token is added to the tokenizer as one special token (no whitespace); the answer
     # prefix is written as text (spaces allowed). None may be blank, and all must differ.
-    method: str = "rim"
+    method: str = RIM.name
     begin: str = field(default="<b>", metadata={"token": "word"})
     memory: str = field(default="<m>", metadata={"token": "word"})
     end: str = field(default="</b>", metadata={"token": "word"})

@@ -218,7 +218,7 @@ def _variables(ctx: Context, pairs: list[tuple[str, RunInfo]], finding: Finding 
         missing(run, f"causal abstraction results ({stem})", f"rim-lens analyze abstraction {run.shown}")
         return
     # Imported here: it loads TransformerLens (about 1.5 s), which only this section needs.
-    from rim_lens.analysis.abstraction import iia_maps, map_rows
+    from rim_lens.analysis.abstraction import map_rows
 
     for variable in tables[first]["variable"].unique():
         for who, r in pairs:
@@ -227,7 +227,7 @@ def _variables(ctx: Context, pairs: list[tuple[str, RunInfo]], finding: Finding 
                 st.caption(f"{who}: {r.name} has no map of {variable}. Produce it with:")
                 command(f"rim-lens analyze abstraction {r.shown}")
                 continue
-            fig = iia_maps(table, variable)
+            fig = figures.iia_maps(map_rows(table, variable), variable)
             fig.update_layout(title=f"{fig.layout.title.text}<br><sup>{who}: {r.name}</sup>", height=320)
             chart(fig, key=f"causal.abstraction.{variable}.{who}")
 

@@ -107,7 +107,7 @@ class Variant:
         ]
 
     def _joint(self, pos: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, group: list[Site]) -> Edit:
-        """One edit of a joint intervention (`abstraction.JointInterchange`) over a group of sites at
+        """One edit of a joint intervention (`subspaces.JointInterchange`) over a group of sites at
         one layer: it maps each row's states there, concatenated [rows, n * d_model], at once."""
         n = len(group)
         where = pos[rows][:, [block_index(s.block) for s in group], [s.slot for s in group]]  # [rows, n]

@@ -335,7 +335,7 @@ class Lab(Session):
         "das" (a learned basis of rank `rank` at the most promising sites, or at `sites`, with
         placebo, arbitrary-target and untrained-model controls), "probe" or "random" (the map over
         every site); see `abstraction`. `rank` may be several (a sweep, chosen on training pairs);
-        `joint` fits DAS jointly over every slot of blocks 1..t too (`abstraction.joint_unit`)."""
+        `joint` fits DAS jointly over every slot of blocks 1..t too (`subspaces.joint_unit`)."""
         from rim_lens.analysis import abstraction
 
         sel = self.select(layers, blocks, slots)

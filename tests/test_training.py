@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from rim_lens.errors import ConfigError, DataError, RunError
 from rim_lens.model.checkpoints import load_checkpoint
 from rim_lens.schedules import block_weights, grounding_weights, refinement_weights, step_weights
-from training import trainer
+from training import stages, trainer
 from training.config import RunConfig, load_config
 from training.trainer import train
 
@@ -392,7 +392,7 @@ def test_compiled_loss_equals_the_eager_loss(copy_data):
         results = []
         for compiled in (False, True):
             model.zero_grad(set_to_none=True)
-            loss = trainer.stage_loss(stage, compiled)(model, batch, weights)
+            loss = stages.stage_loss(stage, compiled)(model, batch, weights)
             loss.backward()
             results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
         (eager, eager_grads), (fast, fast_grads) = results

@@ -14,16 +14,18 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from rim_lens.analysis.capture import CaptureStore
 from rim_lens.analysis.probes import (
-    CONSTANT,
-    MIN_EXAMPLES_PER_TYPE,
     ProbeResult,
-    control_labels,
-    control_types,
     probe_correctness,
     probe_values,
-    question_groups,
     select_answers,
     value_probes,
+)
+from rim_lens.analysis.probing import (
+    CONSTANT,
+    MIN_EXAMPLES_PER_TYPE,
+    control_labels,
+    control_types,
+    question_groups,
     weighted_ranking,
 )
 from rim_lens.errors import RunError

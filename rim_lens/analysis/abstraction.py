@@ -11,7 +11,7 @@ the source (Geiger et al.). Outputs are scored teacher-forced, which is exactly 
 
 Subspaces ("bases"), each at every site it is used at:
 
-    probe          the top-r directions of a value probe's weights (`probes.LinearProbe`)
+    probe          the top-r directions of a value probe's weights (`probing.LinearProbe`)
     das            learned by distributed alignment search on training pairs (TL `fit_das`)
     random         a seeded random subspace (TL `random_basis`)
     full           the whole state (a `Patch`): full interchange at one site, to screen sites

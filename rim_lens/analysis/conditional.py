@@ -272,7 +272,7 @@ def _probe_layer(
     q_std = _Standard(Xq["train"])
     Zq = {s: q_std(x) for s, x in Xq.items()}
     Y = group["Y"]
-    with threadpool_limits(1):  # small problems, many of them: see probes.oof_proba
+    with threadpool_limits(1):  # small problems, many of them: see probing.oof_proba
         Gqq, ZqY = Zq["train"].T @ Zq["train"], Zq["train"].T @ Y
         question = _fits(Zq, Gqq, ZqY, group, group["offsets"])
         with_block = {}

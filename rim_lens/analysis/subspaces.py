@@ -34,6 +34,7 @@ from rim_lens.analysis import probes, verdict
 from rim_lens.analysis.backends import Edit
 from rim_lens.analysis.engine import Variant, score
 from rim_lens.analysis.interventions import Patch
+from rim_lens.analysis.probing import LinearProbe
 from rim_lens.analysis.session import Session
 from rim_lens.analysis.sites import Selection, Site, block_index
 from rim_lens.data.causal import CausalModel
@@ -216,9 +217,9 @@ def probe_directions(states: np.ndarray, values: Sequence, rank: int) -> tuple[t
     return is `orthonormal_subspace` of the centred weights at their measured rank."""
     _, columns, note = probes.value_columns(list(values))
     rows = []
-    with threadpool_limits(1):  # see probes.oof_proba
+    with threadpool_limits(1):  # see probing.oof_proba
         for y in columns:
-            probe = probes.LinearProbe().fit(states, y)
+            probe = LinearProbe().fit(states, y)
             if probe.pipeline_ is None:
                 continue
             scaler, model = probe.pipeline_[0], probe.pipeline_[-1]

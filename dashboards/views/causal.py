@@ -13,8 +13,9 @@ from dashboards.core import RunInfo, command, missing, section
 from dashboards.ui import READ_ONLY, Context, chart, choose
 from rim_lens import artefacts
 from rim_lens.analysis import figures
+from rim_lens.analysis.card import CARD, calibrated, card_value, percent
 from rim_lens.analysis.registry import analysis_of
-from rim_lens.analysis.report import CARD, REPORT_JSON, calibrated, card_value, control_of, percent, sibling
+from rim_lens.analysis.report import REPORT_JSON, control_of, sibling
 from rim_lens.analysis.verdict import PARTIAL, SUPPORTED, Finding
 from rim_lens.methods import DIRECT, PAUSE, RIM, latent_methods
 

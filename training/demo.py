@@ -15,6 +15,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
 from multiprocessing import get_context
@@ -23,7 +24,7 @@ from pathlib import Path
 from rim_lens import artefacts
 from rim_lens.artefacts import SPLITS, split_file
 from rim_lens.compare import comparison, latency_side_by_side, render
-from rim_lens.data import write_examples
+from rim_lens.data import Splits, write_examples
 from rim_lens.data.tasks import get_task
 from rim_lens.errors import RunError
 from rim_lens.fileio import atomic_write_json, atomic_write_text
@@ -156,6 +157,57 @@ def verdict_table(per_seed_metrics: list[dict[str, dict]], split: str = "test") 
     return "\n".join(rows)
 
 
+def gap_line(gap: dict) -> str:
+    """The sentence the demo's table ends with: how much of the gap RiM closes, against its bars."""
+    if "note" in gap:
+        return gap["note"] + "."
+    line = f"RiM closes {gap['closed']:.0%} of the direct -> CoT gap; its lower bound is "
+    line += ("above" if gap["rim_lo_above_midpoint"] else "NOT above") + " the gap's midpoint"
+    if "pause_hi" in gap:
+        line += " and " + ("above" if gap["rim_lo_above_pause_hi"] else "NOT above") + " pause's upper bound"
+    return line + "."
+
+
+def _train_all(recipe: Path, planned: list, jobs: int, overwrite: bool) -> dict[tuple[str, int], dict]:
+    """Train every planned (method, seed offset, run directory, overrides), `jobs` at a time;
+    each run's metrics by (method, seed offset)."""
+    if jobs <= 1:
+        return {(m, s): _train_one(recipe, o, path, False, overwrite) for m, s, path, o in planned}
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        futures = {
+            (m, s): pool.submit(_train_one, recipe, o, path, True, overwrite) for m, s, path, o in planned
+        }
+        return {key: f.result() for key, f in futures.items()}
+
+
+def _write_data(recipe: Path, runs_dir: Path, splits: Splits, plan: Callable, overwrite: bool) -> None:
+    """Write the demo's data splits under runs_dir, once every run `plan(folder)` makes has been
+    checked against them (a run of another recipe is replaced only with `overwrite`)."""
+    with tempfile.TemporaryDirectory() as staged:
+        for name in SPLITS:
+            write_examples(Path(staged) / split_file(name), getattr(splits, name))
+        try:
+            check_runs(recipe, plan(Path(staged)), overwrite)
+        except RunError as err:  # name the data files where the demo would write them
+            raise RunError(str(err).replace(staged, str(runs_dir))) from None
+    for name in SPLITS:
+        write_examples(runs_dir / split_file(name), getattr(splits, name))
+
+
+def _report(runs_dir: Path, metrics: dict) -> str:
+    """The causal report of the demo's RiM run against its pause and direct runs; its verdict."""
+    from rim_lens.analysis.report import build_report
+
+    card = build_report(
+        runs_dir / RIM.name,
+        control=runs_dir / PAUSE.name if PAUSE.name in metrics else None,
+        direct=runs_dir / DIRECT.name if DIRECT.name in metrics else None,
+    )
+    where = runs_dir / RIM.name / artefacts.ANALYSIS / "report.md"
+    print(f"\nDo the memory blocks carry the reasoning? ({where})\n" + card["verdict"])
+    return card["verdict"]
+
+
 def run_demo(
     runs_dir: str | Path = "runs/demo",
     full: bool = False,
@@ -195,30 +247,13 @@ def run_demo(
             if m in methods and s < seeds_of[m]
         ]
 
-    # Every run is checked against this data before the demo writes any of it.
-    with tempfile.TemporaryDirectory() as staged:
-        for name in SPLITS:
-            write_examples(Path(staged) / split_file(name), getattr(splits, name))
-        try:
-            check_runs(recipe, plan(Path(staged)), overwrite)
-        except RunError as err:  # name the data files where the demo would write them
-            raise RunError(str(err).replace(staged, str(runs_dir))) from None
-    for name in SPLITS:
-        write_examples(runs_dir / split_file(name), getattr(splits, name))
+    _write_data(recipe, runs_dir, splits, plan, overwrite)
     coverage = splits.coverage(task)
     sizes = ", ".join(f"{len(getattr(splits, name))} {name}" for name in SPLITS)
     covered = f" ({coverage:.0%} of the task's questions)" if coverage else ""
     print(f"demo: task {task!r}, {sizes} examples{covered}, recipe {recipe.name}")
 
-    planned = plan(runs_dir)
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            futures = {
-                (m, s): pool.submit(_train_one, recipe, o, path, True, overwrite) for m, s, path, o in planned
-            }
-            results = {key: f.result() for key, f in futures.items()}
-    else:
-        results = {(m, s): _train_one(recipe, o, path, False, overwrite) for m, s, path, o in planned}
+    results = _train_all(recipe, plan(runs_dir), jobs, overwrite)
     seconds_training = time.perf_counter() - start
     metrics = {m: results[(m, 0)] for m in methods if (m, 0) in results}
 
@@ -239,16 +274,8 @@ def run_demo(
             "RiM's accuracy by memory budget K (answer read after block K):\n\n" + k_curve(metrics[RIM.name])
         )
     gap = gap_closure(metrics)
-    if gap and "note" in gap:
-        sections.append(gap["note"] + ".")
-    elif gap:
-        line = f"RiM closes {gap['closed']:.0%} of the direct -> CoT gap; its lower bound is "
-        line += ("above" if gap["rim_lo_above_midpoint"] else "NOT above") + " the gap's midpoint"
-        if "pause_hi" in gap:
-            line += (
-                " and " + ("above" if gap["rim_lo_above_pause_hi"] else "NOT above") + " pause's upper bound"
-            )
-        sections.append(line + ".")
+    if gap:
+        sections.append(gap_line(gap))
     table = "\n\n".join(sections)
     summary = {
         "recipe": recipe.name,
@@ -264,16 +291,7 @@ def run_demo(
     }
     print("\n" + table)
     if report and RIM.name in metrics:
-        from rim_lens.analysis.report import build_report
-
-        card = build_report(
-            runs_dir / RIM.name,
-            control=runs_dir / PAUSE.name if PAUSE.name in metrics else None,
-            direct=runs_dir / DIRECT.name if DIRECT.name in metrics else None,
-        )
-        summary["verdict"] = card["verdict"]
-        where = runs_dir / RIM.name / artefacts.ANALYSIS / "report.md"
-        print(f"\nDo the memory blocks carry the reasoning? ({where})\n" + card["verdict"])
+        summary["verdict"] = _report(runs_dir, metrics)
     summary["seconds_total"] = time.perf_counter() - start
     atomic_write_json(runs_dir / "summary.json", summary)
     atomic_write_text(runs_dir / "summary.md", table + "\n")

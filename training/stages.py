@@ -278,6 +278,25 @@ def _optimizer(loop: Loop, stage: Stage) -> tuple[list, torch.optim.Optimizer, A
     return params, optimizer, schedule
 
 
+def _grad_norm(accelerator: Accelerator, params: list, clip: float | None) -> torch.Tensor:
+    """The gradient norm, after clipping it to `clip` (if set)."""
+    if clip:
+        return accelerator.clip_grad_norm_(params, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def _monitor(loop: Loop, stage: Stage, layouts: list[Layout], step: int) -> dict[str, float]:
+    """The stage's held-out readout accuracy at `step`, logged."""
+    a = loop.accelerator
+    logits = stage_logits(stage)
+    acc = held_out_accuracy(
+        loop.model, layouts, stage.name, loop.batches, a.device, loop.cfg.eval.batch_size, logits
+    )
+    if a.is_main_process:
+        loop.run.log({"stage": stage.name, "step": step, "readout_accuracy": acc})
+    return acc
+
+
 def run_stage(
     loop: Loop, stage: Stage, index: int, resume: resumption.Checkpoint | None = None
 ) -> dict[str, float]:
@@ -292,20 +311,6 @@ def run_stage(
     monitor_layouts = [(stage.held_out or stage.layout)(ex) for ex in loop.monitor]
     params, optimizer, scheduler = _optimizer(loop, stage)
     optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
-
-    def monitor_now(step: int) -> dict[str, float]:
-        acc = held_out_accuracy(
-            model,
-            monitor_layouts,
-            stage.name,
-            loop.batches,
-            accelerator.device,
-            cfg.eval.batch_size,
-            stage_logits(stage),
-        )
-        if accelerator.is_main_process:
-            run.log({"stage": stage.name, "step": step, "readout_accuracy": acc})
-        return acc
 
     at, tokens, elapsed, acc = resumption.Position(index), 0, 0.0, {}
     if resume is not None:
@@ -335,11 +340,7 @@ def run_stage(
             weights = stage.weights(batch, step / stage.steps)
             loss = loss_fn(model, batch, weights)
             accelerator.backward(loss)
-            if t.grad_clip:
-                norm = accelerator.clip_grad_norm_(params, t.grad_clip)
-            else:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            guard.check(step + 1, loss, norm)
+            guard.check(step + 1, loss, _grad_norm(accelerator, params, t.grad_clip))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -357,7 +358,7 @@ def run_stage(
                 }
                 run.log(log | {"elapsed_s": time.perf_counter() - start, "tokens_seen": tokens})
             if step % t.eval_every == 0 or step == stage.steps:
-                acc = monitor_now(step)
+                acc = _monitor(loop, stage, monitor_layouts, step)
                 bar.set_postfix(
                     loss=f"{loss.item():.4f}", **{k: f"{v:.2f}" for k, v in list(acc.items())[:4]}
                 )
@@ -370,8 +371,8 @@ def run_stage(
             epoch, consumed = epoch + 1, 0
     loop.stop.deferring = False
     bar.close()
+    took = time.perf_counter() - start
     if accelerator.is_main_process:
         shown = "  ".join(f"{k} {v:.3f}" for k, v in acc.items())
-        took = time.perf_counter() - start
         print(f"[{cfg.method}] {stage.name}: {step} steps in {took:.0f}s; held-out readout accuracy: {shown}")
-    return {"time_s": time.perf_counter() - start, "tokens_seen": tokens, "readout_accuracy": acc}
+    return {"time_s": took, "tokens_seen": tokens, "readout_accuracy": acc}

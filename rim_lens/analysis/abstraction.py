@@ -222,22 +222,7 @@ def abstraction(
             notes[job.var.name] = "no site's state varies with the question: nothing to interchange"
     table = pd.DataFrame([row for job in work for row in job.rows], columns=_COLUMNS)
     table = table.astype({"rank": "int64", "layer": "int64", "block": "int64", "slot": "int64"})
-    pairs = pd.DataFrame(
-        [
-            {
-                "variable": job.var.name,
-                "part": part,
-                "base": lab.examples[b].id,
-                "source": lab.examples[s].id,
-                "answer": answer,
-            }
-            for job in work
-            for part, ps in (("train", job.train), ("test", job.test))
-            for b, s, answer in zip(ps.base, ps.source, ps.answers)
-        ],
-        columns=["variable", "part", "base", "source", "answer"],
-    )
-    result = AbstractionResult(table, pairs=pairs)
+    result = AbstractionResult(table, pairs=_pairs_table(lab, work))
     result.summary = {
         "method": method,
         "ranks": checked,
@@ -264,9 +249,27 @@ def abstraction(
             "batch_size": DAS_BATCH,
             "lr": DAS_LR,
             "full_iia": FULL_IIA,
-        },  # fmt: skip
+        },
     )
     return result
+
+
+def _pairs_table(lab: Session, work: list[_Variable]) -> pd.DataFrame:
+    """Every pair each variable was scored on: its part (train, test), base and source ids, and
+    the counterfactual answer."""
+    rows = [
+        {
+            "variable": job.var.name,
+            "part": part,
+            "base": lab.examples[b].id,
+            "source": lab.examples[s].id,
+            "answer": a,
+        }
+        for job in work
+        for part, ps in (("train", job.train), ("test", job.test))
+        for b, s, a in zip(ps.base, ps.source, ps.answers)
+    ]
+    return pd.DataFrame(rows, columns=["variable", "part", "base", "source", "answer"])
 
 
 _COLUMNS = [

@@ -287,6 +287,22 @@ def probe_values(store: CaptureStore, **options) -> pd.DataFrame:
     return value_probes(store, **options)[0]
 
 
+# A value probe's columns that stay NaN where a cell cannot be fitted.
+SCORED = ("score", "score_lo", "score_hi", "control", "selectivity", "chance", "control_chance")
+
+
+def _value_targets(store: CaptureStore, steps: Seq[int] | None, n_digits: int, max_classes: int) -> dict:
+    """(variable, step t) -> `step_labels` of every variable (the step's `value`, then the derived
+    ones by name) at every step t (or `steps`)."""
+    variables = [VALUE] + sorted({name for ex in store.examples for name in (ex.get("derived") or {})})
+    targets = {}
+    for variable in variables:
+        n_steps = max(len(variable_values(ex, variable)) for ex in store.examples)
+        for t in range(1, n_steps + 1) if steps is None else steps:
+            targets[variable, t] = step_labels(store, t, n_digits, max_classes, variable)
+    return targets
+
+
 def value_probes(
     store: CaptureStore,
     layers: Seq[int] | None = None,
@@ -329,20 +345,17 @@ def value_probes(
         if control_type is None
         else np.array([control_type(ex) for ex in store.examples])
     )
-    variables = [VALUE] + sorted({name for ex in store.examples for name in (ex.get("derived") or {})})
-    targets, problems, seen = {}, {}, {}
-    for v_index, variable in enumerate(variables):
-        n_steps = max(len(variable_values(ex, variable)) for ex in store.examples)
-        for t in range(1, n_steps + 1) if steps is None else steps:
-            targets[variable, t] = step_labels(store, t, n_digits, max_classes, variable)
-            _, rows, labels, note = targets[variable, t]
-            if not note:
-                # A derived quantity can equal a step's own value (multiplication's first running
-                # sum is its first partial product): one problem, with one control, fitted once.
-                same = (rows.tobytes(), *(col.tobytes() for col in labels))
-                if same not in seen:
-                    seen[same] = problem(rows, labels, types, groups, folds, seed, (v_index, t))
-                problems[variable, t] = seen[same]
+    targets = _value_targets(store, steps, n_digits, max_classes)
+    variables = list(dict.fromkeys(variable for variable, _ in targets))  # the problems' seeds
+    problems, seen = {}, {}
+    for (variable, t), (_, rows, labels, note) in targets.items():
+        if not note:
+            # A derived quantity can equal a step's own value (multiplication's first running
+            # sum is its first partial product): one problem, with one control, fitted once.
+            same = (rows.tobytes(), *(col.tobytes() for col in labels))
+            if same not in seen:
+                seen[same] = problem(rows, labels, types, groups, folds, seed, (variables.index(variable), t))
+            problems[variable, t] = seen[same]
     cells = [
         (layer, k)
         for layer in (store.layers if layers is None else layers)
@@ -356,18 +369,8 @@ def value_probes(
     out, per_example = [], {}
     for (layer, k), found in zip(cells, fitted):
         for (variable, t), (name, rows, labels, note) in targets.items():
-            row = {
-                **cell(layer, k, slots),
-                "variable": variable,
-                "step": t,
-                "target": name,
-                "score": np.nan,
-                "score_lo": np.nan,
-                "score_hi": np.nan,
-                "control": np.nan,
-                "selectivity": np.nan,
-                "chance": np.nan,
-                "control_chance": np.nan,
+            row = {**cell(layer, k, slots), "variable": variable, "step": t, "target": name}
+            row |= dict.fromkeys(SCORED, np.nan) | {
                 "n_types": len(np.unique(types[rows])),
                 "n": len(rows),
                 "note": note,

@@ -134,37 +134,7 @@ def measure(
         card["best_value_probe"] = {k: v for k, v in best.items() if k != "selectivity"} if best else None
         card["best_value_probe_selectivity"] = best["selectivity"] if best else None
     card.update(_decodability(lab, probe_sets, seed, done, layers))
-    start = time.perf_counter()
-    try:
-        patched = lab.patch(layers=layers, seed=seed)
-    except RimLensError as err:  # e.g. GSM8K: only synthetic tasks can corrupt their questions
-        card["patching_note"] = str(err)
-    else:
-        card["patching_seconds"] = time.perf_counter() - start
-        patched.save(lab.out)
-        done["patch"] = _cited(patched.record)
-        pairs = np.arange(len(patched.clean))
-        select, score = (pairs[::2], pairs[1::2]) if len(pairs) > 1 else (None, None)
-        peak = patched.peak(select_on=select, score_on=score)
-        if peak:
-            card["patching_peak"] = {k: v for k, v in peak.items() if k != "recovery"}
-            card["patching_peak_recovery"] = peak["recovery"]
-        carried = patched.carried(select_on=select, score_on=score)
-        if carried:
-            card["blocks_carry_layer"], card["blocks_carry_recovery"] = carried["layer"], carried["recovery"]
-        steps = sorted({t for changed in patched.changed for t in changed})
-        card["grounding"] = {
-            str(t): {
-                "pairs": sum(c == (t,) for c in patched.changed),
-                "blocks": {str(k): e for k, e in patched.grounding(t).items()},
-            }
-            for t in steps
-        }
-        card["patching_logit_gap"] = (
-            patched.summary["logit_diff_clean"] - patched.summary["logit_diff_corrupt"]
-        )
-        if descriptive:
-            card.update(_attribution(lab, patched, seed, done, layers))
+    card.update(_patching(lab, seed, done, layers, descriptive))
     if lab.run and lab.run.exists(artefacts.METRICS):
         metrics = lab.run.read_json(artefacts.METRICS)
         ci = metrics.get("accuracy_ci")
@@ -178,6 +148,45 @@ def measure(
     card["done"] = done
     card["record"] = {"model": lab.model_fingerprint}
     return plain(card)
+
+
+def _patching(lab: Lab, seed: int, done: dict, layers: Layers, descriptive: bool) -> dict:
+    """The card's patching figures: the peak cell and the layer where the blocks carry the answer
+    (chosen on half the pairs, scored on the other), the steps each pair changes, and with
+    `descriptive` attribution patching's agreement."""
+    out: dict = {}
+    start = time.perf_counter()
+    try:
+        patched = lab.patch(layers=layers, seed=seed)
+    except RimLensError as err:  # e.g. GSM8K: only synthetic tasks can corrupt their questions
+        out["patching_note"] = str(err)
+    else:
+        out["patching_seconds"] = time.perf_counter() - start
+        patched.save(lab.out)
+        done["patch"] = _cited(patched.record)
+        pairs = np.arange(len(patched.clean))
+        select, score = (pairs[::2], pairs[1::2]) if len(pairs) > 1 else (None, None)
+        peak = patched.peak(select_on=select, score_on=score)
+        if peak:
+            out["patching_peak"] = {k: v for k, v in peak.items() if k != "recovery"}
+            out["patching_peak_recovery"] = peak["recovery"]
+        carried = patched.carried(select_on=select, score_on=score)
+        if carried:
+            out["blocks_carry_layer"], out["blocks_carry_recovery"] = carried["layer"], carried["recovery"]
+        steps = sorted({t for changed in patched.changed for t in changed})
+        out["grounding"] = {
+            str(t): {
+                "pairs": sum(c == (t,) for c in patched.changed),
+                "blocks": {str(k): e for k, e in patched.grounding(t).items()},
+            }
+            for t in steps
+        }
+        out["patching_logit_gap"] = (
+            patched.summary["logit_diff_clean"] - patched.summary["logit_diff_corrupt"]
+        )
+        if descriptive:
+            out.update(_attribution(lab, patched, seed, done, layers))
+    return out
 
 
 def _value_interchange(inter, K: int) -> dict:

@@ -74,10 +74,12 @@ from rim_lens.analysis.subspaces import (
     Pairs,
     Unit,
     arbitrary_answers,
+    as_unit,
     das_directions,
     iia,
     joint_unit,
     make_pairs,
+    plain_unit,
     probe_directions,
     random_directions,
     split_examples,
@@ -190,18 +192,10 @@ def abstraction(
     ranks = {v.name: checked[v.name] if isinstance(checked, Mapping) else checked for v in variables}
     fixed = _fixed_sites(lab, sites, variables)
     correct = score(lab.backend, lab.builder, lab.examples, [Variant()])[0][0].numpy()
-    train_idx, test_idx = split_examples(lab, seed)
+    split = split_examples(lab, seed)
+    train_idx = split[0]
     states = lab.states(lab.examples, sel.layers)
-    work, notes = [], {}
-    for var in variables:
-        train = make_pairs(lab, model, var.name, train_idx[correct[train_idx]], seed=seed)
-        test = make_pairs(lab, model, var.name, test_idx[correct[test_idx]], seed=seed + 1)
-        if not len(train) or not len(test):
-            notes[var.name] = (
-                f"no informative pairs among the {int(correct.sum())} examples the model answers "
-                f"correctly ({len(train)} training, {len(test)} held-out)"
-            )
-        work.append(_Variable(var, train, test))
+    work, notes = _jobs(lab, model, variables, correct, split, seed)
     for job in work:
         if job.var.name in notes:
             continue
@@ -237,7 +231,7 @@ def abstraction(
         variables=[v.name for v in variables],
         method=method,
         ranks=checked,
-        sites={k: [_plain_unit(u) for u in v] for k, v in fixed.items()},
+        sites={k: [plain_unit(u) for u in v] for k, v in fixed.items()},
         joint=joint,
         grid=grid,
         controls=controls,
@@ -252,6 +246,25 @@ def abstraction(
         },
     )
     return result
+
+
+def _jobs(
+    lab: Session, model: CausalModel, variables: list[Variable], correct: np.ndarray, split: tuple, seed: int
+) -> tuple[list[_Variable], dict[str, str]]:
+    """Each variable's training and held-out pairs (among the examples the model answers
+    correctly), and why a variable without informative pairs of both kinds is not tested."""
+    work, notes = [], {}
+    train_idx, test_idx = split
+    for var in variables:
+        train = make_pairs(lab, model, var.name, train_idx[correct[train_idx]], seed=seed)
+        test = make_pairs(lab, model, var.name, test_idx[correct[test_idx]], seed=seed + 1)
+        if not len(train) or not len(test):
+            notes[var.name] = (
+                f"no informative pairs among the {int(correct.sum())} examples the model answers "
+                f"correctly ({len(train)} training, {len(test)} held-out)"
+            )
+        work.append(_Variable(var, train, test))
+    return work, notes
 
 
 def _pairs_table(lab: Session, work: list[_Variable]) -> pd.DataFrame:
@@ -288,20 +301,6 @@ def _ranks(rank, d_model: int) -> list[int] | dict[str, list[int]]:
     return ranks
 
 
-def _plain_unit(unit: Unit) -> list:
-    """A unit as JSON: [layer, block, slot], or a list of those for a joint group."""
-    return list(unit) if isinstance(unit, Site) else [list(s) for s in unit]
-
-
-def _unit(value) -> Unit:
-    """A unit from `_plain_unit`'s form (or a Site / tuple of Sites)."""
-    if isinstance(value, Site):
-        return value
-    if len(value) and isinstance(value[0], int | np.integer):
-        return Site(*value)
-    return tuple(Site(*s) for s in value)
-
-
 def _variables(model: CausalModel, examples: Sequence[Example], wanted) -> list[Variable]:
     found = model.variables(examples)
     if wanted is None:
@@ -321,7 +320,7 @@ def _fixed_sites(lab: Session, sites, variables: list[Variable]) -> dict[str, li
     by_name = sites if isinstance(sites, Mapping) else {v.name: sites for v in variables}
     out = {}
     for name, chosen in by_name.items():
-        out[name] = [_unit(u) for u in chosen]
+        out[name] = [as_unit(u) for u in chosen]
         for unit in out[name]:
             for s in unit_sites(unit):
                 lab.select([s.layer], [s.block], [s.slot])  # RunError naming the valid range
@@ -503,7 +502,7 @@ def _best(job: _Variable, note: str) -> dict:
     entry.update(
         site={k: int(best[k]) for k in ("layer", "block", "slot")},
         unit=best["unit"],
-        group=None if isinstance(unit, Site) else _plain_unit(unit),
+        group=None if isinstance(unit, Site) else plain_unit(unit),
         basis=best["basis"],
         rank=int(best["rank"]),
         iia=_estimate(best),
@@ -567,7 +566,7 @@ class AbstractionResult(Result):
         """The best unit (a site, or a joint group) of every variable that has one: where to test
         the control model."""
         return {
-            name: [_unit(entry["group"]) if entry.get("group") else Site(**entry["site"])]
+            name: [as_unit(entry["group"]) if entry.get("group") else Site(**entry["site"])]
             for name, entry in self.summary.get("variables", {}).items()
             if entry["site"]
         }

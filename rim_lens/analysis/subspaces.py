@@ -438,3 +438,17 @@ def arbitrary_answers(
             rows.append(i)
             answers.append(answer)
     return rows, answers
+
+
+def plain_unit(unit: Unit) -> list:
+    """A unit as JSON: [layer, block, slot], or a list of those for a joint group."""
+    return list(unit) if isinstance(unit, Site) else [list(s) for s in unit]
+
+
+def as_unit(value: Site | Sequence) -> Unit:
+    """A unit from `plain_unit`'s form (or a Site / tuple of Sites)."""
+    if isinstance(value, Site):
+        return value
+    if len(value) and isinstance(value[0], int | np.integer):
+        return Site(*value)
+    return tuple(Site(*s) for s in value)

@@ -327,6 +327,16 @@ def plan_run(cfg: RunConfig, target: Run, overwrite: bool, restart: bool) -> Pla
     return Plan(target.path, False, False)
 
 
+def _checkpoint(run: Run, setup: Setup) -> resumption.Checkpoint | None:
+    """The run's last checkpoint, if any, checked against the data and stages it resumes with."""
+    ckpt = resumption.Checkpoint.read(run.checkpoint_dir)
+    if ckpt is not None and ckpt.state.data != setup.data:
+        raise RunError(f"{run.path}: the recipe's data changed since this run started; {resumption.RESTART}")
+    if ckpt is not None:
+        ckpt.check_position([stage.steps for stage in setup.stages])
+    return ckpt
+
+
 def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False, restart: bool = False) -> Run:
     """Train `cfg` into `run_dir`, save the model, evaluate; the run's status says how it ended.
 
@@ -354,13 +364,7 @@ def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False, restart:
             raise plan
         setup = prepare(cfg)
         run = Run(plan.path)
-        ckpt = resumption.Checkpoint.read(run.checkpoint_dir) if plan.resume else None
-        if ckpt is not None and ckpt.state.data != setup.data:
-            raise RunError(
-                f"{run.path}: the recipe's data changed since this run started; {resumption.RESTART}"
-            )
-        if ckpt is not None:
-            ckpt.check_position([stage.steps for stage in setup.stages])
+        ckpt = _checkpoint(run, setup) if plan.resume else None
         if main:
             _open(run, cfg, setup, ckpt, plan.staging)
         accelerator.wait_for_everyone()
@@ -420,16 +424,22 @@ def _train(
     stop: StopSignals,
     ckpt: resumption.Checkpoint | None,
 ) -> dict:
+    """Train the run's stages (from `ckpt`, if resuming), checkpointing as the recipe says; on the
+    main process save and score the model (`_finish`). Returns the run's summary."""
     main = accelerator.is_main_process
     model, tokenizer, spec, splits = setup.model, setup.tokenizer, setup.spec, setup.splits
     at = ckpt.state.position if ckpt else resumption.Position()
     # The paper's PCA finding, measured on the same validation questions before training and
     # after each stage. Before: the freshly built model (deterministic from the seed, so a
     # resumed run measures the same), or the pretrained base (LoRA starts as the identity).
-    spread_prompts = [setup.builder.prompt(ex) for ex in splits.val[:SPREAD_EXAMPLES]]
-    before = None
-    if spec.uses_blocks and main:
-        before = spread.measure(model, spread_prompts, tokenizer.pad_token_id, spec.readout_sees_question)
+    prompts = [setup.builder.prompt(ex) for ex in splits.val[:SPREAD_EXAMPLES]]
+    share = partial(
+        spread.measure,
+        prompts=prompts,
+        pad_id=tokenizer.pad_token_id,
+        sees_question=spec.readout_sees_question,
+    )
+    before = share(model) if spec.uses_blocks and main else None
     if ckpt is not None:
         ckpt.restore_model(model)
     model = accelerator.prepare(model)
@@ -438,19 +448,12 @@ def _train(
     def checkpoint(position, optimizer=None, scheduler=None, tokens=0, elapsed=0.0, acc=None) -> None:
         if main:
             state = resumption.TrainState(position, setup.data, tokens, elapsed, acc or {}, summary["stages"])
-            resumption.save(
-                run.checkpoint_dir,
-                accelerator.unwrap_model(model),
-                state,
-                run.file(artefacts.TRAIN_LOG),
-                optimizer,
-                scheduler,
-            )
+            unwrapped, log = accelerator.unwrap_model(model), run.file(artefacts.TRAIN_LOG)
+            resumption.save(run.checkpoint_dir, unwrapped, state, log, optimizer, scheduler)
             if cfg.train.snapshots:
                 done = sum(s.steps for s in setup.stages[: position.stage]) + position.step
-                name = artefacts.snapshot_name(done)
-                snapshot = run.file(artefacts.SNAPSHOTS) / name
-                save_checkpoint(accelerator.unwrap_model(model), tokenizer, spec, snapshot)
+                snapshot = run.file(artefacts.SNAPSHOTS) / artefacts.snapshot_name(done)
+                save_checkpoint(unwrapped, tokenizer, spec, snapshot)
 
     if ckpt is None and cfg.train.checkpoint_every:
         checkpoint(resumption.Position())  # the start: what a run that diverges at once keeps
@@ -465,12 +468,7 @@ def _train(
             seed_everything(cfg.seed)
         summary["stages"][stage.name] = run_stage(loop, stage, index, resume)
         if spec.uses_blocks and main:
-            summary["stages"][stage.name]["input_share"] = spread.measure(
-                accelerator.unwrap_model(model),
-                spread_prompts,
-                tokenizer.pad_token_id,
-                spec.readout_sees_question,
-            )
+            summary["stages"][stage.name]["input_share"] = share(accelerator.unwrap_model(model))
         # Each stage starts afresh (new optimizer and schedule), so its end is a checkpoint too.
         if cfg.train.checkpoint_every or stop.requested is not None:
             checkpoint(resumption.Position(index + 1))

@@ -108,11 +108,11 @@ class Setup:
     """A session, its pairs, its cells and a TransformerBridge over (a copy of) its model."""
 
     def __init__(self, lab, n_pairs: int, bridge=None):
-        from rim_lens.analysis import attribution, causal
+        from rim_lens.analysis import attribution, patching
         from rim_lens.analysis.backends import make_backend
 
         self.lab = lab
-        pairs = causal.make_pairs(lab, seed=0)
+        pairs = patching.make_pairs(lab, seed=0)
         self.pairs = pairs.subset(range(min(n_pairs, len(pairs.clean))))
         self.sel = lab.select()
         self.cells = self.sel.sites()
@@ -137,9 +137,9 @@ class Setup:
         return len(self.pairs.clean)
 
     def patch(self, method: str, max_rows: int = 256):
-        from rim_lens.analysis import causal
+        from rim_lens.analysis import patching
 
-        return causal.patch(
+        return patching.patch(
             self.lab, self.sel, per_slot=True, pairs=self.pairs, method=method, max_rows=max_rows
         )
 

@@ -159,13 +159,17 @@ def setup(args, variant: str, lora: bool, extra: tuple[str, ...] = ()):
 
 
 def work_train(args, variant: str) -> dict:
+    from functools import partial
+
+    from rim_lens.model.layouts import collate
     from rim_lens.runs import Run
-    from training import trainer
-    from training.trainer import make_accelerator, plan_stages, run_stage
+    from training import stages
+    from training.stages import Loop, StopSignals, run_stage
+    from training.trainer import make_accelerator, plan_stages
 
     cfg, task, splits, spec, builder, model, tok = setup(args, variant, lora=True)
     if variant == "before":
-        trainer._loss = legacy_loss
+        stages._loss = legacy_loss
     cfg.train.log_every, cfg.train.eval_every = 1, 10**9
     stage = next(s for s in plan_stages(cfg, builder) if s.name == "grounding")
     stage.steps = args.steps
@@ -174,8 +178,9 @@ def work_train(args, variant: str) -> dict:
     loaded = rss_bytes() / GB
     with tempfile.TemporaryDirectory() as tmp:
         run = Run(Path(tmp))
-        sees = spec.readout_sees_question
-        run_stage(stage, model, splits.train, [], cfg, accelerator, run, tok.pad_token_id, sees)
+        batches = partial(collate, pad_id=tok.pad_token_id, sees_question=spec.readout_sees_question)
+        loop = Loop(cfg, model, accelerator, run, splits.train, [], batches, lambda *a: None, StopSignals())
+        run_stage(loop, stage, 0)
         log = [r for r in run.read_log() if "elapsed_s" in r]
     ends = [r["elapsed_s"] for r in log]
     steps = [b - a for a, b in zip(ends, ends[1:])]
@@ -199,7 +204,8 @@ def work_held_out(args, variant: str) -> dict:
     import torch
 
     from rim_lens.model.layouts import collate
-    from training.trainer import held_out_accuracy, plan_stages, readout_hits
+    from training.stages import held_out_accuracy, readout_hits
+    from training.trainer import plan_stages
 
     cfg, task, splits, spec, builder, model, tok = setup(args, variant, lora=True)
     stage = next(s for s in plan_stages(cfg, builder) if s.name == "grounding")
@@ -324,7 +330,7 @@ def work_cost(args, variant: str) -> dict:
     from rim_lens.model.decoding import greedy_decode
     from rim_lens.model.layouts import collate
     from training.sampling import LengthBuckets
-    from training.trainer import _loss
+    from training.stages import _loss
 
     # As the GPU plan trains: without gradient checkpointing.
     cfg, task, splits, spec, builder, model, tok = setup(

@@ -69,7 +69,7 @@ def serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     from rim_lens.data.tasks import get_task
     from rim_lens.model.layouts import collate
-    from training import trainer
+    from training import stages, trainer
     from training.config import load_config
 
     recipe, overrides = known_keys(args.worker, Path(args.recipe), args.overrides)
@@ -95,9 +95,9 @@ def serve(args: argparse.Namespace) -> int:
                 for i in range(BATCHES)
             ]
             if hasattr(trainer, "stage_loss"):
-                loss = trainer.stage_loss(stage, cfg.train.compile)
+                loss = stages.stage_loss(stage, cfg.train.compile)
             else:  # the reference's trainer: one eager loss function
-                loss = lambda m, b, w, stage=stage: trainer._loss(m, b, w, stage.logits)  # noqa: E731
+                loss = lambda m, b, w, stage=stage: stages._loss(m, b, w, stages.stage_logits(stage))  # noqa: E731
             params = [p for p in model.parameters() if p.requires_grad]
             entries[f"{method}:{stage.name}"] = {
                 "model": model,
@@ -126,7 +126,7 @@ def serve(args: argparse.Namespace) -> int:
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as counter:
-            trainer._loss(e["model"], e["batches"][0], e["weights"][0]).backward()
+            stages._loss(e["model"], e["batches"][0], e["weights"][0]).backward()
         e["optimizer"].zero_grad(set_to_none=True)
         return counter.get_total_flops()
 

@@ -23,18 +23,16 @@ import streamlit as st
 import yaml
 
 from rim_lens import artefacts
+from rim_lens.analysis.registry import analyses, analysis_of
 from rim_lens.artefacts import PRODUCERS
 from rim_lens.errors import RimLensError, RunError
 from rim_lens.fileio import read_jsonl, read_text
-from rim_lens.methods import Method
+from rim_lens.methods import block_methods
 from rim_lens.model.memory import SPEC_FILENAME
 from rim_lens.runs import Run
 
 ENV_RUNS = "RIM_LENS_RUNS"
 DEFAULT_RUNS = "runs"
-BLOCK_METHODS = tuple(m.value for m in Method if m.uses_blocks)
-# The methods the causal report covers: memory blocks, and Coconut's thoughts as blocks.
-LATENT_METHODS = (*BLOCK_METHODS, Method.COCONUT.value)
 
 
 class OutsideRoot(RunError):
@@ -267,10 +265,26 @@ def read(root: Root, run: RunInfo, name: str) -> Any:
         raise RunError(f"{err}" + (f"; produce it again with `{fix}`" if fix else "")) from None
 
 
+def analyses_of(root: Root, run: RunInfo) -> list[dict]:
+    """Every declared analysis (`rim_lens.analysis.registry`, plugins' too): what it does, whether the
+    run holds what it writes, and the command that writes it."""
+    folder = artefact(root, run, artefacts.ANALYSIS)
+    written = {p.name.split(".")[0] for p in folder.iterdir()} if folder and folder.is_dir() else set()
+    return [
+        {
+            "analysis": a.name,
+            "what it does": a.summary,
+            "written": bool(written & set(a.stems)),
+            "command": f"rim-lens analyze {a.name} {run.shown}",
+        }
+        for a in analyses().values()
+    ]
+
+
 def analysis_name(name: str) -> str:
     """The analysis that writes `analysis/<name>` (e.g. probe_values.parquet -> probe,
     capture/meta.json -> capture)."""
-    return artefacts.analysis_of(name.removeprefix(f"{artefacts.ANALYSIS}/").split("/")[0].split(".")[0])
+    return analysis_of(name.removeprefix(f"{artefacts.ANALYSIS}/").split("/")[0].split(".")[0])
 
 
 # -- run facts -----------------------------------------------------------------------------------
@@ -334,7 +348,7 @@ def _summarise(root: Root, run: RunInfo, row: dict) -> list[str]:
         size = f" ({layers} layers, width {width})" if layers else ""
         row["model"] = f"{model.get('arch', '?')} {model.get('preset', '?')}{size}"
     mem = _mapping(cfg.get("memory"), run.path / artefacts.CONFIG)
-    if row["method"] in BLOCK_METHODS:
+    if row["method"] in block_methods():
         row["K"], row["M"] = mem.get("K"), mem.get("M")
     try:
         # Run.status() says `interrupted` for a run whose training process is gone.
@@ -353,7 +367,7 @@ def _summarise(root: Root, run: RunInfo, row: dict) -> list[str]:
     return problems
 
 
-def uses_blocks(root: Root, run: RunInfo, methods: tuple[str, ...] = BLOCK_METHODS) -> bool:
+def uses_blocks(root: Root, run: RunInfo, methods: tuple[str, ...] | None = None) -> bool:
     """Whether the run's method is one of `methods` (default: the methods with memory blocks);
     False for a run whose spec and config cannot be read."""
     for name in (f"{artefacts.MODEL}/{SPEC_FILENAME}", artefacts.CONFIG):
@@ -362,7 +376,7 @@ def uses_blocks(root: Root, run: RunInfo, methods: tuple[str, ...] = BLOCK_METHO
         except (RunError, OSError, ValueError):
             continue
         if isinstance(found, dict) and found.get("method"):
-            return found["method"] in methods
+            return found["method"] in (block_methods() if methods is None else methods)
     return False
 
 

@@ -24,7 +24,7 @@ class Context:
     picked: RunInfo | None = None  # a run named by path (sidebar or ?run=)
     read_only: bool = False  # `rim-lens dashboard` on a non-loopback host: no analysis may be started
 
-    def block_runs(self, methods: tuple[str, ...] = core.BLOCK_METHODS) -> list[RunInfo]:
+    def block_runs(self, methods: tuple[str, ...] | None = None) -> list[RunInfo]:
         """The runs whose method is one of `methods` (default: those with memory blocks)."""
         runs = [r for r in self.runs if core.uses_blocks(self.root, r, methods)]
         picked = self.picked

@@ -34,6 +34,7 @@ _EXPORTS = {
     "planted": "rim_lens.analysis.planted",
     "Estimate": "rim_lens.stats",
     "Method": "rim_lens.methods",
+    "get_method": "rim_lens.methods",
     "MemorySpec": "rim_lens.model.memory",
     "Example": "rim_lens.data.examples",
     "get_task": "rim_lens.data.tasks",

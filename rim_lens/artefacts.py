@@ -70,36 +70,9 @@ def split_path(run_dir: str | Path, split: str = "test") -> Path:
 CAPTURE = "capture"  # a folder: safetensors shards, examples.jsonl, meta.json (written last)
 REPORT = "report"  # report.json and report.md
 CALIBRATION = "calibration.json"  # each finding's test on planted models (`rim-lens analyze calibrate`)
-# What each analysis writes: its table stems (`<stem>.parquet`, `<stem>.json` for the summary,
-# `<stem>.<figure>.fig.json` for plotly figures), in the order of `rim-lens analyze WHAT`.
-ANALYSES: dict[str, tuple[str, ...]] = {
-    "capture": (),
-    "pca": ("pca", "pca_examples", "pca_explained", "pca_input_dependence"),
-    "probe": ("probe_correctness", "probe_values"),
-    "lens": ("lens", "lens_quality"),
-    "ablate": ("ablate",),
-    "knockout": ("knockout",),
-    "patch": (
-        "patch",
-        "patch_sets",
-        "patch_attribution",
-        "patch_edges",
-        "patch_components",
-    ),  # the last: --method attribution
-    "interchange": ("interchange", "interchange_values"),
-    "abstraction": ("abstraction", "abstraction_pairs"),
-    "calibrate": (),
-    "report": (
-        "probe_conditional",
-    ),  # conditional probes need the run's training split: the report fits them
-}
-
-
 # How `rim-lens analyze patch --method` patches: exact (skips unchanged work; the hf backend), full
 # (the same numbers, every row a whole pass), attribution (a gradient estimate; patch_attribution.*).
 PATCH_METHODS = ("exact", "full", "attribution")
-
-
-def analysis_of(stem: str) -> str:
-    """The analysis that writes the table (or summary, figure) with this stem, e.g. probe_values -> probe."""
-    return next((what for what, stems in ANALYSES.items() if stem in stems), stem)
+# The subspaces `rim-lens analyze abstraction --basis` interchanges along: a learned DAS basis, the
+# value probe's directions, or random ones (`analysis.abstraction`).
+ABSTRACTION_BASES = ("das", "probe", "random")

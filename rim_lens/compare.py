@@ -12,9 +12,40 @@ import numpy as np
 
 from rim_lens.data.examples import Example
 from rim_lens.errors import RunError
+from rim_lens.runs import Run
 
 # Latency figures a side-by-side measurement gives each run (comparison() takes them over).
 LATENCY_KEYS = ("ttft_ms", "latency_ms")
+
+
+def _decode_limit(run: Run) -> int:
+    """The run's decoding limit: its recipe's `eval.max_new_tokens`, else the one training resolved
+    from the data (metrics.json), else 64."""
+    import yaml
+
+    from rim_lens import artefacts
+
+    config = yaml.safe_load(run.require(artefacts.CONFIG).read_text()) or {}
+    limit = (config.get("eval") or {}).get("max_new_tokens")
+    return limit or run.read_json(artefacts.METRICS).get("max_new_tokens") or 64
+
+
+def _timed(ts: list) -> dict:
+    """Medians and interquartile ranges of one run's timings, its mean answer tokens and passes."""
+
+    def spread(values: list[float]) -> list[float]:
+        return [float(q) for q in np.percentile(values, [25, 75])]
+
+    ttft, latency = [t.ttft_ms for t in ts], [t.latency_ms for t in ts]
+    return {
+        "ttft_ms": statistics.median(ttft),
+        "ttft_iqr_ms": spread(ttft),
+        "latency_ms": statistics.median(latency),
+        "latency_iqr_ms": spread(latency),
+        "answer_tokens": statistics.fmean(len(t.tokens) for t in ts),
+        "forward_passes": statistics.fmean(t.forward_passes for t in ts),
+        "n": len(ts),
+    }
 
 
 def latency_side_by_side(
@@ -42,23 +73,14 @@ def latency_side_by_side(
     one measurement are what carry.
     """
     import torch
-    import yaml
 
-    from rim_lens import artefacts
     from rim_lens.analysis.lab import Lab
     from rim_lens.evaluation import Timing, time_answer
 
     if not runs:
         raise RunError("latency_side_by_side: no runs given")
     labs = {name: Lab.open(path, n=None) for name, path in runs.items()}
-    limits = {}
-    for name, lab in labs.items():
-        config = yaml.safe_load(lab.run.require(artefacts.CONFIG).read_text()) or {}
-        # The recipe's limit, else the one training resolved from the data (metrics.json).
-        limit = (config.get("eval") or {}).get("max_new_tokens") or lab.run.read_json("metrics.json").get(
-            "max_new_tokens"
-        )
-        limits[name] = max_new_tokens or limit or 64
+    limits = {name: max_new_tokens or _decode_limit(lab.run) for name, lab in labs.items()}
     if examples is None:
         first, *others = labs.values()
         held = [{ex.question for ex in lab.examples} for lab in others]
@@ -93,24 +115,8 @@ def latency_side_by_side(
                 )
             )
 
-    def spread(values: list[float]) -> list[float]:
-        return [float(q) for q in np.percentile(values, [25, 75])]
-
-    out = {}
-    for name, ts in timings.items():
-        ttft, latency = [t.ttft_ms for t in ts], [t.latency_ms for t in ts]
-        out[name] = {
-            "ttft_ms": statistics.median(ttft),
-            "ttft_iqr_ms": spread(ttft),
-            "latency_ms": statistics.median(latency),
-            "latency_iqr_ms": spread(latency),
-            "answer_tokens": statistics.fmean(len(t.tokens) for t in ts),
-            "forward_passes": statistics.fmean(t.forward_passes for t in ts),
-            "max_new_tokens": limits[name],
-            "n": len(ts),
-        }
     return {
-        "runs": out,
+        "runs": {name: _timed(ts) | {"max_new_tokens": limits[name]} for name, ts in timings.items()},
         "examples": [ex.id for ex in examples],
         "warmup": warmup,
         "repeats": repeats,

@@ -11,7 +11,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rim_lens.data.examples import Example
 from rim_lens.data.tasks import get_task
-from rim_lens.methods import Method
 from rim_lens.model.decoding import greedy_decode
 from rim_lens.model.layouts import SequenceBuilder
 from rim_lens.model.memory import MemorySpec
@@ -30,7 +29,7 @@ def answer_text(tokenizer: PreTrainedTokenizerBase, ids: list[int], spec: Memory
     """The answer in generated ids: everything after the answer prefix for methods that write it
     (CoT, Coconut), else all."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    if Method(spec.method).decodes_prefix:
+    if spec.trained_by.decodes_prefix:
         head, sep, tail = text.rpartition(spec.answer_prefix)
         return tail.strip() if sep else ""
     return text.strip()
@@ -77,20 +76,15 @@ DECODE_MARGIN = 16
 
 def decode_budget(builder: SequenceBuilder, examples: Seq[Example]) -> int:
     """`max_new_tokens` derived from data: the most tokens any example's prompt must be followed
-    by (CoT: steps, answer prefix, answer, end of sequence; otherwise answer and end of sequence),
-    plus DECODE_MARGIN. Derive it from training and validation examples, never the test set."""
-
-    def emitted(ex: Example) -> int:
-        if builder.spec.method == "cot":
-            return sum(1 for t in builder.cot(ex).target_index if t)
-        return len(builder.encode(ex.answer)) + 1
-
-    return max(map(emitted, examples)) + DECODE_MARGIN
+    by (`Method.emitted`: CoT's steps, answer prefix, answer and end of sequence; otherwise answer
+    and end of sequence), plus DECODE_MARGIN. Derive it from training and validation examples,
+    never the test set."""
+    return max(builder.method.emitted(builder, ex) for ex in examples) + DECODE_MARGIN
 
 
 def _first_answer_step(tokenizer: PreTrainedTokenizerBase, ids: list[int], spec: MemorySpec) -> int:
     """Index of the decoding step that produced the first answer token."""
-    if not Method(spec.method).decodes_prefix:
+    if not spec.trained_by.decodes_prefix:
         return 0
     prefix = tokenizer.encode(spec.answer_prefix, add_special_tokens=False)
     for i in range(len(ids) - len(prefix) + 1):

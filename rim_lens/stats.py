@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -77,38 +78,55 @@ def bootstrap(
     vectorized: bool = False,
 ) -> Estimate:
     """`statistic` of `values` with a percentile bootstrap interval; with `groups`, whole groups
-    (e.g. all rows of one question) are resampled together. `vectorized` (without groups):
-    `statistic` takes all resamples at once, [n_boot, n] -> [n_boot] (same draws, much faster)."""
+    (e.g. all rows of one question) are resampled together (`grouped_bootstrap`). `vectorized`
+    (without groups): `statistic` takes all resamples at once, [n_boot, n] -> [n_boot] (same
+    draws, much faster)."""
     values = np.asarray(values, dtype=float)
     if values.size == 0:
         return Estimate(math.nan, math.nan, math.nan, 0, "bootstrap")
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        draws = rng.integers(values.size, size=(n_boot, values.size))
-        if vectorized:
-            stats = np.asarray(statistic(values[draws]), dtype=float)
-            point = float(statistic(values[None])[0])
-            lo, hi = np.nanpercentile(stats, [2.5, 97.5])
-            return Estimate(point, float(lo), float(hi), int(values.size), "bootstrap")
-        stats = np.array([statistic(values[d]) for d in draws])
+    if groups is not None:
+
+        def resampled(weights: np.ndarray) -> np.ndarray:  # [B, n] draws per row -> [B] statistics
+            return np.array([statistic(np.repeat(values, w.astype(int))) for w in weights])
+
+        lo, hi = grouped_bootstrap(resampled, np.asarray(groups), n_boot, seed)
+        return Estimate(float(statistic(values)), float(lo), float(hi), int(values.size), "bootstrap")
+    draws = np.random.default_rng(seed).integers(values.size, size=(n_boot, values.size))
+    if vectorized:
+        stats = np.asarray(statistic(values[draws]), dtype=float)
+        point = float(statistic(values[None])[0])
     else:
-        ids = np.unique(np.asarray(groups), return_inverse=True)[1]
-        members = [np.flatnonzero(ids == g) for g in range(ids.max() + 1)]
-        stats = np.array(
-            [
-                statistic(
-                    values[
-                        np.concatenate([members[g] for g in rng.integers(len(members), size=len(members))])
-                    ]
-                )
-                for _ in range(n_boot)
-            ]
-        )
+        stats = np.array([statistic(values[d]) for d in draws])
+        point = float(statistic(values))
     lo, hi = np.nanpercentile(stats, [2.5, 97.5])
-    return Estimate(float(statistic(values)), float(lo), float(hi), int(values.size), "bootstrap")
+    return Estimate(point, float(lo), float(hi), int(values.size), "bootstrap")
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value), e.g. over seeds."""
     values = np.asarray(values, dtype=float)
     return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+
+def grouped_bootstrap(
+    stat: Callable[[np.ndarray], np.ndarray],
+    groups: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    chunk: int = 100,
+) -> tuple[np.ndarray, np.ndarray]:
+    """95% percentile interval of a statistic when question groups are resampled with replacement.
+
+    `stat` maps row weights [B, n] (how often each row was drawn in each of B replicates) to
+    values [B, ...]; the interval (lo, hi) has the trailing shape.
+    """
+    groups = np.unique(groups, return_inverse=True)[1]
+    G = groups.max() + 1
+    counts = np.random.default_rng(seed).multinomial(G, np.full(G, 1 / G), size=n_boot)
+    stats = np.concatenate(
+        [stat(counts[i : i + chunk][:, groups].astype(float)) for i in range(0, n_boot, chunk)]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: the interval is NaN
+        lo, hi = np.nanpercentile(stats, [2.5, 97.5], axis=0)
+    return lo, hi

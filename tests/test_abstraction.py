@@ -15,7 +15,7 @@ from torch import nn
 from transformers import GPT2Config
 
 from rim_lens.analysis import abstraction as ab
-from rim_lens.analysis import verdict
+from rim_lens.analysis import subspaces, verdict
 from rim_lens.analysis.lab import Lab
 from rim_lens.analysis.report import measure_variables
 from rim_lens.analysis.sites import Site
@@ -293,18 +293,18 @@ def test_a_model_that_does_not_store_the_variable_stays_at_chance():
 
 def test_das_basis_is_the_written_direction(storing):
     model = storing.task.causal_model()
-    train, _ = ab.split_examples(storing)
-    pairs = ab.make_pairs(storing, model, "step1", train)
-    basis = ab.das_directions(storing, SITE, pairs, rank=1)
+    train, _ = subspaces.split_examples(storing)
+    pairs = subspaces.make_pairs(storing, model, "step1", train)
+    basis = subspaces.das_directions(storing, SITE, pairs, rank=1)
     assert basis.shape == (16, 1) and abs(float(basis[0, 0])) >= 0.97
 
 
 def test_pairs_are_informative_and_split_by_key(storing):
     model = storing.task.causal_model()
-    train, test = ab.split_examples(storing)
+    train, test = subspaces.split_examples(storing)
     keys = lambda idx: {storing.task.key(storing.examples[i].question) for i in idx}  # noqa: E731
     assert not keys(train) & keys(test) and len(train) + len(test) == len(storing.examples)
-    pairs = ab.make_pairs(storing, model, "step1", test, n=50)
+    pairs = subspaces.make_pairs(storing, model, "step1", test, n=50)
     assert len(pairs) == 50 and pairs.informative < pairs.candidates
     for b, s, answer in zip(pairs.base, pairs.source, pairs.answers):
         assert b in test and s in test and b != s
@@ -318,7 +318,7 @@ def test_interchange_round_trips_and_matches_transformer_lens(storing):
     from rim_lens.analysis.interventions import Intervention
 
     basis = torch.linalg.qr(torch.randn(16, 2))[0]
-    swap = ab.Interchange([storing.examples[1]], {SITE: basis})
+    swap = subspaces.Interchange([storing.examples[1]], {SITE: basis})
     again = Intervention.from_dict(swap.to_dict())
     assert again.to_dict() == swap.to_dict() and torch.allclose(again.bases[SITE], basis)
     fitted = storing.fit(swap, storing.examples[:3], storing.select())
@@ -444,9 +444,9 @@ def test_das_learns_the_same_basis_through_every_backend(runs):
     bases = {}
     for backend in ("hf", "tl", "nnsight"):
         lab = Lab.open(runs["rim"], n=24, backend=backend)
-        train, _ = ab.split_examples(lab)
-        pairs = ab.make_pairs(lab, lab.task.causal_model(), "step1", train)
-        bases[backend] = ab.das_directions(lab, Site(1, 2, 1), pairs, rank=2)
+        train, _ = subspaces.split_examples(lab)
+        pairs = subspaces.make_pairs(lab, lab.task.causal_model(), "step1", train)
+        bases[backend] = subspaces.das_directions(lab, Site(1, 2, 1), pairs, rank=2)
     projection = {name: b @ b.T for name, b in bases.items()}
     for backend in ("tl", "nnsight"):
         assert (projection[backend] - projection["hf"]).abs().max() < 0.03, backend

@@ -12,15 +12,16 @@ import pytest
 import torch
 from fixtures import clone_runs
 
+from rim_lens.analysis.registry import analyses
 from rim_lens.analysis.results import load_summary
 from rim_lens.analysis.results import load_table as load_result
 from rim_lens.cli import main
-from rim_lens.cli.analyze import WHATS
 from rim_lens.errors import RunError
 
 torch.set_num_threads(1)
 
 N = "24"
+WHATS = tuple(analyses())
 # What each analysis writes under analysis/ (tables: .parquet, summaries: .json, figures: .fig.json).
 FILES = {
     "capture": ["capture/meta.json", "capture/examples.jsonl", "capture/shard_00000.safetensors"],
@@ -58,6 +59,7 @@ FILES = {
         "abstraction.step1.fig.json",
         "abstraction.best.fig.json",
     ],
+    "conditional": ["probe_conditional.parquet", "probe_conditional.json"],
     "calibrate": ["calibration.json"],  # tests/test_calibration.py (planted models are built for mult)
     "report": ["report.json", "report.md"],
 }

@@ -1084,9 +1084,9 @@ def one_line(code: int, err: list[str]) -> str:
 
 
 def test_a_diverging_run_stops_says_so_and_its_last_checkpoint_loads(tmp_path, capsys, monkeypatch):
-    from training import resume, trainer
+    from training import resume, stages, trainer
 
-    monkeypatch.setattr(trainer, "Progress", partial(trainer.Progress, disable=True))  # it shares stderr
+    monkeypatch.setattr(stages, "Progress", partial(stages.Progress, disable=True))  # it shares stderr
     from training.config import load_config
 
     (tmp_path / "r.yaml").write_text(RECIPE_OK.replace("steps: 2", "steps: 6"))
@@ -1111,7 +1111,8 @@ def test_a_diverging_run_stops_says_so_and_its_last_checkpoint_loads(tmp_path, c
 def test_the_guard_leaves_overflowing_fp16_steps_to_the_loss_scaler():
     """fp16 needs a GPU here, so the guard's rule is checked directly: with a loss scaler a
     non-finite gradient is a skipped step, not divergence; a non-finite loss is divergence."""
-    from training.trainer import Diverged, FiniteGuard, Stage
+    from rim_lens.methods import Stage
+    from training.stages import Diverged, FiniteGuard
 
     stage = Stage("train", 10, 1e-3, 0.0, layout=None, weights=None)
     inf, nan, one = torch.tensor(float("inf")), torch.tensor(float("nan")), torch.tensor(1.0)

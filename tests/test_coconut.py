@@ -24,7 +24,7 @@ from rim_lens.data.tasks import get_task
 from rim_lens.errors import ConfigError
 from rim_lens.evaluation import evaluate
 from rim_lens.fileio import read_jsonl
-from rim_lens.methods import Method
+from rim_lens.methods import get_method
 from rim_lens.model import coconut
 from rim_lens.model.checkpoints import load_checkpoint
 from rim_lens.model.decoding import greedy_decode
@@ -37,8 +37,8 @@ from rim_lens.model.layouts import (
     slot_names,
     visibility,
 )
+from rim_lens.schedules import coconut_stage
 from training.config import load_config
-from training.schedules import coconut_stage
 from training.trainer import plan_stages, train
 
 torch.set_num_threads(1)
@@ -201,7 +201,7 @@ def test_stage_schedule_replaces_the_right_steps(tiny, chains):
     stages = plan_stages(cfg, builder)
     assert [s.name for s in stages] == ["stage_0", "stage_1", "stage_2", "stage_3", "stage_4"]
     assert [s.steps for s in stages] == [20, 20, 20, 20, 20] and sum(s.steps for s in stages) == 100
-    assert all(s.logits is not None and s.lr == cfg.train.lr for s in stages)
+    assert all(s.thought_passes and s.lr == cfg.train.lr for s in stages)
     # A longer stage 0 (the reference's GSM8K protocol starts from a trained CoT model); a stage
     # left without steps is dropped.
     longer = dataclasses.replace(cfg, coconut=dataclasses.replace(cfg.coconut, cot_fraction=0.4))
@@ -390,7 +390,8 @@ def test_coconut_learns_the_copy_task_and_reports_like_the_others(coconut_run, t
     assert metrics["forward_passes_mean"] == metrics["answer_tokens_mean"] + 1 + metrics["thoughts"]
     status = coconut_run.status()
     assert set(status["stages"]) == {"stage_0", "stage_1"}, "stage 2 (= stage 1 here) got no steps"
-    assert Method("coconut").color and Method("coconut").uses_thoughts and not Method("coconut").uses_blocks
+    coconut = get_method("coconut")
+    assert coconut.color and coconut.uses_thoughts and not coconut.uses_blocks
 
 
 def test_checkpoint_round_trips_and_evaluates(coconut_run):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import rim_lens as rl
-from rim_lens.analysis import causal
+from rim_lens.analysis import patching
 from rim_lens.analysis.backends import make_backend
 from rim_lens.analysis.engine import (
     Knockout,
@@ -133,7 +133,7 @@ def test_ablation_per_example_does_not_depend_on_padding(chains, name, mode):
 def test_patching_per_example_does_not_depend_on_padding(chains, name):
     lab = chains[name]
     be, builder = lab.backend, lab.builder
-    pairs = causal.make_pairs(lab, mixed_lengths(lab, 12), seed=0)
+    pairs = patching.make_pairs(lab, mixed_lengths(lab, 12), seed=0)
     assert len({len(builder.prompt(ex)) for ex in pairs.clean}) > 1
     sel = lab.select()
     fitted = lab.fit(rl.Patch(from_=pairs.clean), pairs.corrupt, sel)
@@ -141,7 +141,7 @@ def test_patching_per_example_does_not_depend_on_padding(chains, name):
         Variant(sel.sites(blocks=[k], layers=[l]), fitted) for l in sel.layers for k in sel.blocks
     ]
     seqs = pairs.prompts(builder)
-    metric = causal.logit_diff(pairs)
+    metric = patching.logit_diff(pairs)
     batched = sweep(be, builder, seqs, variants, metric)
     one_by_one = torch.stack(
         [
@@ -167,7 +167,7 @@ def test_patching_per_example_does_not_depend_on_padding(chains, name):
         ld = logits[rows, pairs.clean_token] - logits[rows, pairs.corrupt_token]
         torch.testing.assert_close(ld, one_by_one[v], rtol=0, atol=ATOL)
     # The patching table is the mean over pairs of these per-example values.
-    result = causal.patch(lab, sel, pairs=pairs)
+    result = patching.patch(lab, sel, pairs=pairs)
     torch.testing.assert_close(
         torch.tensor(result.table["logit_diff"].values, dtype=torch.float32),
         one_by_one[1:].mean(1),
@@ -214,12 +214,12 @@ def test_patch_per_slot_equals_transformer_lens_resid_pre_patching(run, random_l
             f"{clean.question[:7]}{digit}{clean.question[8:]}||<<{digit}={digit}>> #### {digit}"
         )
         a, b = builder.encode(clean.answer), builder.encode(corrupt.answer)
-        pairs = causal.Pairs([clean], [corrupt], [[]], torch.tensor(a[:1]), torch.tensor(b[:1]))
+        pairs = patching.Pairs([clean], [corrupt], [[]], torch.tensor(a[:1]), torch.tensor(b[:1]))
     else:
-        pairs = causal.make_pairs(lab, lab.examples[:1], seed=0)
+        pairs = patching.make_pairs(lab, lab.examples[:1], seed=0)
     assert len(pairs.clean) == 1 and lab.spec.readout_sees_question
     sel = lab.select()
-    result = causal.patch(lab, sel, per_slot=True, pairs=pairs)
+    result = patching.patch(lab, sel, per_slot=True, pairs=pairs)
     table, base = result.table, result.summary
 
     clean_seq, corrupt_seq = pairs.prompts(builder, "clean")[0], pairs.prompts(builder, "corrupt")[0]

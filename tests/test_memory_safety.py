@@ -18,18 +18,11 @@ from rim_lens.model.decoding import greedy_decode
 from rim_lens.model.layouts import IGNORE, SequenceBuilder, collate
 from rim_lens.model.memory import MemorySpec
 from rim_lens.model.tokenizer import build_word_tokenizer, memory_token_ids
+from rim_lens.schedules import grounding_weights
 from training.config import load_config
 from training.sampling import LengthBuckets
-from training.schedules import grounding_weights
-from training.trainer import (
-    _loss,
-    _with_lora,
-    held_out_accuracy,
-    predicted_tokens,
-    readout_hits,
-    target_logits,
-    train,
-)
+from training.stages import _loss, held_out_accuracy, predicted_tokens, readout_hits, target_logits
+from training.trainer import _with_lora, train
 
 OPTIONS = {"min_length": 1, "max_length": 4, "modulus": 10}
 
@@ -215,10 +208,10 @@ def test_gradient_checkpointing_trains_the_same_model(tmp_path):
 
 def test_bf16_autocasts_and_fp16_needs_a_gpu(tmp_path, monkeypatch, capsys):
     from rim_lens.cli import main
-    from training import trainer
+    from training import stages
 
     seen, hooked = [], set()
-    real = trainer.output_layer
+    real = stages.output_layer
 
     def record(module, args, out):
         if module.training:
@@ -231,7 +224,7 @@ def test_bf16_autocasts_and_fp16_needs_a_gpu(tmp_path, monkeypatch, capsys):
             layer.register_forward_hook(record)
         return layer
 
-    monkeypatch.setattr(trainer, "output_layer", spy)
+    monkeypatch.setattr(stages, "output_layer", spy)
     run = train(load_config(None, _recipe(tmp_path, precision="bf16")), tmp_path / "bf16")
     assert run.status()["status"] == "completed" and seen and set(seen) == {torch.bfloat16}
     # The saved model is plain fp32, and the next run in this process may use another precision.

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import rim_lens as rl
-from rim_lens.analysis import attribution, causal
+from rim_lens.analysis import attribution, patching
+from rim_lens.analysis.attribution import AttributionResult
 from rim_lens.analysis.engine import Variant, correct_and_logprob, resume_sweep, score, sweep
 from rim_lens.analysis.interventions import Intervention
 from rim_lens.analysis.lab import Lab
-from rim_lens.analysis.results import AttributionResult
 from rim_lens.analysis.sites import Site, block_index
 from rim_lens.errors import RunError
 from rim_lens.model.layouts import block_positions
@@ -53,8 +53,8 @@ def labs(tmp_path_factory) -> dict[str, Lab]:
     return out
 
 
-def pairs_of(lab: Lab) -> causal.Pairs:
-    pairs = causal.make_pairs(lab, seed=0)
+def pairs_of(lab: Lab) -> patching.Pairs:
+    pairs = patching.make_pairs(lab, seed=0)
     assert len({len(lab.builder.prompt(ex)) for ex in pairs.clean}) > 1, "padded batches are tested"
     return pairs
 
@@ -65,8 +65,8 @@ def pairs_of(lab: Lab) -> causal.Pairs:
 def test_exact_patching_equals_the_full_sweep(labs, setting, per_slot):
     lab = labs[setting]
     pairs, sel = pairs_of(lab), lab.select()
-    exact = causal.patch(lab, sel, per_slot=per_slot, pairs=pairs, method="exact", max_rows=8)
-    full = causal.patch(lab, sel, per_slot=per_slot, pairs=pairs, method="full")
+    exact = patching.patch(lab, sel, per_slot=per_slot, pairs=pairs, method="exact", max_rows=8)
+    full = patching.patch(lab, sel, per_slot=per_slot, pairs=pairs, method="full")
     assert exact.record["options"]["method"] == "exact" and full.record["options"]["method"] == "full"
     np.testing.assert_allclose(exact.corrupt, full.corrupt, rtol=0, atol=ATOL)
     np.testing.assert_allclose(exact.patched, full.patched, rtol=0, atol=ATOL)
@@ -76,7 +76,7 @@ def test_exact_patching_equals_the_full_sweep(labs, setting, per_slot):
     np.testing.assert_allclose(exact.table["recovery"], full.table["recovery"], rtol=0, atol=ATOL / gap)
     assert np.abs(full.patched - full.corrupt[None]).max() > 1e-3, "patching must move the metric"
     # The default on the hf backend is the exact method.
-    assert causal.patch(lab, sel, pairs=pairs).record["options"]["method"] == "exact"
+    assert patching.patch(lab, sel, pairs=pairs).record["options"]["method"] == "exact"
 
 
 @pytest.mark.parametrize("setting", ["gpt2-blind", "llama-visible"])
@@ -167,7 +167,7 @@ def test_attribution_equals_finite_differences(labs, setting):
     estimate = attribution.attribution_patch(lab, sel, per_slot=True, pairs=pairs, qk_fix=False)
     clean = lab.fit(rl.Patch(from_=pairs.clean), pairs.corrupt, sel)
     cells = [Site(r.layer, r.block, r.slot) for r in estimate.table.itertuples()]
-    h, metric, seqs = 0.05, causal.logit_diff(pairs), pairs.prompts(lab.builder)
+    h, metric, seqs = 0.05, patching.logit_diff(pairs), pairs.prompts(lab.builder)
     ends = [
         sweep(lab.backend, lab.builder, seqs, [Variant([c], Toward(clean, a)) for c in cells], metric)
         for a in (h, -h)
@@ -177,7 +177,7 @@ def test_attribution_equals_finite_differences(labs, setting):
     np.testing.assert_allclose(scores, derivative, rtol=2e-2, atol=3e-5)
     assert np.abs(scores).max() > 1e-3
     # The estimate's table is exact patching's: the same cells, columns and baselines.
-    exact = causal.patch(lab, sel, per_slot=True, pairs=pairs)
+    exact = patching.patch(lab, sel, per_slot=True, pairs=pairs)
     assert list(estimate.table.columns) == list(exact.table.columns)
     assert estimate.table[["layer", "block", "slot"]].equals(exact.table[["layer", "block", "slot"]])
     np.testing.assert_allclose(estimate.clean, exact.clean, rtol=0, atol=ATOL)
@@ -186,7 +186,7 @@ def test_attribution_equals_finite_differences(labs, setting):
     assert -1 <= rho.lo <= rho.hi <= 1 and -1 <= rho.value <= 1
 
 
-def tl_pair(lab: Lab, pairs: causal.Pairs, i: int):
+def tl_pair(lab: Lab, pairs: patching.Pairs, i: int):
     """Pair i alone (no padding) as TransformerLens takes it: the bridge with its mask, its tokens,
     its metric, and the corrupt batch."""
     clean_seq, corrupt_seq = pairs.prompts(lab.builder, "clean")[i], pairs.prompts(lab.builder)[i]
@@ -335,7 +335,7 @@ def test_qk_fix_computes_the_attention_with_clean_keys_and_values(labs, setting)
         if l > 0:
             assert expected.abs().max() > 1e-5
     # With clean = corrupt nothing changes: the fixed estimate of a pair with itself is 0.
-    same = causal.Pairs(pairs.corrupt, pairs.corrupt, pairs.prefix, pairs.clean_token, pairs.corrupt_token)
+    same = patching.Pairs(pairs.corrupt, pairs.corrupt, pairs.prefix, pairs.clean_token, pairs.corrupt_token)
     none = attribution.attribution_patch(lab, sel, per_slot=True, pairs=same, edges=False, qk_fix=True)
     np.testing.assert_allclose(none.patched - none.corrupt[None], 0, atol=1e-6)
 

@@ -14,18 +14,20 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from rim_lens.analysis.capture import CaptureStore
 from rim_lens.analysis.probes import (
+    ProbeResult,
+    probe_correctness,
+    probe_values,
+    select_answers,
+    value_probes,
+)
+from rim_lens.analysis.probing import (
     CONSTANT,
     MIN_EXAMPLES_PER_TYPE,
     control_labels,
     control_types,
-    probe_correctness,
-    probe_values,
     question_groups,
-    select_answers,
-    value_probes,
     weighted_ranking,
 )
-from rim_lens.analysis.results import ProbeResult
 from rim_lens.errors import RunError
 
 N, LAYERS, K, SLOTS, D = 240, [0, 1], 3, ["<b>", "</b>"], 6

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from rim_lens.analysis.report import CARD, KEYS, build_report
+from rim_lens.analysis.card import CARD, KEYS
+from rim_lens.analysis.report import build_report
 from rim_lens.analysis.verdict import FINDINGS, NOT_TESTABLE, OUTCOMES
 
 torch.set_num_threads(1)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from rim_lens.cli import main
 from rim_lens.runs import Run, RunLock
-from training import trainer
+from training import stages, trainer
 from training.config import load_config
 
 torch.set_num_threads(1)
@@ -246,7 +246,7 @@ def test_lora_run_resumes_exactly_after_sigterm(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)  # handled after this step: checkpoint, then stop
 
     monkeypatch.setattr(Run, "log", log_then_stop)
-    with pytest.raises(trainer.Interrupted):
+    with pytest.raises(stages.Interrupted):
         trainer.train(cfg, run.path)
     monkeypatch.setattr(Run, "log", log)
     assert run.status()["status"] == "interrupted"

@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 
 from rim_lens.errors import ConfigError, DataError, RunError
 from rim_lens.model.checkpoints import load_checkpoint
-from training import trainer
+from rim_lens.schedules import block_weights, grounding_weights, refinement_weights, step_weights
+from training import stages, trainer
 from training.config import RunConfig, load_config
-from training.schedules import block_weights, grounding_weights, refinement_weights, step_weights
 from training.trainer import train
 
 torch.set_num_threads(1)
@@ -393,7 +393,7 @@ def test_compiled_loss_equals_the_eager_loss(copy_data):
         results = []
         for compiled in (False, True):
             model.zero_grad(set_to_none=True)
-            loss = trainer.stage_loss(stage, compiled)(model, batch, weights)
+            loss = stages.stage_loss(stage, compiled)(model, batch, weights)
             loss.backward()
             results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
         (eager, eager_grads), (fast, fast_grads) = results
@@ -417,14 +417,14 @@ def test_a_compiled_loss_that_is_wrong_or_fails_is_not_trained_on(copy_data, cap
     stage = trainer.plan_stages(cfg, SequenceBuilder(tok, spec, task.join_steps))[-1]
     batch = collate([stage.layout(ex) for ex in splits.train[:8]], tok.pad_token_id, True)
     weights = stage.weights(batch, 0.5)
-    eager = partial(trainer._loss, logits=stage.logits)
+    eager = partial(trainer._loss, logits=stages.stage_logits(stage))
 
     def fails(*args):
         raise RuntimeError("C++ compile error")
 
     model.train()
     capsys.readouterr()
-    same = partial(trainer._loss, logits=stage.logits)  # computes the eager loss: trusted
+    same = partial(trainer._loss, logits=stages.stage_logits(stage))  # computes the eager loss: trusted
     assert trainer._trusted(same, eager, model, batch, weights, stage.name) is same
     assert capsys.readouterr().out == ""
     for wrong, why in ((lambda *a: 2 * eager(*a), "computes"), (fails, "fails to build (RuntimeError)")):

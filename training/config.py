@@ -28,12 +28,12 @@ from rim_lens.data.examples import Example
 from rim_lens.data.tasks import TASK_NAMES, get_task
 from rim_lens.errors import ConfigError, RimLensError, clip, size_text
 from rim_lens.fileio import read_text
-from rim_lens.methods import METHODS, Method
+from rim_lens.methods import RIM, get_method, method_names
 from rim_lens.model.memory import TRAINING_FIELDS, MemorySpec
 from rim_lens.runs import check_name
+from training.overrides import check_depth, merge, parse_overrides
 
 MAX_RECIPE = 1 << 20  # characters: a recipe is a few dozen lines
-MAX_DEPTH = 16  # nesting levels of a recipe or --set value (the deepest real key is 3 levels down)
 # Machine limits of numeric keys, used by the recipe's fields below and by the CLI's --seed options.
 SEEDS = (0, 2**32 - 1)  # numpy's and torch's seeds are unsigned 32-bit
 MAX_THREADS = 1024  # above this a value is a typo; above the CPU count, training warns and clamps
@@ -198,7 +198,7 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    method: str = rule("rim", choices=METHODS)
+    method: str = rule(RIM.name, choices=method_names)
     name: str = rule("", check=_run_name)
     seed: int = rule(0, min=SEEDS[0], max=SEEDS[1])
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -222,7 +222,7 @@ class RunConfig:
 # Keys a resumed run may change: they do not alter what is computed.
 RESUMABLE_CHANGES = ("train.threads", "train.checkpoint_every", "train.report_to")
 # Keys (or key prefixes) only some methods read, with the `Method` property that says which
-# (trainer.plan_stages, run_spec): changing one is no change of recipe for another method's run,
+# (`Method.stages`, trainer.run_spec): changing one is no change of recipe for another method's run,
 # so a demo keeps its baselines when RiM's schedule moves.
 METHOD_KEYS: dict[str, str] = {
     "train.stage1_fraction": "grounded",
@@ -238,7 +238,7 @@ METHOD_KEYS: dict[str, str] = {
 
 def reads(method: str, key: str) -> bool:
     """Whether a run of `method` reads the dotted recipe key `key`."""
-    m = Method(method)
+    m = get_method(method)
     return all(getattr(m, prop) for prefix, prop in METHOD_KEYS.items() if key.startswith(prefix))
 
 
@@ -492,7 +492,7 @@ def layout_problem(config: RunConfig, limit: int) -> tuple[str, str | None]:
     more: K blocks of M + 2 tokens (the largest of train.K_choices x M_choices), grounding's
     step_offset + 1 blocks, or Coconut's thoughts between <bot> and <eot>. Plain arithmetic, so
     a huge value is refused before any sequence is built."""
-    m, t, method = config.memory, config.train, Method(config.method)
+    m, t, method = config.memory, config.train, get_method(config.method)
     spans = []
     if method.uses_blocks:
         K, M = max(t.K_choices or [m.K]), max(t.M_choices or [m.M])
@@ -513,50 +513,6 @@ def layout_problem(config: RunConfig, limit: int) -> tuple[str, str | None]:
     return "", None
 
 
-def parse_overrides(overrides: list[str]) -> dict:
-    """`a.b=value` strings (value parsed as YAML) to a nested dict."""
-    out: dict = {}
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        parts = key.split(".")
-        if not sep or not all(p.strip() for p in parts):
-            raise ConfigError(f"--set {clip(repr(item))}: expected KEY=VALUE, e.g. train.steps=200")
-        if len(parts) > MAX_DEPTH:
-            raise ConfigError(f"--set {clip(repr(item))}: {_too_deep()}")
-        try:
-            _check_depth(text, f"--set {clip(repr(item))}")
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            problem = getattr(err, "problem", None) or type(err).__name__
-            raise ConfigError(
-                f"--set {clip(repr(item))}: the value is not valid YAML ({problem}); "
-                f"quote it, e.g. {clip(key)}='...'"
-            ) from None
-        node = out
-        *parents, leaf = parts
-        for i, p in enumerate(parents):
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                section = ".".join(parts[: i + 1])
-                raise ConfigError(
-                    f"--set {clip(repr(item))}: '{section}' was set to a value by an earlier --set, "
-                    "so it has no keys"
-                )
-        node[leaf] = value
-    return out
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    merged = dict(base)
-    for k, v in extra.items():
-        merged[k] = (
-            _merge(merged[k], v)
-            if isinstance(v, dict) and isinstance(merged.get(k), dict) and k != "options"
-            else v
-        )
-    return merged
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
     """A validated RunConfig from a YAML recipe (or defaults) plus `key=value` overrides."""
     raw: dict = {}
@@ -568,7 +524,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         except ConfigError as err:
             raise ConfigError(f"cannot read recipe {err}; give the path of a YAML recipe") from None
         try:
-            _check_depth(text, str(path))
+            check_depth(text, str(path))
             node = yaml.compose(text)
             raw = yaml.safe_load(text)
         except yaml.YAMLError as err:
@@ -582,7 +538,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: a recipe must be a mapping of keys, got {clip(repr(raw))}")
-        raw = _merge(raw, extra)
+        raw = merge(raw, extra)
         lines = {k: v for k, v in lines.items() if not _covered(k, extra)}
         source = f"{source} (with --set)" if path else "--set"
     ctx = _Context(
@@ -594,23 +550,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     config = _build(RunConfig, raw, "", ctx)
     _cross_checks(config, ctx)
     return config
-
-
-def _too_deep() -> str:
-    return f"nested deeper than {MAX_DEPTH} levels; a recipe's keys are a few levels deep"
-
-
-def _check_depth(text: str, where: str) -> None:
-    """ConfigError if the YAML `text` nests mappings or lists deeper than MAX_DEPTH, found from
-    the parser's event stream (which does not recurse), before anything builds the nested value."""
-    depth = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise ConfigError(f"{where}:{event.start_mark.line + 1}: {_too_deep()}")
-        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-            depth -= 1
 
 
 def _check_lora(lora: dict, where: str, pretrained: str | None) -> None:

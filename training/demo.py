@@ -15,23 +15,25 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
 from multiprocessing import get_context
 from pathlib import Path
 
+from rim_lens import artefacts
 from rim_lens.artefacts import SPLITS, split_file
 from rim_lens.compare import comparison, latency_side_by_side, render
-from rim_lens.data import write_examples
+from rim_lens.data import Splits, write_examples
 from rim_lens.data.tasks import get_task
 from rim_lens.errors import RunError
 from rim_lens.fileio import atomic_write_json, atomic_write_text
-from rim_lens.methods import DEMO_METHODS, Method
+from rim_lens.methods import COCONUT, COT, DEMO_METHODS, DIRECT, PAUSE, RIM
 from rim_lens.runs import Run
 
 RECIPES = Path(str(resources.files("training") / "recipes"))
 # Longest first, so that parallel jobs finish together.
-TRAINING_ORDER = (Method.RIM, Method.PAUSE, Method.COCONUT, Method.COT, Method.DIRECT)
+TRAINING_ORDER = tuple(m.name for m in (RIM, PAUSE, COCONUT, COT, DIRECT))
 
 
 def recipe_path(full: bool) -> Path:
@@ -85,20 +87,20 @@ def check_runs(recipe: Path, planned: list[tuple[str, int, Path, list[str]]], ov
 def gap_closure(metrics: dict[str, dict]) -> dict | None:
     """How much of the direct -> CoT gap RiM closes, and the demo's bar on intervals: RiM's lower
     bound above the gap's midpoint and above pause's upper bound (None without those runs)."""
-    if not {"rim", "direct", "cot"} <= set(metrics):
+    if not {RIM.name, DIRECT.name, COT.name} <= set(metrics):
         return None
-    rim, direct, cot = (metrics[m]["accuracy"] for m in ("rim", "direct", "cot"))
+    rim, direct, cot = (metrics[m]["accuracy"] for m in (RIM.name, DIRECT.name, COT.name))
     if cot <= direct:
         return {"closed": None, "note": "CoT is not above direct: there is no gap to close"}
-    rim_lo = metrics["rim"]["accuracy_ci"][0]
+    rim_lo = metrics[RIM.name]["accuracy_ci"][0]
     midpoint = (direct + cot) / 2
     out = {
         "closed": (rim - direct) / (cot - direct),
         "midpoint": midpoint,
         "rim_lo_above_midpoint": rim_lo > midpoint,
     }
-    if "pause" in metrics:
-        out["pause_hi"] = metrics["pause"]["accuracy_ci"][1]
+    if PAUSE.name in metrics:
+        out["pause_hi"] = metrics[PAUSE.name]["accuracy_ci"][1]
         out["rim_lo_above_pause_hi"] = rim_lo > out["pause_hi"]
     return out
 
@@ -149,10 +151,61 @@ def verdict_table(per_seed_metrics: list[dict[str, dict]], split: str = "test") 
         pause = f"{gap['pause_hi']:.3f}" if "pause_hi" in gap else "–"
         rows.append(
             f"| {s} | {' | '.join(cells)} | {gap['closed']:.0%} | {gap['midpoint']:.3f} | "
-            f"{metrics['rim']['accuracy_ci'][0]:.3f} | {pause} | {'yes' if clears else 'no'} |"
+            f"{metrics[RIM.name]['accuracy_ci'][0]:.3f} | {pause} | {'yes' if clears else 'no'} |"
         )
     rows.append(f"\nRiM clears the bar on {cleared} of {counted} seeds.")
     return "\n".join(rows)
+
+
+def gap_line(gap: dict) -> str:
+    """The sentence the demo's table ends with: how much of the gap RiM closes, against its bars."""
+    if "note" in gap:
+        return gap["note"] + "."
+    line = f"RiM closes {gap['closed']:.0%} of the direct -> CoT gap; its lower bound is "
+    line += ("above" if gap["rim_lo_above_midpoint"] else "NOT above") + " the gap's midpoint"
+    if "pause_hi" in gap:
+        line += " and " + ("above" if gap["rim_lo_above_pause_hi"] else "NOT above") + " pause's upper bound"
+    return line + "."
+
+
+def _train_all(recipe: Path, planned: list, jobs: int, overwrite: bool) -> dict[tuple[str, int], dict]:
+    """Train every planned (method, seed offset, run directory, overrides), `jobs` at a time;
+    each run's metrics by (method, seed offset)."""
+    if jobs <= 1:
+        return {(m, s): _train_one(recipe, o, path, False, overwrite) for m, s, path, o in planned}
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        futures = {
+            (m, s): pool.submit(_train_one, recipe, o, path, True, overwrite) for m, s, path, o in planned
+        }
+        return {key: f.result() for key, f in futures.items()}
+
+
+def _write_data(recipe: Path, runs_dir: Path, splits: Splits, plan: Callable, overwrite: bool) -> None:
+    """Write the demo's data splits under runs_dir, once every run `plan(folder)` makes has been
+    checked against them (a run of another recipe is replaced only with `overwrite`)."""
+    with tempfile.TemporaryDirectory() as staged:
+        for name in SPLITS:
+            write_examples(Path(staged) / split_file(name), getattr(splits, name))
+        try:
+            check_runs(recipe, plan(Path(staged)), overwrite)
+        except RunError as err:  # name the data files where the demo would write them
+            raise RunError(str(err).replace(staged, str(runs_dir))) from None
+    for name in SPLITS:
+        write_examples(runs_dir / split_file(name), getattr(splits, name))
+
+
+def _report(runs_dir: Path, metrics: dict) -> str:
+    """The causal report of the demo's RiM run against its pause and direct runs; its verdict."""
+    from rim_lens.analysis.report import build_report
+
+    card = build_report(
+        runs_dir / RIM.name,
+        control=runs_dir / PAUSE.name if PAUSE.name in metrics else None,
+        direct=runs_dir / DIRECT.name if DIRECT.name in metrics else None,
+    )
+    where = runs_dir / RIM.name / artefacts.ANALYSIS / "report.md"
+    print(f"\nDo the memory blocks carry the reasoning? ({where})\n" + card["verdict"])
+    return card["verdict"]
 
 
 def run_demo(
@@ -169,7 +222,7 @@ def run_demo(
     overwrite: bool = False,
 ) -> dict:
     """Train and compare the methods of the demo recipe (or `recipe`) over `seeds` training seeds
-    (`method_seeds`: fewer for some methods, e.g. {"coconut": 1}), `jobs` runs at a time; returns
+    (`method_seeds`: fewer for some methods, e.g. 1 for coconut), `jobs` runs at a time; returns
     the summary written to runs_dir. A run of another recipe is replaced only with `overwrite`."""
     from training.config import load_config
     from training.trainer import load_data
@@ -194,30 +247,13 @@ def run_demo(
             if m in methods and s < seeds_of[m]
         ]
 
-    # Every run is checked against this data before the demo writes any of it.
-    with tempfile.TemporaryDirectory() as staged:
-        for name in SPLITS:
-            write_examples(Path(staged) / split_file(name), getattr(splits, name))
-        try:
-            check_runs(recipe, plan(Path(staged)), overwrite)
-        except RunError as err:  # name the data files where the demo would write them
-            raise RunError(str(err).replace(staged, str(runs_dir))) from None
-    for name in SPLITS:
-        write_examples(runs_dir / split_file(name), getattr(splits, name))
+    _write_data(recipe, runs_dir, splits, plan, overwrite)
     coverage = splits.coverage(task)
     sizes = ", ".join(f"{len(getattr(splits, name))} {name}" for name in SPLITS)
     covered = f" ({coverage:.0%} of the task's questions)" if coverage else ""
     print(f"demo: task {task!r}, {sizes} examples{covered}, recipe {recipe.name}")
 
-    planned = plan(runs_dir)
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            futures = {
-                (m, s): pool.submit(_train_one, recipe, o, path, True, overwrite) for m, s, path, o in planned
-            }
-            results = {key: f.result() for key, f in futures.items()}
-    else:
-        results = {(m, s): _train_one(recipe, o, path, False, overwrite) for m, s, path, o in planned}
+    results = _train_all(recipe, plan(runs_dir), jobs, overwrite)
     seconds_training = time.perf_counter() - start
     metrics = {m: results[(m, 0)] for m in methods if (m, 0) in results}
 
@@ -233,21 +269,13 @@ def run_demo(
         split = next(iter(metrics.values())).get("scored_on", "test")
         sections.append(seed_table(per_seed, split))
         sections.append(verdict_table(per_seed_metrics, split))
-    if "rim" in metrics and metrics["rim"].get("per_block_accuracy"):
+    if RIM.name in metrics and metrics[RIM.name].get("per_block_accuracy"):
         sections.append(
-            "RiM's accuracy by memory budget K (answer read after block K):\n\n" + k_curve(metrics["rim"])
+            "RiM's accuracy by memory budget K (answer read after block K):\n\n" + k_curve(metrics[RIM.name])
         )
     gap = gap_closure(metrics)
-    if gap and "note" in gap:
-        sections.append(gap["note"] + ".")
-    elif gap:
-        line = f"RiM closes {gap['closed']:.0%} of the direct -> CoT gap; its lower bound is "
-        line += ("above" if gap["rim_lo_above_midpoint"] else "NOT above") + " the gap's midpoint"
-        if "pause_hi" in gap:
-            line += (
-                " and " + ("above" if gap["rim_lo_above_pause_hi"] else "NOT above") + " pause's upper bound"
-            )
-        sections.append(line + ".")
+    if gap:
+        sections.append(gap_line(gap))
     table = "\n\n".join(sections)
     summary = {
         "recipe": recipe.name,
@@ -262,19 +290,8 @@ def run_demo(
         "seconds_training": seconds_training,
     }
     print("\n" + table)
-    if report and "rim" in metrics:
-        from rim_lens.analysis.report import build_report
-
-        card = build_report(
-            runs_dir / "rim",
-            control=runs_dir / "pause" if "pause" in metrics else None,
-            direct=runs_dir / "direct" if "direct" in metrics else None,
-        )
-        summary["verdict"] = card["verdict"]
-        print(
-            f"\nDo the memory blocks carry the reasoning? ({runs_dir / 'rim' / 'analysis' / 'report.md'})\n"
-            + card["verdict"]
-        )
+    if report and RIM.name in metrics:
+        summary["verdict"] = _report(runs_dir, metrics)
     summary["seconds_total"] = time.perf_counter() - start
     atomic_write_json(runs_dir / "summary.json", summary)
     atomic_write_text(runs_dir / "summary.md", table + "\n")

@@ -13,13 +13,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import os
 import random
 import shutil
-import signal
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -28,12 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import broadcast_object_list, extract_model_from_parallel
-from torch.utils.data import DataLoader
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+from accelerate.utils import broadcast_object_list
 
 from rim_lens import artefacts
 from rim_lens.artefacts import SPLITS, split_file
@@ -49,14 +42,13 @@ from rim_lens.fileio import (
     remove_dir,
     replace_dir,
 )
-from rim_lens.methods import Method
+from rim_lens.methods import Stage, get_method
 from rim_lens.model import spread
 from rim_lens.model.checkpoints import build_model, load_pretrained, save_checkpoint, set_dropout
-from rim_lens.model.coconut import thought_forward
-from rim_lens.model.layouts import IGNORE, Batch, Layout, SequenceBuilder, collate
+from rim_lens.model.layouts import Layout, SequenceBuilder, collate
 from rim_lens.model.memory import MemorySpec
 from rim_lens.model.tokenizer import build_word_tokenizer, memory_token_ids
-from rim_lens.progress import Progress, logger
+from rim_lens.progress import logger
 from rim_lens.runs import (
     COMPLETED,
     DIVERGED,
@@ -71,183 +63,21 @@ from rim_lens.runs import (
 from training import resume as resumption
 from training import tracking
 from training.config import RunConfig, check_data_tokens, differences, layout_problem, load_config
-from training.sampling import LengthBuckets
-from training.schedules import coconut_stage, grounding_weights, refinement_weights
+from training.stages import Diverged, Loop, StopSignals, run_stage
+
+# Re-exported (`x as x`): the compile check is tested through the trainer.
+from training.stages import _loss as _loss
+from training.stages import _trusted as _trusted
+from training.stages import stage_loss as stage_loss
 
 # train.precision -> accelerate's mixed_precision: autocast in bf16 / fp16, weights kept in fp32.
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 SPREAD_EXAMPLES = 64  # validation questions the input share of block states is measured on
 
 
-# (model, batch) -> logits [N, V] at the batch's N target positions, in row-major order
-Logits = Callable[..., torch.Tensor]
-
-
-def output_layer(model: torch.nn.Module) -> torch.nn.Module:
-    """The module mapping hidden states to logits (`lm_head`), through accelerate's and PEFT's
-    wrappers."""
-    model = extract_model_from_parallel(model)
-    if hasattr(model, "get_base_model"):  # PEFT
-        model = model.get_base_model()
-    return model.get_output_embeddings()
-
-
-def target_logits(model, batch: Batch) -> torch.Tensor:
-    """Logits [N, V] at the N target positions of `batch` (row-major order).
-
-    Only target positions need logits, and full-vocabulary logits at every position are most of
-    a pretrained model's memory. A pre-hook on the output layer gathers the target positions'
-    hidden states, so the output layer sees [1, N, d]. The model is still called as a whole, so
-    accelerate's autocast (mixed precision) and DDP gradient sync keep applying.
-    """
-    index = (batch.targets != IGNORE).flatten().nonzero().squeeze(1)
-
-    def gather(module, args):
-        return (args[0].flatten(0, 1)[index][None], *args[1:])
-
-    handle = output_layer(model).register_forward_pre_hook(gather)
-    try:
-        return model(**batch.model_inputs(), use_cache=False).logits[0]
-    finally:
-        handle.remove()
-
-
-def coconut_logits(model, batch: Batch) -> torch.Tensor:
-    """`target_logits` with the continuous thoughts fed back: n + 1 passes sharing a KV cache,
-    gradients through the thoughts (as the reference implementation)."""
-    return thought_forward(model, batch).logits[batch.targets != IGNORE]
-
-
-def _loss(model, batch: Batch, weights: torch.Tensor, logits: Logits = target_logits) -> torch.Tensor:
-    """Cross-entropy at the target positions, weighted by `weights` [B, S] (zero off targets)."""
-    is_target = batch.targets != IGNORE
-    ce = F.cross_entropy(logits(model, batch).float(), batch.targets[is_target], reduction="none")
-    # Normalised by the weights in the batch: as lambda falls, the answer term keeps its scale.
-    return (ce * weights[is_target]).sum() / weights.sum().clamp_min(1e-8)
-
-
-def predicted_tokens(model, batch: Batch, logits: Logits = target_logits) -> torch.Tensor:
-    """Greedy next tokens [B, S] at the target positions (teacher-forced), IGNORE elsewhere."""
-    predicted = torch.full_like(batch.targets, IGNORE)
-    predicted[batch.targets != IGNORE] = logits(model, batch).argmax(-1)
-    return predicted
-
-
-@dataclass
-class Stage:
-    """One optimisation phase: its layout of examples, loss weights, steps, LR and dropout, and
-    how it computes logits at the target positions (one pass, or Coconut's thought passes)."""
-
-    name: str
-    steps: int
-    lr: float
-    dropout: float
-    layout: Callable[[Example], Layout]
-    weights: Callable[[Batch, float], torch.Tensor]  # (batch, progress in [0, 1]) -> [B, S]
-    logits: Logits = target_logits
-    held_out: Callable[[Example], Layout] | None = None  # the held-out check's layout (None: `layout`)
-    largest: Callable[[Example], Layout] | None = None  # the longest `layout` can be (None: `layout`)
-    lr_key: str = "train.lr"  # the recipe key of `lr`, for the divergence message
-
-
-def stage_loss(stage: Stage, compile: bool) -> Callable[..., torch.Tensor]:
-    """(model, batch, weights) -> the stage's training loss, through torch.compile if `compile`.
-
-    Only the single-pass loss is compiled: Coconut's thought passes loop over a KV cache, and
-    held-out checks run eagerly (their shapes and modes differ from training's). The compiled
-    loss is used only once it has computed the eager loss on the stage's first batch.
-    """
-    loss = partial(_loss, logits=stage.logits)
-    if not (compile and stage.logits is target_logits):
-        return loss
-    chosen: list[Callable[..., torch.Tensor]] = []
-
-    def checked(model, batch: Batch, weights: torch.Tensor) -> torch.Tensor:
-        if not chosen:
-            chosen.append(_trusted(torch.compile(loss), loss, model, batch, weights, stage.name))
-        return chosen[0](model, batch, weights)
-
-    return checked
-
-
-def _trusted(compiled: Callable, eager: Callable, model, batch: Batch, weights, stage: str) -> Callable:
-    """`compiled` if it gives `eager`'s loss on this batch (dropout off, no gradients), else `eager`.
-
-    Inductor writes its own C++ kernels for this CPU's instruction set, and they are not always
-    right: with the kernels limited to AVX2 (ATEN_CPU_CAPABILITY=avx2) the compiled loss selected
-    half the target positions, and with `default` its C++ does not build. Training must not run
-    on such a loss, so it falls back to the eager one and says so.
-    """
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            want = eager(model, batch, weights)
-            try:
-                got = compiled(model, batch, weights)
-            except Exception as err:  # any failure of the compiler's toolchain: train eagerly
-                got, why = None, f"it fails to build ({type(err).__name__})"
-    finally:
-        model.train(was)
-    if got is not None and torch.allclose(got, want, rtol=1e-4, atol=1e-5):
-        return compiled
-    if got is not None:
-        why = f"it computes {got.item():.6g} where the eager loss is {want.item():.6g}"
-    print(
-        f"rim-lens: warning: train.compile: the compiled {stage} loss is wrong on this CPU ({why}); "
-        "training this stage without compiling"
-    )
-    return eager
-
-
-def varied_budget(builder: SequenceBuilder, Ks: list[int], Ms: list[int], seed: int) -> Callable:
-    """The refinement layout with each example's K and M drawn uniformly from `Ks` and `Ms`, the
-    same for an example in every epoch and run of this seed (drawn from the example's id)."""
-
-    def layout(ex: Example) -> Layout:
-        rng = random.Random(f"{seed}:{ex.id}")
-        return builder.refinement(ex, n_blocks=rng.choice(Ks), n_memory=rng.choice(Ms))
-
-    return layout
-
-
 def plan_stages(cfg: RunConfig, builder: SequenceBuilder) -> list[Stage]:
-    """RiM: grounding then refinement; pause: refinement only; direct and CoT: one stage;
-    Coconut: stages 0..S of its curriculum then the all-thoughts stage S + 1."""
-    t = cfg.train
-    # Each row's K is its last block (a varied budget gives rows different K).
-    refine = lambda b, s: refinement_weights(b.target_index, b.blocks.amax(1, keepdim=True), t.alpha)  # noqa: E731
-    plain = lambda b, s: (b.target_index > 0).float()  # noqa: E731
-    refinement = {"layout": builder.refinement}
-    if t.K_choices or t.M_choices:
-        Ks, Ms = t.K_choices or [cfg.memory.K], t.M_choices or [cfg.memory.M]
-        refinement = {
-            "layout": varied_budget(builder, Ks, Ms, cfg.seed),
-            "held_out": builder.refinement,
-            "largest": partial(builder.refinement, n_blocks=max(Ks), n_memory=max(Ms)),
-        }
-    if cfg.method == "rim":
-        stage1 = round(t.steps * t.stage1_fraction)
-        ground = lambda b, s: grounding_weights(b.target_index, b.n_steps, s, t.lambda_hold)  # noqa: E731
-        stages = [
-            Stage("grounding", stage1, t.lr, t.dropout, builder.grounding, ground),
-            Stage(
-                "refinement",
-                t.steps - stage1,
-                t.stage2_lr,
-                t.stage2_dropout,
-                weights=refine,
-                lr_key="train.stage2_lr",
-                **refinement,
-            ),
-        ]
-        return [s for s in stages if s.steps > 0]
-    if cfg.method == "pause":
-        return [Stage("refinement", t.steps, t.lr, t.dropout, weights=refine, **refinement)]
-    if cfg.method == "coconut":
-        return coconut_stages(cfg, builder)
-    layout = builder.direct if cfg.method == "direct" else builder.cot
-    return [Stage("train", t.steps, t.lr, t.dropout, layout, plain)]
+    """The run's stages, as its method plans them (`rim_lens.methods`)."""
+    return get_method(cfg.method).stages(cfg, builder)
 
 
 # -- data and model ------------------------------------------------------------------------------
@@ -272,7 +102,7 @@ def load_data(cfg: RunConfig, task: Task) -> Splits:
 def run_spec(cfg: RunConfig, task: Task) -> MemorySpec:
     """The memory spec the run's checkpoint is saved with: the recipe's memory section plus the
     method, the task and (Coconut) the inference thought count, c x stages."""
-    method = Method(cfg.method)
+    method = get_method(cfg.method)
     # Without blocks the readout must see the question, whatever the memory section says.
     return cfg.memory.replace(
         method=cfg.method,
@@ -299,24 +129,6 @@ def make_model(cfg: RunConfig, spec: MemorySpec, texts: list[str]):
     return model, tokenizer
 
 
-def coconut_stages(cfg: RunConfig, builder: SequenceBuilder) -> list[Stage]:
-    """Coconut's curriculum as stages (`schedules.coconut_stage`): stage 0 gets
-    `coconut.cot_fraction` of the steps, stages 1..S `coconut.stage_fraction` each, stage S + 1
-    the rest; all use the recipe's LR and dropout, and the loss covers the remaining steps and
-    the answer."""
-    t, co = cfg.train, cfg.coconut
-    per_stage = round(t.steps * co.stage_fraction)
-    cot = per_stage if co.cot_fraction is None else round(t.steps * co.cot_fraction)
-    plain = lambda b, s: (b.target_index > 0).float()  # noqa: E731
-    stages = []
-    for s in range(co.stages + 2):
-        n_thoughts, skip = coconut_stage(s, co.c, co.stages)
-        steps = cot if s == 0 else per_stage if s <= co.stages else t.steps - cot - per_stage * co.stages
-        layout = partial(builder.thoughts, n_thoughts=n_thoughts, skip_steps=skip)
-        stages.append(Stage(f"stage_{s}", steps, t.lr, t.dropout, layout, plain, logits=coconut_logits))
-    return [s for s in stages if s.steps > 0]
-
-
 def _with_lora(model, options: dict, memory_ids: tuple[int, ...]):
     """`model` wrapped by PEFT LoRA; among the embeddings only the memory tokens' are trained."""
     from peft import LoraConfig, get_peft_model
@@ -333,262 +145,10 @@ def all_texts(examples: list[Example]) -> list[str]:
     return [t for ex in examples for t in (ex.question, ex.answer, *ex.steps)]
 
 
-# -- loss and monitoring ------------------------------------------------------------------------
-def readout_hits(predicted: torch.Tensor, batch: Batch, stage: str) -> dict[str, list[bool]]:
-    """Per readout, whether each row that has it got all its tokens right (teacher-forced):
-    step_t / answer in grounding, block_k in refinement, answer otherwise."""
-    wrong = (predicted != batch.targets) & (batch.target_index > 0)
-    out: dict[str, list[bool]] = {}
-    for t in range(1, int(batch.target_index.max()) + 1):
-        present = (batch.target_index == t).any(1)
-        ok = ~(wrong & (batch.target_index == t)).any(1)
-        if stage == "grounding":
-            named = (("answer", batch.n_steps + 1 == t), (f"step_{t}", batch.n_steps >= t))
-        else:
-            named = ((f"block_{t}" if stage == "refinement" else "answer", torch.ones_like(present)),)
-        for name, rows in named:
-            rows = rows & present
-            if rows.any():
-                out.setdefault(name, []).extend(ok[rows].tolist())
-    return out
-
-
-def _readout_order(name: str) -> tuple[int, int]:
-    kind, _, t = name.partition("_")
-    return ({"step": 0, "answer": 1, "block": 2}[kind], int(t or 0))
-
-
-@torch.no_grad()
-def held_out_accuracy(
-    model,
-    layouts: list[Layout],
-    stage: str,
-    collate_fn: Callable[[list[Layout]], Batch],
-    device,
-    chunk: int,
-    logits: Logits = target_logits,
-) -> dict[str, float]:
-    """Teacher-forced readout accuracy (see `readout_hits`) over `layouts`, `chunk` sequences per
-    forward pass, taken in order of length so that chunks carry little padding."""
-    training = model.training
-    model.eval()
-    hits: dict[str, list[bool]] = {}
-    by_length = sorted(layouts, key=len)
-    for start in range(0, len(by_length), chunk):
-        batch = collate_fn(by_length[start : start + chunk]).to(device)
-        for name, ok in readout_hits(predicted_tokens(model, batch, logits), batch, stage).items():
-            hits.setdefault(name, []).extend(ok)
-    model.train(training)
-    return {name: sum(hits[name]) / len(hits[name]) for name in sorted(hits, key=_readout_order)}
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-# -- stopping -----------------------------------------------------------------------------------
-class Interrupted(KeyboardInterrupt):
-    """Training stopped by SIGTERM or SIGINT; the run is marked interrupted and can be resumed."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class StopSignals:
-    """SIGTERM and SIGINT during training. Inside the training loop (`deferring`) the first signal
-    asks the loop to checkpoint and stop after the current step; a second one, or one outside the
-    loop, stops at once. Installed only in the main thread (where Python delivers signals)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.requested: int | None = None
-        self.deferring = False
-        self._previous: dict = {}
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.deferring and self.requested is None:
-            self.requested = signum
-            return
-        raise Interrupted(signum)
-
-    def check(self) -> None:
-        if self.requested is not None:
-            raise Interrupted(self.requested)
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-
-
-# -- the loop ------------------------------------------------------------------------------------
-Save = Callable[..., None]
-
-
-class Diverged(RunError):
-    """Training met a non-finite loss or gradient; the run keeps its last checkpoint."""
-
-
-@dataclass
-class FiniteGuard:
-    """Stops a stage at the first non-finite loss, or non-finite gradient, with what the user needs
-    to know. Under fp16 a loss scaler skips the steps whose gradients overflow and lowers its scale:
-    those steps are not divergence, so `scaled` leaves gradients to it."""
-
-    stage: Stage
-    scaled: bool
-    last: tuple[int, float] | None = None  # (step, loss) of the last finite step
-
-    def check(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> float:
-        """The loss as a number, or Diverged at `step` (1-based)."""
-        value = loss.item()
-        if math.isfinite(value) and (self.scaled or bool(torch.isfinite(grad_norm))):
-            self.last = (step, value)
-            return value
-        what = f"loss {value}" if not math.isfinite(value) else f"gradient norm {float(grad_norm)}"
-        before = f"last finite loss {self.last[1]:.4g} at step {self.last[0]}" if self.last else "none before"
-        raise Diverged(
-            f"training diverged at step {step} of {self.stage.name}: {what} ({before}); "
-            f"lower {self.stage.lr_key} (now {self.stage.lr:g})"
-        )
-
-
-def run_stage(
-    stage: Stage,
-    index: int,
-    model,
-    train_set: list[Example],
-    monitor: list[Example],
-    cfg: RunConfig,
-    accelerator: Accelerator,
-    run: Run,
-    pad_id: int,
-    sees_question: bool,
-    checkpoint: Save,
-    stop: StopSignals,
-    resume: resumption.Checkpoint | None = None,
-) -> dict[str, float]:
-    """Train one stage with a fresh optimizer and LR schedule (or, from `resume`, the ones it had
-    when it was checkpointed); returns the final monitor accuracy."""
-    t = cfg.train
-    set_dropout(model, stage.dropout)
-    batches = partial(collate, pad_id=pad_id, sees_question=sees_question)
-    # The order of every epoch comes from this generator, reseeded per epoch (see training/resume.py).
-    order = torch.Generator()
-    layouts = [stage.layout(ex) for ex in train_set]
-    drop_last = len(train_set) >= t.batch_size
-    if t.length_bucketing:
-        sampler = LengthBuckets([len(x) for x in layouts], t.batch_size, drop_last=drop_last, generator=order)
-        # `generator` too: the loader draws a base seed each epoch, which must not come from the
-        # global RNG (dropout's), or a resumed run would draw it at a different point.
-        loader = DataLoader(layouts, batch_sampler=sampler, collate_fn=batches, generator=order)
-    else:
-        loader = DataLoader(
-            layouts,
-            batch_size=t.batch_size,
-            shuffle=True,
-            drop_last=drop_last,
-            collate_fn=batches,
-            generator=order,
-        )
-    monitor_layouts = [(stage.held_out or stage.layout)(ex) for ex in monitor]
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=t.weight_decay)
-    warmup = int(t.warmup * stage.steps)
-    make_schedule = (
-        get_cosine_schedule_with_warmup if t.lr_schedule == "cosine" else get_constant_schedule_with_warmup
-    )
-    kwargs = {"num_training_steps": stage.steps} if t.lr_schedule == "cosine" else {}
-    scheduler = make_schedule(optimizer, num_warmup_steps=warmup, **kwargs)
-    optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
-
-    def monitor_now(step: int) -> dict[str, float]:
-        acc = held_out_accuracy(
-            model, monitor_layouts, stage.name, batches, accelerator.device, cfg.eval.batch_size, stage.logits
-        )
-        if accelerator.is_main_process:
-            run.log({"stage": stage.name, "step": step, "readout_accuracy": acc})
-        return acc
-
-    at, tokens, elapsed, acc = resumption.Position(index), 0, 0.0, {}
-    if resume is not None:
-        resume.restore_training(optimizer, scheduler)
-        s = resume.state
-        at, tokens, elapsed, acc = s.position, s.tokens, s.elapsed_s, s.readout_accuracy
-    step = at.step
-
-    def save() -> None:
-        position = resumption.Position(index, step, epoch, consumed)
-        checkpoint(position, optimizer, scheduler, tokens, time.perf_counter() - start, acc)
-
-    model.train()
-    # `disable` is left to tqdm on the main process, so TQDM_DISABLE=1 silences the bar.
-    quiet = {} if accelerator.is_main_process else {"disable": True}
-    bar = Progress(total=stage.steps, initial=step, desc=f"{cfg.method}:{stage.name}", unit="step", **quiet)
-    start = time.perf_counter() - elapsed
-    epoch, consumed = at.epoch, at.batch
-    loss_fn = stage_loss(stage, t.compile)
-    guard = FiniteGuard(stage, scaled=accelerator.scaler is not None)
-    stop.deferring = True
-    while step < stage.steps:
-        order.manual_seed(resumption.epoch_seed(cfg.seed, index, epoch))
-        for batch in accelerator.skip_first_batches(loader, consumed) if consumed else loader:
-            weights = stage.weights(batch, step / stage.steps)
-            loss = loss_fn(model, batch, weights)
-            accelerator.backward(loss)
-            if t.grad_clip:
-                norm = accelerator.clip_grad_norm_(params, t.grad_clip)
-            else:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            guard.check(step + 1, loss, norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            consumed += 1
-            tokens += int((batch.roles > 0).sum()) * accelerator.num_processes
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if accelerator.is_main_process and (step % t.log_every == 0 or step == stage.steps):
-                run.log(
-                    {
-                        "stage": stage.name,
-                        "step": step,
-                        "loss": loss.item(),
-                        "lr": scheduler.get_last_lr()[0],
-                        "elapsed_s": time.perf_counter() - start,
-                        "tokens_seen": tokens,
-                    }
-                )
-            if step % t.eval_every == 0 or step == stage.steps:
-                acc = monitor_now(step)
-                bar.set_postfix(
-                    loss=f"{loss.item():.4f}", **{k: f"{v:.2f}" for k, v in list(acc.items())[:4]}
-                )
-            if step >= stage.steps:
-                break
-            if stop.requested is not None or (t.checkpoint_every and step % t.checkpoint_every == 0):
-                save()
-                stop.check()
-        else:
-            epoch, consumed = epoch + 1, 0
-    stop.deferring = False
-    bar.close()
-    if accelerator.is_main_process:
-        shown = "  ".join(f"{k} {v:.3f}" for k, v in acc.items())
-        took = time.perf_counter() - start
-        logger.info(
-            f"[{cfg.method}] {stage.name}: {step} steps in {took:.0f}s; held-out readout accuracy: {shown}"
-        )
-    return {"time_s": time.perf_counter() - start, "tokens_seen": tokens, "readout_accuracy": acc}
 
 
 @dataclass
@@ -774,6 +334,16 @@ def plan_run(cfg: RunConfig, target: Run, overwrite: bool, restart: bool) -> Pla
     return Plan(target.path, False, False)
 
 
+def _checkpoint(run: Run, setup: Setup) -> resumption.Checkpoint | None:
+    """The run's last checkpoint, if any, checked against the data and stages it resumes with."""
+    ckpt = resumption.Checkpoint.read(run.checkpoint_dir)
+    if ckpt is not None and ckpt.state.data != setup.data:
+        raise RunError(f"{run.path}: the recipe's data changed since this run started; {resumption.RESTART}")
+    if ckpt is not None:
+        ckpt.check_position([stage.steps for stage in setup.stages])
+    return ckpt
+
+
 def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False, restart: bool = False) -> Run:
     """Train `cfg` into `run_dir`, save the model, evaluate; the run's status says how it ended.
 
@@ -801,13 +371,7 @@ def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False, restart:
             raise plan
         setup = prepare(cfg)
         run = Run(plan.path)
-        ckpt = resumption.Checkpoint.read(run.checkpoint_dir) if plan.resume else None
-        if ckpt is not None and ckpt.state.data != setup.data:
-            raise RunError(
-                f"{run.path}: the recipe's data changed since this run started; {resumption.RESTART}"
-            )
-        if ckpt is not None:
-            ckpt.check_position([stage.steps for stage in setup.stages])
+        ckpt = _checkpoint(run, setup) if plan.resume else None
         if main:
             _open(run, cfg, setup, ckpt, plan.staging)
         accelerator.wait_for_everyone()
@@ -868,15 +432,22 @@ def _train(
     stop: StopSignals,
     ckpt: resumption.Checkpoint | None,
 ) -> dict:
+    """Train the run's stages (from `ckpt`, if resuming), checkpointing as the recipe says; on the
+    main process save and score the model (`_finish`). Returns the run's summary."""
     main = accelerator.is_main_process
     model, tokenizer, spec, splits = setup.model, setup.tokenizer, setup.spec, setup.splits
     at = ckpt.state.position if ckpt else resumption.Position()
     # The paper's PCA finding, measured on the same validation questions before training and
     # after each stage. Before: the freshly built model (deterministic from the seed, so a
     # resumed run measures the same), or the pretrained base (LoRA starts as the identity).
-    spread_prompts = [setup.builder.prompt(ex) for ex in splits.val[:SPREAD_EXAMPLES]]
-    if spec.uses_blocks and main:
-        before = spread.measure(model, spread_prompts, tokenizer.pad_token_id, spec.readout_sees_question)
+    prompts = [setup.builder.prompt(ex) for ex in splits.val[:SPREAD_EXAMPLES]]
+    share = partial(
+        spread.measure,
+        prompts=prompts,
+        pad_id=tokenizer.pad_token_id,
+        sees_question=spec.readout_sees_question,
+    )
+    before = share(model) if spec.uses_blocks and main else None
     if ckpt is not None:
         ckpt.restore_model(model)
     model = accelerator.prepare(model)
@@ -885,51 +456,27 @@ def _train(
     def checkpoint(position, optimizer=None, scheduler=None, tokens=0, elapsed=0.0, acc=None) -> None:
         if main:
             state = resumption.TrainState(position, setup.data, tokens, elapsed, acc or {}, summary["stages"])
-            resumption.save(
-                run.checkpoint_dir,
-                accelerator.unwrap_model(model),
-                state,
-                run.file(artefacts.TRAIN_LOG),
-                optimizer,
-                scheduler,
-            )
+            unwrapped, log = accelerator.unwrap_model(model), run.file(artefacts.TRAIN_LOG)
+            resumption.save(run.checkpoint_dir, unwrapped, state, log, optimizer, scheduler)
             if cfg.train.snapshots:
                 done = sum(s.steps for s in setup.stages[: position.stage]) + position.step
-                name = artefacts.snapshot_name(done)
-                snapshot = run.file(artefacts.SNAPSHOTS) / name
-                save_checkpoint(accelerator.unwrap_model(model), tokenizer, spec, snapshot)
+                snapshot = run.file(artefacts.SNAPSHOTS) / artefacts.snapshot_name(done)
+                save_checkpoint(unwrapped, tokenizer, spec, snapshot)
 
     if ckpt is None and cfg.train.checkpoint_every:
         checkpoint(resumption.Position())  # the start: what a run that diverges at once keeps
+    batches = partial(collate, pad_id=tokenizer.pad_token_id, sees_question=spec.readout_sees_question)
     monitor = splits.val[: min(len(splits.val), 256)]
+    loop = Loop(cfg, model, accelerator, run, splits.train, monitor, batches, checkpoint, stop)
     for index, stage in enumerate(setup.stages):
         if index < at.stage:
             continue
         resume = ckpt if ckpt is not None and index == at.stage and at.step > 0 else None
         if resume is None:
             seed_everything(cfg.seed)
-        summary["stages"][stage.name] = run_stage(
-            stage,
-            index,
-            model,
-            splits.train,
-            monitor,
-            cfg,
-            accelerator,
-            run,
-            tokenizer.pad_token_id,
-            spec.readout_sees_question,
-            checkpoint,
-            stop,
-            resume,
-        )
+        summary["stages"][stage.name] = run_stage(loop, stage, index, resume)
         if spec.uses_blocks and main:
-            summary["stages"][stage.name]["input_share"] = spread.measure(
-                accelerator.unwrap_model(model),
-                spread_prompts,
-                tokenizer.pad_token_id,
-                spec.readout_sees_question,
-            )
+            summary["stages"][stage.name]["input_share"] = share(accelerator.unwrap_model(model))
         # Each stage starts afresh (new optimizer and schedule), so its end is a checkpoint too.
         if cfg.train.checkpoint_every or stop.requested is not None:
             checkpoint(resumption.Position(index + 1))
@@ -939,7 +486,13 @@ def _train(
         return summary
 
     # Without the autocast wrapper: the saved model and its evaluation are plain fp32.
-    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    return _finish(cfg, run, setup, accelerator.unwrap_model(model, keep_fp32_wrapper=False), summary, before)
+
+
+def _finish(cfg: RunConfig, run: Run, setup: Setup, model, summary: dict, before: dict | None) -> dict:
+    """Save the trained `model` (merged, if LoRA) and score it: metrics.json, predictions, the
+    input share of block states before training (`before`) and after each stage."""
+    tokenizer, spec, splits = setup.tokenizer, setup.spec, setup.splits
     if hasattr(model, "merge_and_unload"):  # LoRA: save a plain transformers model
         model = model.merge_and_unload()
     set_dropout(model, 0.0)

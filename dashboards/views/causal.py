@@ -13,9 +13,11 @@ from dashboards.core import RunInfo, command, missing, section
 from dashboards.ui import READ_ONLY, Context, chart, choose
 from rim_lens import artefacts
 from rim_lens.analysis import figures
-from rim_lens.analysis.report import CARD, REPORT_JSON, calibrated, card_value, control_of, percent, sibling
+from rim_lens.analysis.card import CARD, calibrated, card_value, percent
+from rim_lens.analysis.registry import analysis_of
+from rim_lens.analysis.report import REPORT_JSON, control_of, sibling
 from rim_lens.analysis.verdict import PARTIAL, SUPPORTED, Finding
-from rim_lens.methods import Method
+from rim_lens.methods import DIRECT, PAUSE, RIM, latent_methods
 
 # The saved analysis each finding is drawn from, and how to draw it.
 FIGURES = {
@@ -35,7 +37,7 @@ KNOCKOUT = ("Attention knockout", "knockout", figures.knockout_bars)
 
 def page(ctx: Context) -> None:
     st.header("Causal tests: do the memory blocks (or continuous thoughts) carry the reasoning?")
-    run = choose(ctx, ctx.block_runs(core.LATENT_METHODS), "causal.run")
+    run = choose(ctx, ctx.block_runs(latent_methods()), "causal.run")
     if run is None:
         return
     report = None
@@ -57,7 +59,7 @@ def page(ctx: Context) -> None:
         _report_button(ctx, run)
 
     control = _control(ctx, run, report)
-    pairs = [(run.path.name if run.path.name in core.LATENT_METHODS else "run", run)]
+    pairs = [(run.path.name if run.path.name in latent_methods() else "run", run)]
     pairs += [("control", control)] if control else []
     found = {f["name"]: Finding.from_dict(f) for f in (report or {}).get("findings", [])}
     for name, spec in [*FIGURES.items(), ("knockout", KNOCKOUT)]:
@@ -123,7 +125,7 @@ def _intervals(finding: Finding) -> None:
     values = {f"run: {k}": v for k, v in finding.run.items()} | {
         f"control: {k}": v for k, v in finding.control.items()
     }
-    colors = {k: Method.RIM.color if k.startswith("run") else Method.PAUSE.color for k in values}
+    colors = {k: RIM.color if k.startswith("run") else PAUSE.color for k in values}
     title = f"{finding.name.capitalize()}: {finding.figure}"
     fig = figures.estimates(values, title, finding.reference, colors).update_layout(height=340)
     chart(fig, key=f"causal.{finding.name}.intervals")
@@ -135,7 +137,7 @@ def _figures(ctx: Context, pairs: list[tuple[str, RunInfo]], title: str, stem: s
     for col, (who, r) in zip(cols, pairs):
         with col, section(f"{stem} of {r.shown}"):
             table = core.read(ctx.root, r, f"{artefacts.ANALYSIS}/{stem}.parquet")
-            what = artefacts.analysis_of(stem)
+            what = analysis_of(stem)
             if table is None:
                 st.caption(f"{who}: {r.name}")
                 missing(
@@ -217,7 +219,7 @@ def _variables(ctx: Context, pairs: list[tuple[str, RunInfo]], finding: Finding 
         missing(run, f"causal abstraction results ({stem})", f"rim-lens analyze abstraction {run.shown}")
         return
     # Imported here: it loads TransformerLens (about 1.5 s), which only this section needs.
-    from rim_lens.analysis.abstraction import iia_maps, map_rows
+    from rim_lens.analysis.abstraction import map_rows
 
     for variable in tables[first]["variable"].unique():
         for who, r in pairs:
@@ -226,13 +228,13 @@ def _variables(ctx: Context, pairs: list[tuple[str, RunInfo]], finding: Finding 
                 st.caption(f"{who}: {r.name} has no map of {variable}. Produce it with:")
                 command(f"rim-lens analyze abstraction {r.shown}")
                 continue
-            fig = iia_maps(table, variable)
+            fig = figures.iia_maps(map_rows(table, variable), variable)
             fig.update_layout(title=f"{fig.layout.title.text}<br><sup>{who}: {r.name}</sup>", height=320)
             chart(fig, key=f"causal.abstraction.{variable}.{who}")
 
 
 def _report_button(ctx: Context, run: RunInfo) -> None:
-    control, direct = sibling(run.path, Method.PAUSE), sibling(run.path, Method.DIRECT)
+    control, direct = sibling(run.path, PAUSE.name), sibling(run.path, DIRECT.name)
     note = (
         f"control: {core.Root.display(ctx.root, control)}"
         if control
@@ -268,7 +270,7 @@ def _report_button(ctx: Context, run: RunInfo) -> None:
 
 def _control(ctx: Context, run: RunInfo, report: dict | None) -> RunInfo | None:
     """The control run the report names, if it lies under the root, else the pause run beside it."""
-    for path in dict.fromkeys(filter(None, (control_of(run.path, report), sibling(run.path, Method.PAUSE)))):
+    for path in dict.fromkeys(filter(None, (control_of(run.path, report), sibling(run.path, PAUSE.name)))):
         try:
             path = ctx.root.inside(path)
         except core.OutsideRoot:

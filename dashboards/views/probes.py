@@ -11,9 +11,10 @@ from dashboards.core import missing, section
 from dashboards.ui import Context, analysis_button, chart, choose
 from rim_lens import artefacts
 from rim_lens.analysis import figures
-from rim_lens.analysis.report import percent
+from rim_lens.analysis.card import percent
+from rim_lens.analysis.registry import get_analysis
 
-CORRECTNESS, VALUES = (f"{artefacts.ANALYSIS}/{stem}" for stem in artefacts.ANALYSES["probe"])
+CORRECTNESS, VALUES = (f"{artefacts.ANALYSIS}/{stem}" for stem in get_analysis("probe").stems)
 
 
 def page(ctx: Context) -> None:

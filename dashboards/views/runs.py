@@ -40,13 +40,18 @@ def page(ctx: Context) -> None:
     if status == "unknown":
         st.caption("No status.json: the run was not started by `rim-lens train`, or predates it.")
 
-    train_tab, eval_tab, budget_tab = st.tabs(["Training", "Evaluation", "Memory budget"])
+    train_tab, eval_tab, budget_tab, analyses_tab = st.tabs(
+        ["Training", "Evaluation", "Memory budget", "Analyses"]
+    )
     with train_tab, section("training log"):
         _training(ctx, run)
     with eval_tab, section("evaluation"):
         _evaluation(ctx, run)
     with budget_tab, section("memory budget"):
         _budget(ctx, run)
+    with analyses_tab, section("analyses"):
+        st.caption("Every analysis rim-lens knows (plugins' too), and which this run holds.")
+        st.dataframe(pd.DataFrame(core.analyses_of(ctx.root, run)), hide_index=True, width="stretch")
 
 
 def _training(ctx: Context, run: RunInfo) -> None:

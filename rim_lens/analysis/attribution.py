@@ -7,7 +7,7 @@ run. One clean forward pass, one corrupt forward pass and one backward pass give
 cell of every pair in a batch at once (the metric is the sum over rows, and rows do not interact);
 the pairs go through in batches of `max_rows`, so memory is bounded by the batch, not by the number
 of pairs (gradients and full-vocabulary logits of a pretrained model take gigabytes per dozen
-pairs). The table is exact patching's (`causal.patch`): per cell the estimated logit
+pairs). The table is exact patching's (`patching.patch`): per cell the estimated logit
 difference and recovery, so the two sit side by side and `agreement` ranks one against the other.
 
 Built on TransformerLens' `transformer_lens.tools.analysis.attribution_patching`, on the session's
@@ -48,23 +48,23 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 from scipy.stats import spearmanr
 
+from rim_lens.analysis import figures
 from rim_lens.analysis.backends import TOPS, TLBackend, make_backend
-from rim_lens.analysis.results import AttributionResult, PatchResult
+from rim_lens.analysis.patching import Pairs, PatchResult
+from rim_lens.analysis.session import Session
 from rim_lens.analysis.sites import Selection, block_index
 from rim_lens.errors import RunError
 from rim_lens.model.layouts import Batch, Role, block_positions
 from rim_lens.stats import Estimate, bootstrap
-
-if TYPE_CHECKING:
-    from rim_lens.analysis.causal import Pairs
-    from rim_lens.analysis.lab import Lab
 
 QUESTION, ANSWER = "question", "answer"
 MAX_ROWS = 8  # pairs per forward/backward: SmolLM2's 40 pairs in one batch peaked at 11.7 GB
@@ -93,7 +93,7 @@ class Masked:
         return self._bridge.run_with_cache(tokens, **self._inputs, **kwargs)
 
 
-def bridge_of(lab: Lab):
+def bridge_of(lab: Session):
     """The session's TransformerBridge: the tl backend's, or one booted once per model (on a copy
     of its weights as they are then: `backends.TLBackend`)."""
     if isinstance(lab.backend, TLBackend):
@@ -140,7 +140,7 @@ def split_qkv(bridge):
 
 
 def gradients(
-    lab: Lab, pairs: Pairs, names: list[str], split: bool = False
+    lab: Session, pairs: Pairs, names: list[str], split: bool = False
 ) -> tuple[Batch, dict, dict, np.ndarray, np.ndarray]:
     """One clean forward, one corrupt forward and one backward over the pairs (one batch each):
     (the corrupt batch, clean activations, corrupt activations and gradients by hook name, the
@@ -217,7 +217,7 @@ class QKFix:
     queries, the clean keys and values at P: a softmax with P's scores replaced), then taken
     first order onward by the gradient at the head outputs z."""
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Session) -> None:
         self.attention = [getattr(layer, lab.backend.attn_name) for layer in lab.backend.layers()]
         self.rotary = TOPS[lab.model.config.model_type][1] is not None
 
@@ -334,7 +334,7 @@ def diagonal_share(edges: pd.DataFrame) -> dict:
     return {"previous_block_share": share, "even_share": float(np.mean([1 / (r - 1) for r in readers]))}
 
 
-def components(lab: Lab, pairs: Pairs, sel: Selection) -> pd.DataFrame:
+def components(lab: Session, pairs: Pairs, sel: Selection) -> pd.DataFrame:
     """TransformerLens' `attribution_patch` (node granularity, pair by pair) at the selected block
     positions: (layer, block, slot, component) and its node score, mean over pairs. Components are
     `head h` (that head's output), `mlp` and, at layer 0, `embed` (the token embedding); `layer` is
@@ -374,7 +374,7 @@ def components(lab: Lab, pairs: Pairs, sel: Selection) -> pd.DataFrame:
 
 
 def attribution_patch(
-    lab: Lab,
+    lab: Session,
     sel: Selection,
     pairs: Pairs,
     per_slot: bool = False,
@@ -384,7 +384,7 @@ def attribution_patch(
     qk_fix: bool = True,
     max_rows: int = MAX_ROWS,
 ) -> AttributionResult:
-    """Attribution patching over the cells of `causal.patch` (same table: the estimated logit
+    """Attribution patching over the cells of `patching.patch` (same table: the estimated logit
     difference and recovery per cell), with `edges` the block-to-block edge attribution, with
     `with_components` TransformerLens' node scores at block positions; `qk_fix` (default) applies
     AtP*'s QK fix to the cells (`QKFix`), False gives plain attribution (AtP), the gradient's
@@ -479,3 +479,28 @@ def agreement(exact: PatchResult, estimate: PatchResult, n_boot: int = 1000, see
         return float(spearmanr(a[:, i].mean(1), b[:, i].mean(1)).statistic)
 
     return bootstrap(np.arange(a.shape[1]), statistic=rho, n_boot=n_boot, seed=seed)
+
+
+@dataclass(repr=False)
+class AttributionResult(PatchResult):
+    """Attribution patching (`attribution`): exact patching's table and per-pair arrays, estimated
+    from gradients; `edges` which block reads which per layer, `components` TransformerLens' node
+    scores at block positions (either may be empty)."""
+
+    edges: pd.DataFrame = field(default_factory=pd.DataFrame)
+    components: pd.DataFrame = field(default_factory=pd.DataFrame)
+    name: ClassVar[str] = "patch_attribution"
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        extra = {"patch_edges": self.edges, "patch_components": self.components}
+        return {self.name: self.table, **{stem: t for stem, t in extra.items() if len(t)}}
+
+    def figures(self) -> dict[str, go.Figure]:
+        figs = {
+            "patch_attribution.heatmap": figures.layer_block_heatmap(
+                self.table, "recovery", "Attribution patching: estimated recovery of the clean answer", zmid=0
+            )
+        }
+        if len(self.edges):
+            figs["patch_edges.heatmap"] = figures.block_edges_heatmap(self.edges)
+        return figs

@@ -28,9 +28,11 @@ from pathlib import Path
 
 from rim_lens import artefacts
 from rim_lens.analysis import verdict
+from rim_lens.analysis.conditional import probe_sets
 from rim_lens.analysis.lab import Lab
 from rim_lens.analysis.planted import planted
-from rim_lens.analysis.report import architecture, measure, measure_variables, probe_sets
+from rim_lens.analysis.registry import analysis
+from rim_lens.analysis.report import architecture, measure, measure_variables
 from rim_lens.analysis.results import plain
 from rim_lens.errors import RunError
 from rim_lens.fileio import atomic_write_json
@@ -66,6 +68,27 @@ def trial(run: Lab, control: Lab, cards: tuple[dict, dict], seed: int = 0) -> li
     return verdict.findings(*cards)
 
 
+def _shown(found: dict) -> str:
+    lines = [f"each finding's test on planted models at n = {found['n']} ({found['seeds']} seeds):"]
+    for name, f in found["findings"].items():
+        lines.append(f"  {name}: detection {f['detection']:.2f}, false positive {f['false_positive']:.2f}")
+        for part, p in f["parts"].items():
+            lines.append(
+                f"    {part}: detection {p['detection']:.2f}, false positive {p['false_positive']:.2f}"
+            )
+    where = Path(found["run"]) / artefacts.ANALYSIS / artefacts.CALIBRATION
+    return "\n".join(lines + [f"written to {where} ({found['seconds']:.0f} s)"])
+
+
+@analysis(
+    "calibrate",
+    on_run=True,
+    stems=(Path(artefacts.CALIBRATION).stem,),
+    example="--n 200 --seeds 5",
+    choices={"split": artefacts.SPLITS},
+    help={"seeds": f"planted seeds (default: {SEEDS}); each finding's detection and false-positive rate"},
+    show=_shown,
+)
 def calibrate(
     run_dir: str | Path, n: int = 200, seeds: int = SEEDS, split: str = "test", seed: int = 0
 ) -> dict:

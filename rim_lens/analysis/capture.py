@@ -15,17 +15,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
+import plotly.graph_objects as go
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rim_lens import artefacts
+from rim_lens.analysis import figures
 from rim_lens.analysis.backends import Backend
+from rim_lens.analysis.results import Result, estimate_of
 from rim_lens.analysis.sites import block_index, block_labels, state_index
 from rim_lens.data.examples import Example
 from rim_lens.data.tasks import Task
@@ -237,3 +243,27 @@ class CaptureStore:
         return np.concatenate(
             list(self._read("attn", self._index(layer, block, slot, self.meta["attn_layers"])))
         )
+
+
+# -- representations ---------------------------------------------------------------------------------
+@dataclass(repr=False)
+class CaptureResult(Result):
+    """A capture of block states on disk (`store`: read by layer, block, slot) and its examples."""
+
+    store: object = None
+    name: ClassVar[str] = artefacts.CAPTURE
+
+    def figures(self) -> dict[str, go.Figure]:
+        if not self.store.meta.get("readouts", True):
+            return {}
+        per_block = {
+            f"block {k}": estimate_of(self.store.correct(block=k)) for k in block_labels(self.store.K)
+        }
+        return {"capture.readouts": figures.estimates(per_block, "Accuracy of the readout after each block")}
+
+    def save(self, directory: str | Path) -> Path:
+        """Copy the capture to `directory`/capture (nothing to do if it is there already)."""
+        target = Path(directory) / artefacts.CAPTURE
+        if target.resolve() != Path(self.store.path).resolve():
+            shutil.copytree(self.store.path, target, dirs_exist_ok=True)
+        return Path(directory)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -36,17 +36,17 @@ import plotly.graph_objects as go
 from scipy.linalg import cho_factor, cho_solve
 from threadpoolctl import threadpool_limits
 
+from rim_lens import artefacts
 from rim_lens.analysis import figures
 from rim_lens.analysis.capture import question_and_block_states
 from rim_lens.analysis.probes import value_columns
 from rim_lens.analysis.results import Result
+from rim_lens.analysis.session import Session
 from rim_lens.analysis.sites import Selection
+from rim_lens.data import read_examples
 from rim_lens.data.examples import Example
 from rim_lens.errors import RunError
 from rim_lens.stats import Estimate, bootstrap
-
-if TYPE_CHECKING:
-    from rim_lens.analysis.lab import Lab
 
 TRAIN = 2000  # training-split examples the probes are fitted on
 VALIDATION = 500  # validation-split examples the penalty and the cell are chosen on
@@ -272,7 +272,7 @@ def _probe_layer(
     q_std = _Standard(Xq["train"])
     Zq = {s: q_std(x) for s, x in Xq.items()}
     Y = group["Y"]
-    with threadpool_limits(1):  # small problems, many of them: see probes.oof_proba
+    with threadpool_limits(1):  # small problems, many of them: see probing.oof_proba
         Gqq, ZqY = Zq["train"].T @ Zq["train"], Zq["train"].T @ Y
         question = _fits(Zq, Gqq, ZqY, group, group["offsets"])
         with_block = {}
@@ -322,14 +322,14 @@ class _Split:
         return self.blocks[:, li, block - 1].reshape(len(self.blocks), -1)
 
 
-def _split(lab: Lab, examples: Sequence[Example], layers: list[int]) -> _Split:
+def _split(lab: Session, examples: Sequence[Example], layers: list[int]) -> _Split:
     blocks, question = question_and_block_states(lab.backend, lab.builder, list(examples), layers)
     groups = np.unique([lab.task.key(ex.question) for ex in examples], return_inverse=True)[1]
     return _Split(list(examples), blocks.float().numpy(), question.float().numpy(), groups)
 
 
 def conditional_probe(
-    lab: Lab, sel: Selection, train: Sequence[Example], validation: Sequence[Example], seed: int = 0
+    lab: Session, sel: Selection, train: Sequence[Example], validation: Sequence[Example], seed: int = 0
 ) -> ConditionalResult:
     """Conditional probes per (layer, block, step) of the selection (module docstring): fitted on
     `train`, penalty, decoder and cell chosen on `validation`, the chosen cell scored on the
@@ -369,7 +369,7 @@ def conditional_probe(
     table = pd.DataFrame(rows)
     result = ConditionalResult(table)
     result.record = lab.record(
-        "probe_conditional",
+        "conditional",
         sel,
         None,
         seed=seed,
@@ -434,3 +434,20 @@ def gain(summary: dict | None) -> Estimate | None:
     if found is None:
         return Estimate(0.0, 0.0, 0.0, 0, "none probed")
     return found if isinstance(found, Estimate) else Estimate.from_dict(found)
+
+
+def probe_sets(lab: Session, split: str = "test") -> tuple[list[Example], list[Example]] | None:
+    """The examples conditional probes are fitted on (the first `conditional.TRAIN` of the run's
+    training split) and chosen on (the first `conditional.VALIDATION` of its validation split, or
+    of its test split when the report reads validation); None for a run without those splits."""
+    if lab.run is None:
+        return None
+    chosen_on = "test" if split == "val" else "val"
+    found = []
+    for name, size in (("train", TRAIN), (chosen_on, VALIDATION)):
+        path = artefacts.split_path(lab.run.path, name)
+        if not path.exists():
+            return None
+        examples, _ = read_examples(path, lab.task.name, task_options=lab.task.options)
+        found.append(examples[:size])
+    return found[0], found[1]

@@ -108,7 +108,7 @@ class Variant:
         ]
 
     def _joint(self, pos: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, group: list[Site]) -> Edit:
-        """One edit of a joint intervention (`abstraction.JointInterchange`) over a group of sites at
+        """One edit of a joint intervention (`subspaces.JointInterchange`) over a group of sites at
         one layer: it maps each row's states there, concatenated [rows, n * d_model], at once."""
         n = len(group)
         where = pos[rows][:, [block_index(s.block) for s in group], [s.slot for s in group]]  # [rows, n]
@@ -178,7 +178,7 @@ def resume_sweep(
     position, so a forward pass starts where its rows start to differ. Interventions only: a
     knockout changes the mask of every layer (use `sweep`). The hf backend only: the others run
     whole passes through their own hooks. `last_only`: the metric reads the last position only
-    (e.g. `causal.logit_diff`), which then is all it gets (logits [rows, 1, V]), and the last layer
+    (e.g. `patching.logit_diff`), which then is all it gets (logits [rows, 1, V]), and the last layer
     computes no more than that needs."""
     if not isinstance(backend, HFBackend):
         raise RunError(

@@ -9,11 +9,10 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
-from rim_lens.methods import Method
+from rim_lens.methods import color_of
 from rim_lens.stats import Estimate
-
-METHOD_COLORS = {m.value: m.color for m in Method}
 
 
 def _numeric(df: pd.DataFrame, *cols: str) -> pd.DataFrame:
@@ -210,7 +209,7 @@ def per_block_accuracy(metrics: Mapping[str, dict]) -> go.Figure:
     fig = go.Figure()
     K = max((len(m.get("per_block_accuracy", [])) for m in metrics.values()), default=1)
     for name, m in metrics.items():
-        color = METHOD_COLORS.get(m.get("method", name))
+        color = color_of(m.get("method", name))
         if "per_block_accuracy" in m:
             fig.add_scatter(
                 x=list(range(1, len(m["per_block_accuracy"]) + 1)),
@@ -283,7 +282,7 @@ def comparison_bars(metrics: Mapping[str, dict]) -> go.Figure:
         x=names,
         y=[metrics[n]["accuracy"] for n in names],
         name="final block",
-        marker_color=[METHOD_COLORS.get(metrics[n].get("method"), "#888") for n in names],
+        marker_color=[color_of(metrics[n].get("method"), "#888") for n in names],
     )
     fig.add_bar(
         x=names,
@@ -560,4 +559,37 @@ def intervention_effect(
     fig.update_layout(
         title=title, xaxis=dict(title="block k", dtick=1), yaxis_title="log p(gold answer)", barmode="group"
     )
+    return fig
+
+
+def iia_maps(part: pd.DataFrame, variable: str, title: str = "") -> go.Figure:
+    """Heat maps of held-out IIA over layer x block for one variable, one per map basis (the
+    primary basis and its placebo), at the slot chosen on training pairs; `part`: the rows of
+    `abstraction.map_rows`, in basis order."""
+    bases = list(dict.fromkeys(part["basis"]))
+    fig = make_subplots(rows=1, cols=max(len(bases), 1), subplot_titles=bases, shared_yaxes=True)
+    for i, basis in enumerate(bases, 1):
+        cells = part[part["basis"] == basis]
+        grid = cells.pivot_table(index="layer", columns="block", values="iia", aggfunc="max")
+        slots = cells.pivot_table(index="layer", columns="block", values="slot", aggfunc="first")
+        fig.add_trace(
+            go.Heatmap(
+                z=grid.values,
+                x=[str(k) for k in grid.columns],
+                y=[str(l) for l in grid.index],
+                zmin=0,
+                zmax=1,
+                colorscale="Viridis",
+                text=np.round(grid.values, 2),
+                texttemplate="%{text}",
+                customdata=slots.reindex_like(grid).values,
+                hovertemplate="layer %{y}, block %{x}, slot %{customdata}: IIA %{z:.3f}<extra></extra>",
+                showscale=i == len(bases),
+            ),
+            row=1,
+            col=i,
+        )
+        fig.update_xaxes(title_text="block", type="category", row=1, col=i)
+    fig.update_yaxes(title_text="layer", type="category", row=1, col=1)
+    fig.update_layout(title=title or f"{variable}: interchange-intervention accuracy (held-out pairs)")
     return fig

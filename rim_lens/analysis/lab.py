@@ -17,76 +17,46 @@ written under the run's `analysis/capture` and reused only while its record matc
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Mapping, Sequence
-from functools import cached_property
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import torch
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rim_lens import artefacts
-from rim_lens.analysis import causal, fingerprint
-from rim_lens.analysis.backends import Backend, make_backend
-from rim_lens.analysis.capture import CaptureStore, block_states, capture
-from rim_lens.analysis.interventions import Context, Intervention
-from rim_lens.analysis.results import (
-    AblationResult,
-    CaptureResult,
-    DecodeResult,
-    EffectResult,
-    InterchangeResult,
-    KnockoutResult,
-    LensResult,
-    PatchResult,
-    PCAResult,
-    ProbeResult,
-    plain,
-)
-from rim_lens.analysis.sites import BlockStates, Selection, Site, block_labels
+from rim_lens.analysis import causal, interchange, patching
+from rim_lens.analysis.backends import make_backend
+from rim_lens.analysis.causal import AblationResult, DecodeResult, EffectResult, KnockoutResult
+from rim_lens.analysis.interchange import InterchangeResult
+from rim_lens.analysis.interventions import ABLATIONS, Intervention
+from rim_lens.analysis.patching import PatchResult
+from rim_lens.analysis.registry import analyses, analysis
+from rim_lens.analysis.session import Layers, Session
+from rim_lens.analysis.sites import Site, block_labels
+from rim_lens.artefacts import ABSTRACTION_BASES, PATCH_METHODS
 from rim_lens.data import Example, read_examples
 from rim_lens.data.tasks import TASK_NAMES, Task, get_task
 from rim_lens.errors import RunError
 from rim_lens.fileio import read_text
 from rim_lens.model.checkpoints import load_checkpoint, load_pretrained
-from rim_lens.model.layouts import SequenceBuilder, slot_names
 from rim_lens.model.memory import SPEC_FILENAME, MemorySpec
 from rim_lens.runs import Run, open_run
 from rim_lens.stats import Estimate, proportion
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # these analyses load on first use (scikit-learn, pyvene): `import rim_lens` stays fast
     from rim_lens.analysis.abstraction import AbstractionResult
+    from rim_lens.analysis.conditional import ConditionalResult
+    from rim_lens.analysis.lens import LensResult
+    from rim_lens.analysis.pca import PCAResult
+    from rim_lens.analysis.probes import ProbeResult
 
-Layers = Sequence[int] | None
 
-
-class Lab:
+class Lab(Session):
     """An analysis session over one model: `model`, `tokenizer`, `spec`, `task`, `examples`,
     `backend` ("hf", "tl" or "nnsight"), `builder`, and `run` (the run directory, if any)."""
-
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        spec: MemorySpec,
-        task: Task,
-        examples: Sequence[Example],
-        backend: Backend,
-        run: Run | None = None,
-        out: str | Path | None = None,
-        source: str = "",
-    ) -> None:
-        self.model, self.tokenizer, self.spec, self.task = model, tokenizer, spec, task
-        self.examples = list(examples)
-        self.backend = backend
-        self.builder = SequenceBuilder(tokenizer, spec, task.join_steps)
-        self.run = run
-        self.source = source  # where the examples come from, e.g. runs/demo/rim/data/test.jsonl[:200]
-        self._out = Path(out) if out is not None else None
-        self._states: dict[tuple, BlockStates] = {}
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -159,128 +129,24 @@ class Lab:
             self.model, self.tokenizer, self.spec, self.task, self.examples, be, self.run, out, self.source
         )
 
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        """An analysis declared outside the Lab (a plugin's, `registry`), as a method."""
+        found = None if name.startswith("_") else analyses().get(name)
+        if found is None or found.on_run:
+            raise AttributeError(f"'Lab' object has no attribute {name!r}")
+        return partial(found.function, self)
+
     def __repr__(self) -> str:
         where = self.run.path if self.run else "a model in memory"
         spec = self.spec
         K = spec.latent_blocks
         return f"Lab({where}: {spec.method}, K={K}, {len(self.examples)} examples, {self.backend.name})"
 
-    # -- plumbing ----------------------------------------------------------------------------------
-    @property
-    def out(self) -> Path:
-        """Where analyses are written: the run's analysis/ (or the session's own folder)."""
-        if self._out is None:
-            self._out = self.run.analysis_dir if self.run else Path(tempfile.mkdtemp(prefix="rim-lens-lab-"))
-        self._out.mkdir(parents=True, exist_ok=True)
-        return self._out
-
-    @cached_property
-    def model_fingerprint(self) -> str:
-        return fingerprint.model_fingerprint(self.model, self.spec)
-
-    def record(
-        self, analysis: str, selection: Selection | None, intervention: Intervention | None = None, **options
-    ) -> dict:
-        """What a result records: model and example fingerprints, backend, selection, intervention."""
-        ids = [ex.id or ex.question for ex in self.examples]
-        options = {
-            "examples": {**fingerprint.examples_fingerprint(ids), "source": self.source},
-            "backend": self.backend.name,
-            "selection": selection.to_dict() if selection else None,
-            "intervention": intervention.to_dict() if intervention else None,
-            **options,
-        }
-        return fingerprint.record(analysis, self.model_fingerprint, plain(options))
-
-    def require_blocks(self) -> None:
-        """RunError if the model has no memory blocks or continuous thoughts (direct, CoT): block
-        analyses refuse. A Coconut model's thought k is block k, slot 0 (`MemorySpec.latent_blocks`)."""
-        if not self.spec.latent_blocks:
-            raise RunError(
-                f"{self.run.path if self.run else 'model'}: a {self.spec.method} model has no memory "
-                "blocks to analyse (nor continuous thoughts)"
-            )
-
-    def select(
-        self, layers: Layers = None, blocks: Layers = None, slots: Layers = None, readable: bool = False
-    ) -> Selection:
-        """A validated selection (None: all). Layers go to n_layers - 1 (what an edit of resid[l]
-        can change) or, `readable`, to n_layers (the last layer's output, read by captures)."""
-        self.require_blocks()
-        top = self.backend.n_layers if readable else self.backend.n_layers - 1
-        spec = self.spec
-        return Selection.of(
-            self.backend.n_layers, spec.latent_blocks, spec.block_slots, layers, blocks, slots, top
-        )
-
-    def states(self, examples: Sequence[Example] | None = None, layers: Layers = None) -> BlockStates:
-        """Clean block states of `examples` (default: the session's) at `layers` (default
-        0..n_layers): [examples, layers, K, M + 2, d_model], cached."""
-        self.require_blocks()
-        examples = self.examples if examples is None else list(examples)
-        layers = list(range(self.backend.n_layers + 1)) if layers is None else sorted(set(layers))
-        key = (tuple((ex.id, ex.question) for ex in examples), tuple(layers))
-        if key not in self._states:
-            parts = [
-                block_states(self.backend, self.builder, examples[i : i + 64], layers)[0]
-                for i in range(0, len(examples), 64)
-            ]
-            if len(self._states) >= 16:
-                self._states.pop(next(iter(self._states)))
-            ids = [ex.id for ex in examples]
-            self._states[key] = BlockStates(
-                torch.cat(parts), layers, slot_names(self.spec), ids, self.backend.n_layers
-            )
-        return self._states[key]
-
-    def fit(
-        self, intervention: Intervention, targets: Sequence[Example], selection: Selection
-    ) -> Intervention:
-        """`intervention` fitted to intervene on `targets` (it may use the session's examples)."""
-        context = Context(
-            list(targets), self.examples, selection, lambda exs: self.states(exs, selection.layers)
-        )
-        return intervention.fit(context)
-
-    # -- representations ---------------------------------------------------------------------------
-    def capture(
-        self,
-        layers: Layers = None,
-        attn: bool = False,
-        readouts: bool = True,
-        refresh: bool = False,
-        batch_size: int = 64,
-    ) -> CaptureResult:
-        """Block states of every example at `layers` (default all, 0..n_layers) on disk under
-        analysis/capture, with the readout after every block; reused while its record matches
-        (`refresh`: made again regardless)."""
-        self.require_blocks()
-        layers = list(self.select(layers, readable=True).layers)
-        record = self.record(artefacts.CAPTURE, None, layers=layers, attn=attn, readouts=readouts)
-        path = self.out / artefacts.CAPTURE
-        store = None
-        if not refresh and (path / "meta.json").exists():
-            try:
-                store = CaptureStore(path)
-            except (RunError, OSError, ValueError):  # a damaged capture is made again
-                store = None
-            if store is not None and not fingerprint.matches(store.record, record):
-                store = None
-        if store is None:
-            store = capture(
-                self.backend, self.builder, self.task, self.examples, path,
-                layers=layers, attn=attn, readouts=readouts, record=record, batch_size=batch_size,
-            )  # fmt: skip
-        table = pd.DataFrame(store.examples)[["index", "id", "question", "answer", "readouts", "correct"]]
-        summary = {
-            "n": store.n,
-            "layers": store.layers,
-            "K": store.K,
-            "slots": store.slots,
-            "path": str(store.path),
-        }
-        return CaptureResult(table, summary, store.record, store=store)
-
+    @analysis(
+        stems=("pca", "pca_examples", "pca_explained", "pca_input_dependence"),
+        example="--layers 2 --blocks 1-4",
+        help={"per_slot": "one PCA per slot instead of one over every slot"},
+    )
     def pca(
         self, layers: Layers = None, blocks: Layers = None, slots: Layers = None, per_slot: bool = False
     ) -> PCAResult:
@@ -293,6 +159,11 @@ class Lab:
         result.record = self.record("pca", sel, per_slot=per_slot)
         return result
 
+    @analysis(
+        stems=("probe_correctness", "probe_values"),
+        example="--layers 1-2 --blocks 1-4",
+        help={"n_boot": "bootstrap resamples of each interval (default: 1000)"},
+    )
     def probe(
         self,
         layers: Layers = None,
@@ -305,43 +176,47 @@ class Lab:
         every step's value, each beside a control task (selectivity = score - control)."""
         from rim_lens.analysis import probes
 
-        sel = self.select(layers, blocks, slots, readable=True)
-        store = self.capture().store
-        chosen = None if len(sel.slots) == self.spec.block_slots else list(sel.slots)
-        options = dict(layers=sel.layers, blocks=sel.blocks, slots=chosen, seed=seed, n_boot=n_boot)
-        correctness = probes.probe_correctness(store, **options)
-        values, hits = probes.value_probes(store, **options)
-        result = ProbeResult(values, correctness=correctness, hits=hits, groups=probes.question_groups(store))
-        fitted = correctness["auroc"].notna().any()
-        auroc = correctness.groupby("layer")["auroc"].mean()
-        best = result.best()
-        result.summary = {
-            "selection": probes.select_answers(store, correctness, slots=chosen, seed=seed)
-            if fitted
-            else None,
-            "correctness_auroc": float(auroc.max()) if fitted else None,
-            "correctness_auroc_layer": int(auroc.idxmax()) if fitted else None,
-            "best_value_probe": best,
-        }
-        result.record = self.record("probe", sel, seed=seed, n_boot=n_boot)
-        return result
+        return probes.analyse(
+            self, self.select(layers, blocks, slots, readable=True), seed=seed, n_boot=n_boot
+        )
 
+    @analysis(
+        "conditional",
+        stems=("probe_conditional",),
+        example="--layers 2",
+    )
     def conditional_probe(
         self,
-        train: Sequence[Example],
-        validation: Sequence[Example],
+        train: Sequence[Example] | None = None,
+        validation: Sequence[Example] | None = None,
         layers: Layers = None,
         blocks: Layers = None,
         seed: int = 0,
-    ):
+    ) -> ConditionalResult:
         """What each (layer, block) adds to the question's own states about each step's value:
         ridge probes on [question; block] minus on the question, fitted on `train`, chosen on
-        `validation`, the chosen cell scored on the session's examples (`conditional`)."""
+        `validation` (default: the run's training and validation splits, `conditional.probe_sets`),
+        the chosen cell scored on the session's examples (`conditional`)."""
         from rim_lens.analysis import conditional
 
+        if train is None or validation is None:
+            sets = conditional.probe_sets(self)
+            if sets is None:
+                raise RunError(
+                    "conditional probes need training and validation examples: pass them, or open a run"
+                )
+            train, validation = sets
         sel = self.select(layers, blocks, readable=True)
         return conditional.conditional_probe(self, sel, train, validation, seed=seed)
 
+    @analysis(
+        stems=("lens", "lens_quality"),
+        example="--layers 2 --top-k 3",
+        help={
+            "top_k": "tokens shown per block state (default: 5)",
+            "tuned": "also the tuned lens, fitted on the first half of the examples (default: on)",
+        },
+    )
     def lens(
         self,
         layers: Layers = None,
@@ -355,28 +230,15 @@ class Lab:
         examples (tuned lens); both judged on the second half."""
         from rim_lens.analysis import lens
 
-        sel = self.select(layers, blocks, slots, readable=True)
-        store = self.capture().store
-        half = store.n // 2
-        held_out = range(half, store.n) if tuned else range(store.n)
-        lens_fit = lens.TunedLens().fit(store, examples=range(half)) if tuned else None
-        reader = self.backend.lens_model
-        table = lens.logit_lens(
-            reader, self.tokenizer, store, layers=sel.layers, blocks=sel.blocks, slots=sel.slots,
-            examples=held_out, top_k=top_k, tuned=lens_fit,
-        )  # fmt: skip
-        quality = lens.lens_quality(reader, store, tuned=lens_fit, layers=sel.layers, examples=held_out)
-        by_layer = quality.groupby(["lens", "layer"])["top1_agreement"].mean()
-        summary = {
-            "top1_agreement_with_final": {
-                f"{name}/{layer}": float(v) for (name, layer), v in by_layer.items()
-            },
-            "tuned_lens_fit_on": half if tuned else 0,
-            "evaluated_on": len(held_out),
-        }
-        return LensResult(table, summary, self.record("lens", sel, top_k=top_k, tuned=tuned), quality)
+        return lens.analyse(self, self.select(layers, blocks, slots, readable=True), top_k=top_k, tuned=tuned)
 
     # -- causal ------------------------------------------------------------------------------------
+    @analysis(
+        stems=("ablate",),
+        example="--blocks 1-4 --mode zero --grid",
+        choices={"mode": tuple(ABLATIONS)},
+        help={"mode": "how blocks are ablated (default: mean)", "grid": "also every single (layer, block)"},
+    )
     def ablate(
         self,
         layers: Layers = None,
@@ -390,11 +252,23 @@ class Lab:
         intact, each block alone, blocks 1..k, all; with `grid` every (layer, block)."""
         return causal.ablate(self, self.select(layers, blocks, slots), mode=mode, grid=grid, seed=seed)
 
+    @analysis(stems=("knockout",), example="--blocks 1-4")
     def knockout(self, layers: Layers = None, blocks: Layers = None, slots: Layers = None) -> KnockoutResult:
         """Accuracy with attention edges removed: the answer cannot see block k, block k cannot see
         earlier blocks (in every layer)."""
         return causal.knockout(self, self.select(layers, blocks, slots))
 
+    @analysis(
+        stems=("patch", "patch_sets", "patch_attribution", "patch_edges", "patch_components"),
+        example="--layers 1-2 --method attribution",
+        choices={"method": PATCH_METHODS},
+        help={
+            "per_slot": "one cell per (layer, block, slot)",
+            "method": "exact (skips unchanged work; hf backend, the default there), full (the same numbers, "
+            "whole passes; the default on tl and nnsight), attribution (gradient estimate of every cell and "
+            "block-to-block edges; writes patch_attribution.*)",
+        },
+    )
     def patch(
         self,
         layers: Layers = None,
@@ -413,9 +287,19 @@ class Lab:
         `AttributionResult`). `pairs`: your own (clean, corrupt) examples or data lines, on any task
         (default: each example minimally corrupted by the task, synthetic tasks only)."""
         sel = self.select(layers, blocks, slots)
-        given = causal.given_pairs(self, pairs) if pairs is not None else None
-        return causal.patch(self, sel, per_slot=per_slot, seed=seed, method=method, pairs=given)
+        given = patching.given_pairs(self, pairs) if pairs is not None else None
+        if patching.patch_method(self, method) == "attribution":
+            from rim_lens.analysis.attribution import attribution_patch
 
+            made = patching.make_pairs(self, seed=seed) if given is None else given
+            return attribution_patch(self, sel, per_slot=per_slot, seed=seed, pairs=made)
+        return patching.patch(self, sel, per_slot=per_slot, seed=seed, method=method, pairs=given)
+
+    @analysis(
+        stems=("interchange", "interchange_values"),
+        example="--layers 2",
+        help={"grid": "every (layer, block) alone, not only every block at once (default: on)"},
+    )
     def interchange(
         self,
         layers: Layers = None,
@@ -425,8 +309,22 @@ class Lab:
         grid: bool = True,
     ) -> InterchangeResult:
         """Example B given example A's block states: how often B's output becomes A's answer."""
-        return causal.interchange(self, self.select(layers, blocks, slots), seed=seed, grid=grid)
+        return interchange.interchange(self, self.select(layers, blocks, slots), seed=seed, grid=grid)
 
+    @analysis(
+        stems=("abstraction", "abstraction_pairs"),
+        example="--variable step1 --rank 1,2 --joint",
+        choices={"method": ABSTRACTION_BASES},
+        flags={"method": "basis"},
+        help={
+            "variable": "one variable, e.g. step1 (default: every one)",
+            "method": "the subspace to interchange along (default: das, with the probe map)",
+            "rank": "subspace rank(s), e.g. 1,2 (default: 1)",
+            "grid": "the map over every site (default: on)",
+            "controls": "placebo, arbitrary-target and untrained-model controls (default: on)",
+            "joint": "also fit DAS over every slot of several blocks at once (as the report does)",
+        },
+    )
     def abstraction(
         self,
         variable: str | Sequence[str] | None = None,
@@ -447,7 +345,7 @@ class Lab:
         "das" (a learned basis of rank `rank` at the most promising sites, or at `sites`, with
         placebo, arbitrary-target and untrained-model controls), "probe" or "random" (the map over
         every site); see `abstraction`. `rank` may be several (a sweep, chosen on training pairs);
-        `joint` fits DAS jointly over every slot of blocks 1..t too (`abstraction.joint_unit`)."""
+        `joint` fits DAS jointly over every slot of blocks 1..t too (`subspaces.joint_unit`)."""
         from rim_lens.analysis import abstraction
 
         sel = self.select(layers, blocks, slots)

@@ -11,15 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 from sklearn.linear_model import Ridge
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rim_lens.analysis import figures
 from rim_lens.analysis.capture import CaptureStore
-from rim_lens.analysis.sites import block_index, block_labels, checked
+from rim_lens.analysis.results import Result
+from rim_lens.analysis.session import Session
+from rim_lens.analysis.sites import Selection, block_index, block_labels, checked
 from rim_lens.errors import RunError
 
 # Logits held at once (rows x vocabulary) when reading states through the unembedding.
@@ -210,3 +216,44 @@ def lens_quality(
                 for k in block_labels(store.K)
             ]
     return pd.DataFrame(rows)
+
+
+@dataclass(repr=False)
+class LensResult(Result):
+    """Logit (and tuned) lens: top tokens per (layer, block, slot), and each lens' agreement
+    with the model's own final-layer prediction (`quality`)."""
+
+    quality: pd.DataFrame | None = None
+    name: ClassVar[str] = "lens"
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        tables = {"lens": self.table}
+        if self.quality is not None:
+            tables["lens_quality"] = self.quality
+        return tables
+
+    def figures(self) -> dict[str, go.Figure]:
+        return {"lens.top1": figures.lens_top_tokens(self.table)}
+
+
+def analyse(lab: Session, sel: Selection, top_k: int = 5, tuned: bool = True) -> LensResult:
+    """The tokens each block state of `sel` reads as through the final norm and unembedding (logit
+    lens) and, with `tuned`, through a ridge map fitted on the first half of the examples (tuned
+    lens); both judged on the second half."""
+    store = lab.capture().store
+    half = store.n // 2
+    held_out = range(half, store.n) if tuned else range(store.n)
+    lens_fit = TunedLens().fit(store, examples=range(half)) if tuned else None
+    reader = lab.backend.lens_model
+    table = logit_lens(
+        reader, lab.tokenizer, store, layers=sel.layers, blocks=sel.blocks, slots=sel.slots,
+        examples=held_out, top_k=top_k, tuned=lens_fit,
+    )  # fmt: skip
+    quality = lens_quality(reader, store, tuned=lens_fit, layers=sel.layers, examples=held_out)
+    by_layer = quality.groupby(["lens", "layer"])["top1_agreement"].mean()
+    summary = {
+        "top1_agreement_with_final": {f"{name}/{layer}": float(v) for (name, layer), v in by_layer.items()},
+        "tuned_lens_fit_on": half if tuned else 0,
+        "evaluated_on": len(held_out),
+    }
+    return LensResult(table, summary, lab.record("lens", sel, top_k=top_k, tuned=tuned), quality)

@@ -8,15 +8,18 @@ blocks 1..K in the top principal components), `input_dependence` the number behi
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 from sklearn.decomposition import PCA
 
+from rim_lens.analysis import figures
 from rim_lens.analysis.capture import CaptureStore
-from rim_lens.analysis.results import PCAResult
-from rim_lens.analysis.sites import block_index, block_labels
+from rim_lens.analysis.results import Result
+from rim_lens.analysis.sites import BlockStates, block_index, block_labels
 from rim_lens.errors import RunError
 
 
@@ -152,3 +155,58 @@ def analyse(
     per_layer = dependence.groupby("layer")["ratio"].mean()
     summary = {"input_dependence_by_layer": {int(l): float(r) for l, r in per_layer.items()}, "n": store.n}
     return PCAResult(fit.trajectory, summary, {}, fit.examples, fit.explained, dependence, fit.fits)
+
+
+@dataclass(repr=False)
+class PCAResult(Result):
+    """PCA of block states per layer: the mean trajectory through blocks 1..K (`table`), a few
+    examples' trajectories, explained variance, input dependence, and the fitted PCAs
+    (`fits`, by layer) to project other states with `project`."""
+
+    examples: pd.DataFrame | None = None
+    explained: pd.DataFrame | None = None
+    dependence: pd.DataFrame | None = None
+    fits: dict = field(default_factory=dict)
+    name: ClassVar[str] = "pca"
+    summary_stem: ClassVar[str] = "pca_input_dependence"
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {
+            "pca": self.table,
+            "pca_examples": self.examples,
+            "pca_explained": self.explained,
+            "pca_input_dependence": self.dependence,
+        }
+
+    def projection(self, states: BlockStates, example: int = 0) -> pd.DataFrame:
+        """One example's states (e.g. `lab.states([ex])`) in each fitted layer's components:
+        layer, block, slot, pc1, pc2, ..."""
+        rows = []
+        for layer in [l for l in states.layers if l in self.fits]:
+            z = self.project(states.resid(layer=layer)[example], layer)  # [K, slots, components]
+            rows += [
+                {
+                    "layer": layer,
+                    "block": k,
+                    "slot": j,
+                    **{f"pc{i + 1}": float(v) for i, v in enumerate(z[b, j])},
+                }
+                for b, k in enumerate(block_labels(states.K))
+                for j in range(z.shape[1])
+            ]
+        return pd.DataFrame(rows)
+
+    def project(self, states: np.ndarray, layer: int) -> np.ndarray:
+        """States [..., d_model] of `layer` in that layer's principal components [..., n_components]."""
+        if layer not in self.fits:
+            raise RunError(f"no PCA was fitted at layer {layer} (fitted: {sorted(self.fits)})")
+        flat = np.asarray(states, dtype=np.float64).reshape(-1, states.shape[-1])
+        return self.fits[layer].transform(flat).reshape(*states.shape[:-1], -1)
+
+    def figures(self) -> dict[str, go.Figure]:
+        return {
+            "pca.trajectories": figures.pca_trajectories(self.table, self.examples),
+            "pca_input_dependence.heatmap": figures.layer_block_heatmap(
+                self.dependence, "ratio", "Input dependence: variance across inputs / across blocks"
+            ),
+        }

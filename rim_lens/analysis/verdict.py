@@ -4,7 +4,7 @@ each stated with what its test detects at this n.
 Each finding compares 95% interval bounds, never points (`stats.Estimate.above / below`): the RiM
 run against its equal control (the `pause` run: the same model, blocks and visibility, minus the
 grounding), ablated against intact, transfer against chance. Every figure of both runs is
-measured the same way on the same examples (see `report.CARD`). Outcomes:
+measured the same way on the same examples (see `card.CARD`). Outcomes:
 
 - **necessity**: accuracy with every block mean-ablated (all layers and slots) against intact.
   Supported if ablated.hi < intact.lo AND the drop (intact - ablated, paired bootstrap over

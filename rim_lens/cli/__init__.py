@@ -18,7 +18,9 @@ from rim_lens.fileio import storage_errno, storage_error
 from rim_lens.progress import log_to_stderr
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of `argv`: the analyses' subcommands are built only for `rim-lens analyze`
+    (they load the Lab, which other commands should not wait for)."""
     # Each command module adds its subparser and sets `func`, the handler of the parsed args.
     from rim_lens import __version__
     from rim_lens.cli import analyze, dashboard, data, demo, model, train
@@ -31,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rim-lens {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or stage lines, only results")
-    for module in (data, model, train, demo, analyze, dashboard):
+    for module in (data, model, train, demo, dashboard):
         module.register(sub)
+    command = [str(a) for a in argv or [] if not str(a).startswith("-")][:1]
+    analyze.register(sub, full=command == ["analyze"])
     _everywhere(parser, "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -47,7 +51,8 @@ def _everywhere(parser: argparse.ArgumentParser, *flags: str, **options) -> None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help, or a one-line usage error already printed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rim_lens.cli.args import number, positive_int
-from rim_lens.methods import DEMO_METHODS, METHODS
+from rim_lens.methods import DEMO_METHODS, method_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods",
         default=",".join(DEMO_METHODS),
-        help=f"comma-separated subset of {','.join(METHODS)} (default: {','.join(DEMO_METHODS)})",
+        help=f"comma-separated subset of {','.join(method_names())} (default: {','.join(DEMO_METHODS)})",
     )
     p.add_argument(
         "--recipe",
@@ -63,9 +63,11 @@ def _demo(args: argparse.Namespace) -> int:
     from training.demo import run_demo
 
     methods = tuple(m for m in args.methods.split(",") if m)
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in method_names()]
     if unknown:
-        raise ConfigError(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+        raise ConfigError(
+            f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(method_names())})"
+        )
     method_seeds = {}
     for item in args.seeds_for:
         method, _, count = item.partition("=")

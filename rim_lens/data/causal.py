@@ -22,12 +22,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Generic, TypeVar
 
 from rim_lens.data.examples import Example, Value
 
-if TYPE_CHECKING:
-    from rim_lens.data.tasks.base import Task
+# The task a causal model describes (a `rim_lens.data.tasks.base.Task`, which imports this module).
+T = TypeVar("T")
 
 STEP, DERIVED, ANSWER = "step", "derived", "answer"
 KINDS = (STEP, DERIVED, ANSWER)
@@ -49,11 +49,11 @@ def step_name(t: int) -> str:
     return f"{STEP}{t}"
 
 
-class CausalModel(ABC):
+class CausalModel(ABC, Generic[T]):
     """The causal model of one task. Subclasses (mult, modchain, gsm8k) define `values` and
     `_answer`."""
 
-    def __init__(self, task: Task) -> None:
+    def __init__(self, task: T) -> None:
         self.task = task
 
     @abstractmethod

@@ -88,6 +88,7 @@ class SequenceBuilder:
         join_steps: Callable[[Seq[str]], str] = " ".join,
     ) -> None:
         self.tokenizer, self.spec, self.join_steps = tokenizer, spec, join_steps
+        self.method = spec.trained_by
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id
         self.prefix = self.encode(spec.answer_prefix)
@@ -114,14 +115,15 @@ class SequenceBuilder:
         return self.encode(step) + [self.eos]
 
     # -- layouts -----------------------------------------------------------------------------
-    def _question(self, ex: Example) -> Layout:
+    def question(self, ex: Example) -> Layout:
+        """A new layout holding the question (after BOS, if the tokenizer has one)."""
         seq = Layout()
         ids = ([self.bos] if self.bos is not None else []) + self.encode(ex.question)
         for i, tok in enumerate(ids):
             seq.add(tok, i, Role.QUESTION)
         return seq
 
-    def _add_blocks(self, seq: Layout, n_blocks: int, n_memory: int | None = None) -> list[int]:
+    def add_blocks(self, seq: Layout, n_blocks: int, n_memory: int | None = None) -> list[int]:
         """Append blocks 1..n (of `n_memory` memory tokens, default spec.M); returns the sequence
         index of each block's end token."""
         block = self.block_ids if n_memory is None else self.block_of(n_memory)
@@ -133,7 +135,7 @@ class SequenceBuilder:
             ends.append(idx)
         return ends
 
-    def _add_thoughts(self, seq: Layout, n_thoughts: int) -> None:
+    def add_thoughts(self, seq: Layout, n_thoughts: int) -> None:
         """Append `<bot>`, n thought placeholders (thought k: block k, slot 0) and `<eot>`."""
         bot, thought, eot = self.thought_ids
         seq.add(bot, seq.positions[-1] + 1, Role.BOT, block=0)
@@ -141,7 +143,7 @@ class SequenceBuilder:
             seq.add(thought, seq.positions[-1] + 1, Role.THOUGHT, block=k, slot=0)
         seq.add(eot, seq.positions[-1] + 1, Role.EOT, block=n_thoughts)
 
-    def _add_readout(self, seq: Layout, after: int, target: list[int], t: int, block: int) -> None:
+    def add_readout(self, seq: Layout, after: int, target: list[int], t: int, block: int) -> None:
         """Readout target t, predicted from sequence index `after` onwards, positions continuing."""
         seq.targets[after], seq.target_index[after] = target[0], t
         pos = seq.positions[after]
@@ -150,25 +152,25 @@ class SequenceBuilder:
             seq.targets[idx], seq.target_index[idx] = target[i + 1], t
 
     def direct(self, ex: Example) -> Layout:
-        seq = self._question(ex)
-        self._add_readout(seq, len(seq) - 1, self.answer_target(ex.answer), 1, 0)
+        seq = self.question(ex)
+        self.add_readout(seq, len(seq) - 1, self.answer_target(ex.answer), 1, 0)
         return seq
 
     def cot(self, ex: Example) -> Layout:
-        seq = self._question(ex)
+        seq = self.question(ex)
         target = self.encode(self.join_steps(ex.steps)) + self.answer_target(ex.answer)
-        self._add_readout(seq, len(seq) - 1, target, 1, 0)
+        self.add_readout(seq, len(seq) - 1, target, 1, 0)
         seq.n_steps = len(ex.steps)
         return seq
 
     def thoughts(self, ex: Example, n_thoughts: int, skip_steps: int | None) -> Layout:
         """Coconut: n continuous thoughts in place of the first `skip_steps` steps (None: all);
         the remaining steps, the answer prefix and the answer are the target, read after `<eot>`."""
-        seq = self._question(ex)
-        self._add_thoughts(seq, n_thoughts)
+        seq = self.question(ex)
+        self.add_thoughts(seq, n_thoughts)
         remaining = () if skip_steps is None else ex.steps[skip_steps:]
         target = self.encode(self.join_steps(remaining)) + self.answer_target(ex.answer)
-        self._add_readout(seq, len(seq) - 1, target, 1, block=n_thoughts)
+        self.add_readout(seq, len(seq) - 1, target, 1, block=n_thoughts)
         seq.n_steps = len(ex.steps)
         return seq
 
@@ -187,24 +189,12 @@ class SequenceBuilder:
     def _packed(
         self, ex: Example, targets: list[list[int]], offset: int, n_steps: int, n_memory: int | None = None
     ) -> Layout:
-        seq = self._question(ex)
-        ends = self._add_blocks(seq, len(targets) + offset, n_memory)
+        seq = self.question(ex)
+        ends = self.add_blocks(seq, len(targets) + offset, n_memory)
         for t, target in enumerate(targets, start=1):
-            self._add_readout(seq, ends[t + offset - 1], target, t, block=t + offset)
+            self.add_readout(seq, ends[t + offset - 1], target, t, block=t + offset)
         seq.n_steps = n_steps
         return seq
-
-    def training(self, ex: Example, method: str, stage: int = 2) -> Layout:
-        """The training sequence of `ex` for a method (and RiM stage)."""
-        if method == "coconut":
-            raise ValueError("a Coconut sequence depends on its curriculum stage: use thoughts(ex, n, skip)")
-        if method == "direct":
-            return self.direct(ex)
-        if method == "cot":
-            return self.cot(ex)
-        if method == "rim" and stage == 1:
-            return self.grounding(ex)
-        return self.refinement(ex)
 
     def scored(self, ex: Example, answer: str | None = None, n_blocks: int | None = None) -> Layout:
         """Inference prompt followed by `answer` (default: the gold one) and end of sequence,
@@ -214,21 +204,13 @@ class SequenceBuilder:
         tokens = self.encode(ex.answer if answer is None else answer) + [self.eos]
         if self.spec.uses_thoughts:
             tokens = self.prefix + tokens
-        self._add_readout(seq, len(seq) - 1, tokens, 1, block=seq.blocks[-1])
+        self.add_readout(seq, len(seq) - 1, tokens, 1, block=seq.blocks[-1])
         return seq
 
     def prompt(self, ex: Example, n_blocks: int | None = None) -> Layout:
-        """Inference prompt: question, blocks, answer prefix (CoT: the question alone; Coconut:
-        question, `<bot>`, n thoughts (`n_blocks`, default spec.thoughts), `<eot>`)."""
-        seq = self._question(ex)
-        if self.spec.method == "cot":
-            return seq
-        if self.spec.uses_thoughts:
-            self._add_thoughts(seq, self.spec.thoughts if n_blocks is None else n_blocks)
-            return seq
-        n = (self.spec.K if n_blocks is None else n_blocks) if self.spec.uses_blocks else 0
-        self._add_blocks(seq, n)
-        return self.extend(seq, self.prefix)
+        """Inference prompt, as the model's method lays it out (`Method.prompt`): question, blocks,
+        answer prefix (CoT: the question alone; Coconut: question, `<bot>`, n thoughts, `<eot>`)."""
+        return self.method.prompt(self, ex, n_blocks)
 
     def extend(self, seq: Layout, tokens: Seq[int]) -> Layout:
         """`seq` followed by `tokens` as readout tokens of its last block (e.g. generated ones)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rim_lens.errors import RunError
-from rim_lens.methods import METHODS, Method
+from rim_lens.methods import RIM, Method, get_method
 
 SPEC_FILENAME = "rim_memory.json"
 # Set by training from the recipe's top level (`thoughts`: from its `coconut` section), never in
@@ -36,7 +36,7 @@ class MemorySpec:
     # The metadata are the recipe's checks of the `memory` section (see training/config.py). A
     # "word" token is added to the tokenizer as one special token (no whitespace); the answer
     # prefix is written as text (spaces allowed). None may be blank, and all must differ.
-    method: str = "rim"
+    method: str = RIM.name
     begin: str = field(default="<b>", metadata={"token": "word"})
     memory: str = field(default="<m>", metadata={"token": "word"})
     end: str = field(default="</b>", metadata={"token": "word"})
@@ -52,18 +52,25 @@ class MemorySpec:
     thoughts: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise RunError(f"memory spec: method must be one of {METHODS}, got {self.method!r}")
+        try:
+            get_method(self.method)
+        except RunError as err:
+            raise RunError(f"memory spec: {err}") from None
         if self.M < 0 or self.K < 0 or self.step_offset < 0 or self.thoughts < 0:
             raise RunError("memory spec: M, K, step_offset and thoughts must be >= 0")
 
     @property
+    def trained_by(self) -> Method:
+        """The method object the model was trained with (`rim_lens.methods`)."""
+        return get_method(self.method)
+
+    @property
     def uses_blocks(self) -> bool:
-        return Method(self.method).uses_blocks
+        return self.trained_by.uses_blocks
 
     @property
     def uses_thoughts(self) -> bool:
-        return Method(self.method).uses_thoughts
+        return self.trained_by.uses_thoughts
 
     @property
     def latent_blocks(self) -> int:

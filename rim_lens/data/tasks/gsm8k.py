@@ -100,7 +100,7 @@ class Gsm8k(Task):
         return pred_value is not None and gold_value is not None and pred_value == gold_value
 
 
-class Gsm8kModel(CausalModel):
+class Gsm8kModel(CausalModel[Gsm8k]):
     """A solution as its calculator steps compute it: each step's result (step1..stepT, where the
     result is a number) and the answer, which is the result of the last step that produces it.
 

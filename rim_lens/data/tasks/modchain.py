@@ -131,7 +131,7 @@ class ModChain(SyntheticTask):
         return variants
 
 
-class ModChainModel(CausalModel):
+class ModChainModel(CausalModel[ModChain]):
     """A chain as chain-of-thought computes it: the running value after each operation but the
     last (step1..step{T-1}; after the last it is the answer) and the answer. Setting step t's value
     continues the chain from it with the base's own operations t+1..T."""

@@ -102,7 +102,7 @@ class Mult(SyntheticTask):
         ]
 
 
-class MultModel(CausalModel):
+class MultModel(CausalModel[Mult]):
     """A x B as chain-of-thought computes it: the partial products P_t = A * b_t * 10^(t-1) (the
     steps' values, step1..stepn), the running sums S_t = P_1 + ... + P_t for 1 < t < n
     (running_sum2, ...; S_1 is P_1 and S_n the answer), and the answer S_n."""

@@ -1,17 +1,19 @@
 """Training throughput per core of every method, this code against a reference commit, side by side.
 
-    python bench/train_step.py [--recipe training/recipes/demo.yaml] [--ref 4d55f21] [--rounds 12]
+    python bench/train_step.py [--recipe training/recipes/demo.yaml] [--ref 4d55f21] [--rounds 12] [--compile]
 
 Each variant is a worker process holding its own checkout: `head` (this working tree) and `ref`
 (the `--ref` commit, checked out into a temporary git worktree). Every worker builds each method's
 model and stages from the recipe exactly as `rim-lens train` does (`plan_stages`) and times its own
 training step on the same batches of the recipe's training set: the loss (one forward pass at
-the recipe's batch size), backward, gradient clipping and AdamW. `head` computes the loss as its
-trainer does (`stage_loss`: compiled when the recipe sets `train.compile`); `ref` as its trainer did
-(`_loss`). Rounds are interleaved: in every round each (method, stage) is stepped by every worker
-in turn, in an order that rotates, so the machine's noise hits both alike; medians are reported.
-The first steps of every (worker, method, stage) are untimed warm-up (compilation for `head`; its
-time is reported as compile_s).
+the recipe's batch size), backward, gradient clipping and AdamW. Both compute their trainer's loss
+(`_loss`); with `--compile`, head's goes through torch.compile: a measurement of what compiling
+would give, since training does not compile (inductor's loss was wrong or aborted on some CPU
+settings: docs/results.md). Rounds are interleaved: in every round each (method, stage) is stepped
+by every worker in turn, in an order that rotates, so the machine's noise hits both alike; medians
+are reported.
+The first steps of every (worker, method, stage) are untimed warm-up (compilation with
+`--compile`; head's warm-up time is reported as compile_s).
 
 Reported per (method, stage) and per method (stages weighted by their steps in the recipe):
 tokens/s per core (non-padding tokens over s/step, divided by the threads), the speed-up of head
@@ -54,6 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per stage first (default 3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="head's loss through torch.compile (a measurement only: training does not compile, see "
+        "docs/results.md)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # internal: a checkout to serve
     return p.parse_args(argv)
@@ -69,8 +77,15 @@ def serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     from rim_lens.data.tasks import get_task
     from rim_lens.model.layouts import collate
-    from training import stages, trainer
+    from training import trainer
     from training.config import load_config
+
+    try:  # the loss's home since issue 23; the reference commit keeps it in the trainer
+        from training import stages as losses
+
+        logits_of = losses.stage_logits
+    except ImportError:
+        losses, logits_of = trainer, lambda stage: stage.logits
 
     recipe, overrides = known_keys(args.worker, Path(args.recipe), args.overrides)
     entries: dict[str, dict] = {}
@@ -94,10 +109,9 @@ def serve(args: argparse.Namespace) -> int:
                 )
                 for i in range(BATCHES)
             ]
-            if hasattr(trainer, "stage_loss"):
-                loss = stages.stage_loss(stage, cfg.train.compile)
-            else:  # the reference's trainer: one eager loss function
-                loss = lambda m, b, w, stage=stage: stages._loss(m, b, w, stages.stage_logits(stage))  # noqa: E731
+            loss = lambda m, b, w, stage=stage: losses._loss(m, b, w, logits_of(stage))  # noqa: E731
+            if args.compile:
+                loss = torch.compile(loss)
             params = [p for p in model.parameters() if p.requires_grad]
             entries[f"{method}:{stage.name}"] = {
                 "model": model,
@@ -126,7 +140,7 @@ def serve(args: argparse.Namespace) -> int:
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as counter:
-            stages._loss(e["model"], e["batches"][0], e["weights"][0]).backward()
+            losses._loss(e["model"], e["batches"][0], e["weights"][0]).backward()
         e["optimizer"].zero_grad(set_to_none=True)
         return counter.get_total_flops()
 
@@ -147,7 +161,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def known_keys(checkout: Path, recipe: Path, overrides: list[str]) -> tuple[Path, list[str]]:
     """The recipe and overrides without the keys `checkout`'s schema does not have (a reference
-    commit predates keys such as train.compile). A filtered recipe is written inside the checkout,
+    commit predates keys such as train.snapshots). A filtered recipe is written inside the checkout,
     at the recipe's place there, so relative data paths resolve as they do in this tree."""
     import dataclasses
     import typing
@@ -189,6 +203,7 @@ class Worker:
     def __init__(self, name: str, checkout: Path, args: argparse.Namespace) -> None:
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(checkout)]
         command += ["--recipe", args.recipe, "--methods", args.methods, "--threads", str(args.threads)]
+        command += ["--compile"] if args.compile and name == "head" else []
         for item in args.overrides:
             command += ["--set", item]
         self.name = name

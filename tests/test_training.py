@@ -14,7 +14,6 @@ import random
 import shutil
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from safetensors.torch import load_file
 from rim_lens.errors import ConfigError, DataError, RunError
 from rim_lens.model.checkpoints import load_checkpoint
 from rim_lens.schedules import block_weights, grounding_weights, refinement_weights, step_weights
-from training import stages, trainer
+from training import trainer
 from training.config import RunConfig, load_config
 from training.trainer import train
 
@@ -373,65 +372,6 @@ def test_same_seed_same_metrics(copy_data, tmp_path):
     # A different seed trains differently (so the check above is not vacuous).
     _, _, lc = run("c", 1)
     assert lc != la
-
-
-def test_compiled_loss_equals_the_eager_loss(copy_data):
-    """`train.compile` changes how the loss is computed, not what: loss and gradients agree with
-    the eager computation on the same weights and batch, for each stage of RiM."""
-    from rim_lens.data.tasks import get_task
-    from rim_lens.model.layouts import SequenceBuilder, collate
-
-    cfg = tiny_config(copy_data, "rim", train__compile=True)
-    task = get_task(cfg.task.name)
-    splits = trainer.load_data(cfg, task)
-    spec = trainer.run_spec(cfg, task)
-    model, tok = trainer.make_model(cfg, spec, trainer.all_texts(splits.train + splits.val + splits.test))
-    builder = SequenceBuilder(tok, spec, task.join_steps)
-    for stage in trainer.plan_stages(cfg, builder):
-        batch = collate([stage.layout(ex) for ex in splits.train[:8]], tok.pad_token_id, True)
-        weights = stage.weights(batch, 0.5)
-        results = []
-        for compiled in (False, True):
-            model.zero_grad(set_to_none=True)
-            loss = stages.stage_loss(stage, compiled)(model, batch, weights)
-            loss.backward()
-            results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-        (eager, eager_grads), (fast, fast_grads) = results
-        torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-5)
-        for a, b in zip(fast_grads, eager_grads, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
-
-
-def test_a_compiled_loss_that_is_wrong_or_fails_is_not_trained_on(copy_data, capsys):
-    """Inductor's kernels are not always right for the CPU's instruction set (with
-    ATEN_CPU_CAPABILITY=avx2 the compiled loss selected half the targets): a compiled loss is
-    trusted only once it equals the eager one on the stage's first batch."""
-    from rim_lens.data.tasks import get_task
-    from rim_lens.model.layouts import SequenceBuilder, collate
-
-    cfg = tiny_config(copy_data, "rim", train__stage2_dropout=0.5)
-    task = get_task(cfg.task.name)
-    splits = trainer.load_data(cfg, task)
-    spec = trainer.run_spec(cfg, task)
-    model, tok = trainer.make_model(cfg, spec, trainer.all_texts(splits.train))
-    stage = trainer.plan_stages(cfg, SequenceBuilder(tok, spec, task.join_steps))[-1]
-    batch = collate([stage.layout(ex) for ex in splits.train[:8]], tok.pad_token_id, True)
-    weights = stage.weights(batch, 0.5)
-    eager = partial(trainer._loss, logits=stages.stage_logits(stage))
-
-    def fails(*args):
-        raise RuntimeError("C++ compile error")
-
-    model.train()
-    capsys.readouterr()
-    same = partial(trainer._loss, logits=stages.stage_logits(stage))  # computes the eager loss: trusted
-    assert trainer._trusted(same, eager, model, batch, weights, stage.name) is same
-    assert capsys.readouterr().out == ""
-    for wrong, why in ((lambda *a: 2 * eager(*a), "computes"), (fails, "fails to build (RuntimeError)")):
-        assert trainer._trusted(wrong, eager, model, batch, weights, stage.name) is eager
-        out = capsys.readouterr().out
-        assert out.startswith("rim-lens: warning: train.compile:") and why in out and out.count("\n") == 1
-    assert model.training, "the check leaves the model in training mode"
 
 
 def test_snapshots_keep_the_model_of_every_periodic_checkpoint(copy_data, tmp_path):

@@ -161,9 +161,6 @@ class TrainConfig:
     precision: str = rule("fp32", choices=("fp32", "bf16", "fp16"))  # bf16 / fp16: autocast via accelerate
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     length_bucketing: bool = True  # batches of similar length (less padding); false: uniform batches
-    # The training loss through torch.compile (inductor): fused kernels, about 1.4x the tokens/s of a
-    # small model on a CPU core after a one-off compile of 10-40 s per stage (bench/train_step.py).
-    compile: bool = False
     # Experiment trackers mirroring train_log.jsonl (training/tracking.py): e.g. [tensorboard]
     report_to: list[str] = rule(factory=list, check=_trackers)
 

@@ -95,56 +95,6 @@ def stage_logits(stage: Stage) -> Logits:
     return coconut_logits if stage.thought_passes else target_logits
 
 
-def stage_loss(stage: Stage, compile: bool) -> Callable[..., torch.Tensor]:
-    """(model, batch, weights) -> the stage's training loss, through torch.compile if `compile`.
-
-    Only the single-pass loss is compiled: Coconut's thought passes loop over a KV cache, and
-    held-out checks run eagerly (their shapes and modes differ from training's). The compiled
-    loss is used only once it has computed the eager loss on the stage's first batch.
-    """
-    loss = partial(_loss, logits=stage_logits(stage))
-    if not compile or stage.thought_passes:
-        return loss
-    chosen: list[Callable[..., torch.Tensor]] = []
-
-    def checked(model, batch: Batch, weights: torch.Tensor) -> torch.Tensor:
-        if not chosen:
-            chosen.append(_trusted(torch.compile(loss), loss, model, batch, weights, stage.name))
-        return chosen[0](model, batch, weights)
-
-    return checked
-
-
-def _trusted(compiled: Callable, eager: Callable, model, batch: Batch, weights, stage: str) -> Callable:
-    """`compiled` if it gives `eager`'s loss on this batch (dropout off, no gradients), else `eager`.
-
-    Inductor writes its own C++ kernels for this CPU's instruction set, and they are not always
-    right: with the kernels limited to AVX2 (ATEN_CPU_CAPABILITY=avx2) the compiled loss selected
-    half the target positions, and with `default` its C++ does not build. Training must not run
-    on such a loss, so it falls back to the eager one and says so.
-    """
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            want = eager(model, batch, weights)
-            try:
-                got = compiled(model, batch, weights)
-            except Exception as err:  # any failure of the compiler's toolchain: train eagerly
-                got, why = None, f"it fails to build ({type(err).__name__})"
-    finally:
-        model.train(was)
-    if got is not None and torch.allclose(got, want, rtol=1e-4, atol=1e-5):
-        return compiled
-    if got is not None:
-        why = f"it computes {got.item():.6g} where the eager loss is {want.item():.6g}"
-    print(
-        f"rim-lens: warning: train.compile: the compiled {stage} loss is wrong on this CPU ({why}); "
-        "training this stage without compiling"
-    )
-    return eager
-
-
 # -- loss and monitoring ------------------------------------------------------------------------
 def readout_hits(predicted: torch.Tensor, batch: Batch, stage: str) -> dict[str, list[bool]]:
     """Per readout, whether each row that has it got all its tokens right (teacher-forced):
@@ -369,7 +319,7 @@ def run_stage(
     bar = Progress(total=stage.steps, initial=step, desc=f"{cfg.method}:{stage.name}", unit="step", **quiet)
     start = time.perf_counter() - elapsed
     epoch, consumed = at.epoch, at.batch
-    loss_fn = stage_loss(stage, t.compile)
+    loss_fn = partial(_loss, logits=stage_logits(stage))
     guard = FiniteGuard(stage, scaled=accelerator.scaler is not None)
     loop.stop.deferring = True
     while step < stage.steps:

@@ -65,11 +65,6 @@ from training import tracking
 from training.config import RunConfig, check_data_tokens, differences, layout_problem, load_config
 from training.stages import Diverged, Loop, StopSignals, run_stage
 
-# Re-exported (`x as x`): the compile check is tested through the trainer.
-from training.stages import _loss as _loss
-from training.stages import _trusted as _trusted
-from training.stages import stage_loss as stage_loss
-
 # train.precision -> accelerate's mixed_precision: autocast in bf16 / fp16, weights kept in fp32.
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 SPREAD_EXAMPLES = 64  # validation questions the input share of block states is measured on

@@ -167,14 +167,15 @@ def test_dashboard_in_chromium(server, browser, runs_root):
     page.goto(server, timeout=TIMEOUT_MS)
 
     # Runs: the table and the training curves (plotly renders into SVG).
-    page.wait_for_selector(CHART, timeout=TIMEOUT_MS)
+    page.locator(".gtitle", has_text="Training loss per stage").first.wait_for(timeout=TIMEOUT_MS)
     wait_idle(page)
     assert page.get_by_role("heading", name="Runs").is_visible()
     assert page.locator(".gtitle", has_text="Training loss per stage: demo/rim").count() == 1
     shot(page, "1-runs")
 
     go_to(page, "Memory explorer", "Inference prompt:")
-    page.wait_for_selector(CHART, timeout=TIMEOUT_MS)
+    # Plotly draws after the script run ends, so wait for this chart's own title, not any chart.
+    page.locator(".gtitle", has_text="State norm").first.wait_for(timeout=TIMEOUT_MS)
     assert page.locator(".gtitle", has_text="State norm").count() == 1
     page.get_by_text("rim-lens analyze capture").first.wait_for(timeout=TIMEOUT_MS)
     shot(page, "2-memory-explorer")
@@ -202,6 +203,7 @@ def test_dashboard_in_chromium(server, browser, runs_root):
     page.wait_for_selector(CHART, timeout=TIMEOUT_MS)
     wait_idle(page)
     page.locator('[data-testid="stMetricValue"]').nth(2).wait_for(timeout=TIMEOUT_MS)
+    page.locator(".gtitle", has_text="Readout after each block").first.wait_for(timeout=TIMEOUT_MS)
     labels = page.locator('[data-testid="stMetricLabel"]').all_inner_texts()
     assert [label.strip() for label in labels[:3]] == [
         "gold answer",

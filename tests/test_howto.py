@@ -3,12 +3,14 @@
 masked: other CPUs round differently). The pages' paths are laid out in a temporary folder:
 `runs/demo/rim` is the tiny modchain RiM (tests/fixtures.py), `my_model` a bare copy of the tiny
 copy-task RiM's model (no rim_memory.json), and the hub id of the LoRA recipe becomes a tiny
-local Llama directory, so nothing reaches the network."""
+local Llama directory, so nothing reaches the network. A Python block headed `# NAME.py` is a
+module the page saves: it is written to that file, and imported where the page imports it."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 import re
 import shlex
@@ -21,6 +23,8 @@ import pytest
 import torch
 from conftest import REPO
 
+from rim_lens import methods, plugins
+from rim_lens.analysis import registry
 from rim_lens.cli import main
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -61,7 +65,9 @@ def run_page(text: str, substitutions: dict[str, str]) -> str:
     printed = []
     for language, code, shown in fenced(text):
         out = io.StringIO()
-        if language == "python":
+        if language == "python" and re.match(r"# \w+\.py\n", code):  # a module the page saves
+            Path(code.split("\n", 1)[0].removeprefix("# ")).write_text(code)
+        elif language == "python":
             with contextlib.redirect_stdout(out):
                 exec(compile(code, "<howto>", "exec"), namespace)  # noqa: S102 - the docs' own code
         elif language == "yaml":
@@ -72,17 +78,33 @@ def run_page(text: str, substitutions: dict[str, str]) -> str:
         elif language == "bash":
             for line in code.splitlines():
                 line = line.split("  #")[0].strip()
-                if line.startswith("rim-lens "):
-                    with contextlib.redirect_stdout(out):
-                        assert main(shlex.split(line)[1:]) == 0, line
-                elif line.startswith("accelerate "):
-                    accelerate(shlex.split(line)[1:])
+                words = shlex.split(line)
+                env = dict(w.split("=", 1) for w in itertools.takewhile(lambda w: "=" in w, words))
+                words = words[len(env) :]
+                if words[:1] == ["rim-lens"]:
+                    # PYTHONPATH=. is the current directory, already on sys.path (the workspace).
+                    with contextlib.redirect_stdout(out), patched_env(env, "PYTHONPATH"):
+                        assert main(words[1:]) == 0, line
+                elif words[:1] == ["accelerate"]:
+                    accelerate(words[1:])
                 elif line and not line.startswith(("#", "make ", "pip ")):
                     raise AssertionError(f"a shell line the test does not know how to run: {line}")
         if shown is not None:
             assert masked(out.getvalue()) == masked(shown), f"{code}\nprinted:\n{out.getvalue()}"
         printed.append(out.getvalue())
     return "".join(printed)
+
+
+@contextlib.contextmanager
+def patched_env(env: dict[str, str], *ignored: str):
+    """os.environ with `env` set (but `ignored`), as it was afterwards."""
+    before = dict(os.environ)
+    os.environ.update({k: v for k, v in env.items() if k not in ignored})
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 def accelerate(args: list[str]) -> None:
@@ -114,10 +136,17 @@ def workspace(tiny_runs, tiny_modchain_runs, tmp_path, monkeypatch):
     shutil.copytree(
         tiny_modchain_runs["rim"].parent, tmp_path / "runs" / "demo", ignore=shutil.ignore_patterns("*.lock")
     )
+    monkeypatch.syspath_prepend(str(tmp_path))  # where the page's own modules are saved
+    # The page declares an analysis and a method: they leave with the test.
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
+    monkeypatch.setattr(plugins, "_loaded", set(plugins._loaded))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield tmp_path
     torch.set_num_threads(threads)
+    for module in ("my_analyses", "my_methods"):
+        sys.modules.pop(module, None)
 
 
 def test_every_howto_recipe_runs_and_prints_what_the_page_shows(workspace, tiny_runs):
@@ -126,7 +155,7 @@ def test_every_howto_recipe_runs_and_prints_what_the_page_shows(workspace, tiny_
     texts = [f"{a} +{b} mod 10" for a in range(10) for b in range(10)] + [str(d) for d in range(10)]
     local = tiny_llama(workspace / "tiny-llama", texts, K=2, M=1, task="modchain")
     run_page((REPO / "docs" / "howto.md").read_text(), {HUB_ID: str(local)})
-    for name in ("mine", "mine-lora", "mine-ddp"):
+    for name in ("mine", "mine-lora", "mine-ddp", "filler"):
         assert (workspace / "runs" / name / "status.json").read_text().count('"completed"') == 1, name
 
 

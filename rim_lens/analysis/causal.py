@@ -39,10 +39,6 @@ from rim_lens.analysis.engine import (
     sweep,
 )
 from rim_lens.analysis.interventions import Intervention, ablation
-
-# notebooks/03 imports make_pairs from here; it lives in `patching` now (the notebooks move to the
-# short API in issue 23's part A, which drops this name).
-from rim_lens.analysis.patching import make_pairs  # noqa: F401
 from rim_lens.analysis.results import Result, estimate_of, with_intervals
 from rim_lens.analysis.session import Session
 from rim_lens.analysis.sites import Selection, block_labels

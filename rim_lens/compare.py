@@ -3,9 +3,10 @@ and the one latency measurement that may be compared across runs (`latency_side_
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,35 @@ def _timed(ts: list) -> dict:
     }
 
 
+def _shared_questions(labs: list, n: int) -> list[Example]:
+    """The first `n` test examples of the first lab whose question every other lab holds too."""
+    first, *others = labs
+    held = [{ex.question for ex in lab.examples} for lab in others]
+    return [ex for ex in first.examples if all(ex.question in h for h in held)][:n]
+
+
+def _interleaved(
+    answer: Callable, names: list[str], examples: list[Example], warmup: int, repeats: int
+) -> dict:
+    """Each run's timings (`answer(name, example)`), by name: the runs take turns on every example in
+    an order rotated by the example and the repeat, after `warmup` untimed answers each; of an
+    example's `repeats` tries, the fastest times count."""
+    for i, ex in enumerate(examples[:warmup]):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            answer(name, ex)
+    timings: dict[str, list] = {name: [] for name in names}
+    for i, ex in enumerate(examples):
+        tries: dict[str, list] = {name: [] for name in names}
+        for r in range(repeats):
+            turn = (i + r) % len(names)
+            for name in names[turn:] + names[:turn]:
+                tries[name].append(answer(name, ex))
+        for name, ts in tries.items():  # same tokens every try (greedy); the fastest times
+            fastest = dict(ttft_ms=min(t.ttft_ms for t in ts), latency_ms=min(t.latency_ms for t in ts))
+            timings[name].append(dataclasses.replace(ts[0], **fastest))
+    return timings
+
+
 def latency_side_by_side(
     runs: Mapping[str, str | Path],
     examples: Sequence[Example] | None = None,
@@ -75,46 +105,24 @@ def latency_side_by_side(
     import torch
 
     from rim_lens.analysis.lab import Lab
-    from rim_lens.evaluation import Timing, time_answer
+    from rim_lens.evaluation import time_answer
 
     if not runs:
         raise RunError("latency_side_by_side: no runs given")
     labs = {name: Lab.open(path, n=None) for name, path in runs.items()}
     limits = {name: max_new_tokens or _decode_limit(lab.run) for name, lab in labs.items()}
     if examples is None:
-        first, *others = labs.values()
-        held = [{ex.question for ex in lab.examples} for lab in others]
-        examples = [ex for ex in first.examples if all(ex.question in h for h in held)][:n]
+        examples = _shared_questions(list(labs.values()), n)
     examples = list(examples)
     if not examples:
         raise RunError(f"latency_side_by_side: the runs {', '.join(runs)} share no test question")
-    names = list(labs)
     load_start = os.getloadavg()[0]
 
     def answer(name: str, ex: Example):
         lab = labs[name]
         return time_answer(lab.model, lab.tokenizer, lab.builder, ex, limits[name])
 
-    for i, ex in enumerate(examples[:warmup]):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            answer(name, ex)
-    timings: dict[str, list] = {name: [] for name in names}
-    for i, ex in enumerate(examples):
-        tries: dict[str, list] = {name: [] for name in names}
-        for r in range(repeats):
-            turn = (i + r) % len(names)
-            for name in names[turn:] + names[:turn]:
-                tries[name].append(answer(name, ex))
-        for name, ts in tries.items():  # same tokens every try (greedy); the fastest times
-            timings[name].append(
-                Timing(
-                    min(t.ttft_ms for t in ts),
-                    min(t.latency_ms for t in ts),
-                    ts[0].tokens,
-                    ts[0].forward_passes,
-                )
-            )
-
+    timings = _interleaved(answer, list(labs), examples, warmup, repeats)
     return {
         "runs": {name: _timed(ts) | {"max_new_tokens": limits[name]} for name, ts in timings.items()},
         "examples": [ex.id for ex in examples],

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rim_lens.data.examples import Example
-from rim_lens.data.tasks import get_task
+from rim_lens.data.tasks import Task, get_task
 from rim_lens.model.decoding import greedy_decode
 from rim_lens.model.layouts import SequenceBuilder
 from rim_lens.model.memory import MemorySpec
@@ -192,13 +192,7 @@ def evaluate(
             for k in range(1, spec.K)
         ]
         per_block.append(final)
-        block_correct = [
-            [task.answers_match(r.text, ex.answer) for r, ex in zip(rs, examples)] for rs in per_block
-        ]
-        block_estimates = [proportion(c) for c in block_correct]
-        metrics["per_block_accuracy"] = [e.value for e in block_estimates]
-        metrics["per_block_accuracy_ci"] = [[e.lo, e.hi] for e in block_estimates]
-        _with_interval(metrics, "any_block_accuracy", [any(col) for col in zip(*block_correct)])
+        _block_accuracy(metrics, task, examples, per_block)
     metrics["chance_accuracy"] = task.chance_accuracy()
     metrics["answer_tokens_mean"] = sum(r.tokens for r in final) / n
     # One prefill, then one call per generated token after the first (the end token included);
@@ -211,6 +205,31 @@ def evaluate(
         measure_latency(model, tokenizer, builder, list(examples[:latency_examples]), max_new_tokens)
     )
 
+    return metrics, _predictions(task, examples, final, correct, per_block)
+
+
+def _block_accuracy(
+    metrics: dict, task: Task, examples: Seq[Example], per_block: list[list[Readout]]
+) -> None:
+    """Add to `metrics` the accuracy of the answer read after each block, and of reading any block,
+    with 95% intervals."""
+    block_correct = [
+        [task.answers_match(r.text, ex.answer) for r, ex in zip(rs, examples)] for rs in per_block
+    ]
+    block_estimates = [proportion(c) for c in block_correct]
+    metrics["per_block_accuracy"] = [e.value for e in block_estimates]
+    metrics["per_block_accuracy_ci"] = [[e.lo, e.hi] for e in block_estimates]
+    _with_interval(metrics, "any_block_accuracy", [any(col) for col in zip(*block_correct)])
+
+
+def _predictions(
+    task: Task,
+    examples: Seq[Example],
+    final: list[Readout],
+    correct: list[bool],
+    per_block: list[list[Readout]],
+) -> list[dict]:
+    """One prediction record per example: its answer and, read out after each block, every block's."""
     predictions = []
     for i, (ex, r, ok) in enumerate(zip(examples, final, correct)):
         record = {
@@ -225,4 +244,4 @@ def evaluate(
             record["per_block"] = [rs[i].text for rs in per_block]
             record["per_block_correct"] = [task.answers_match(rs[i].text, ex.answer) for rs in per_block]
         predictions.append(record)
-    return metrics, predictions
+    return predictions

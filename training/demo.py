@@ -208,6 +208,61 @@ def _report(runs_dir: Path, metrics: dict) -> str:
     return card["verdict"]
 
 
+def _data_sizes(splits: Splits, task) -> str:
+    """The demo's data in words: each split's size, and the share of the task's questions it covers."""
+    coverage = splits.coverage(task)
+    sizes = ", ".join(f"{len(getattr(splits, name))} {name}" for name in SPLITS)
+    covered = f" ({coverage:.0%} of the task's questions)" if coverage else ""
+    return f"{sizes} examples{covered}"
+
+
+def _save(runs_dir: Path, summary: dict, table: str) -> None:
+    """Write the summary (summary.json) and its table (summary.md) under runs_dir, and say so."""
+    atomic_write_json(runs_dir / "summary.json", summary)
+    atomic_write_text(runs_dir / "summary.md", table + "\n")
+    print(f"\ndemo finished in {summary['seconds_total'] / 60:.1f} min; everything is under {runs_dir}/")
+
+
+def _compare(
+    runs_dir: Path,
+    metrics: dict[str, dict],
+    results: dict[tuple[str, int], dict],
+    seeds: int,
+    seeds_of: dict[str, int],
+    latency_examples: int,
+) -> tuple[dict, str]:
+    """Seed 0's runs (`metrics`) side by side, timed in one interleaved measurement, with RiM's
+    accuracy by budget and the gap it closes; with several seeds, each seed's accuracies and
+    verdict. Returns the summary's entries for them and the Markdown table."""
+    latency = None
+    if latency_examples and len(metrics) > 1:
+        print(f"demo: timing {', '.join(metrics)} side by side on {latency_examples} test questions")
+        latency = latency_side_by_side({m: runs_dir / m for m in metrics}, n=latency_examples)
+    rows = comparison(metrics, latency)
+    sections = [render(rows)]
+    per_seed = {m: [results[(m, s)]["accuracy"] for s in range(seeds_of[m])] for m in metrics}
+    per_seed_metrics = [{m: results[(m, s)] for m in metrics if (m, s) in results} for s in range(seeds)]
+    if seeds > 1:
+        split = next(iter(metrics.values())).get("scored_on", "test")
+        sections.append(seed_table(per_seed, split))
+        sections.append(verdict_table(per_seed_metrics, split))
+    if RIM.name in metrics and metrics[RIM.name].get("per_block_accuracy"):
+        sections.append(
+            "RiM's accuracy by memory budget K (answer read after block K):\n\n" + k_curve(metrics[RIM.name])
+        )
+    gap = gap_closure(metrics)
+    if gap:
+        sections.append(gap_line(gap))
+    entries = {
+        "rows": rows,
+        "per_seed_accuracy": per_seed,
+        "gap": gap,
+        "per_seed_gap": seed_verdicts(per_seed_metrics),
+        "latency": latency,
+    }
+    return entries, "\n\n".join(sections)
+
+
 def run_demo(
     runs_dir: str | Path = "runs/demo",
     full: bool = False,
@@ -248,52 +303,23 @@ def run_demo(
         ]
 
     _write_data(recipe, runs_dir, splits, plan, overwrite)
-    coverage = splits.coverage(task)
-    sizes = ", ".join(f"{len(getattr(splits, name))} {name}" for name in SPLITS)
-    covered = f" ({coverage:.0%} of the task's questions)" if coverage else ""
-    print(f"demo: task {task!r}, {sizes} examples{covered}, recipe {recipe.name}")
+    print(f"demo: task {task!r}, {_data_sizes(splits, task)}, recipe {recipe.name}")
 
     results = _train_all(recipe, plan(runs_dir), jobs, overwrite)
     seconds_training = time.perf_counter() - start
     metrics = {m: results[(m, 0)] for m in methods if (m, 0) in results}
-
-    latency = None
-    if latency_examples and len(metrics) > 1:
-        print(f"demo: timing {', '.join(metrics)} side by side on {latency_examples} test questions")
-        latency = latency_side_by_side({m: runs_dir / m for m in metrics}, n=latency_examples)
-    rows = comparison(metrics, latency)
-    sections = [render(rows)]
-    per_seed = {m: [results[(m, s)]["accuracy"] for s in range(seeds_of[m])] for m in metrics}
-    per_seed_metrics = [{m: results[(m, s)] for m in methods if (m, s) in results} for s in range(seeds)]
-    if seeds > 1:
-        split = next(iter(metrics.values())).get("scored_on", "test")
-        sections.append(seed_table(per_seed, split))
-        sections.append(verdict_table(per_seed_metrics, split))
-    if RIM.name in metrics and metrics[RIM.name].get("per_block_accuracy"):
-        sections.append(
-            "RiM's accuracy by memory budget K (answer read after block K):\n\n" + k_curve(metrics[RIM.name])
-        )
-    gap = gap_closure(metrics)
-    if gap:
-        sections.append(gap_line(gap))
-    table = "\n\n".join(sections)
+    compared, table = _compare(runs_dir, metrics, results, seeds, seeds_of, latency_examples)
     summary = {
         "recipe": recipe.name,
         "task": repr(task),
         "splits": splits.summary(task),
         "seeds": seeds,
-        "rows": rows,
-        "per_seed_accuracy": per_seed,
-        "gap": gap,
-        "per_seed_gap": seed_verdicts(per_seed_metrics),
-        "latency": latency,
+        **compared,
         "seconds_training": seconds_training,
     }
     print("\n" + table)
     if report and RIM.name in metrics:
         summary["verdict"] = _report(runs_dir, metrics)
     summary["seconds_total"] = time.perf_counter() - start
-    atomic_write_json(runs_dir / "summary.json", summary)
-    atomic_write_text(runs_dir / "summary.md", table + "\n")
-    print(f"\ndemo finished in {summary['seconds_total'] / 60:.1f} min; everything is under {runs_dir}/")
+    _save(runs_dir, summary, table)
     return summary

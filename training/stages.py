@@ -287,13 +287,54 @@ def _monitor(loop: Loop, stage: Stage, layouts: list[Layout], step: int) -> dict
     return acc
 
 
+def _starting_point(
+    index: int, resume: resumption.Checkpoint | None, optimizer, scheduler
+) -> tuple[resumption.Position, int, float, dict[str, float]]:
+    """Where the `index`-th stage starts: its position, tokens seen, seconds trained and monitor
+    accuracy, all from `resume` (whose optimizer and schedule states it restores) if given."""
+    if resume is None:
+        return resumption.Position(index), 0, 0.0, {}
+    resume.restore_training(optimizer, scheduler)
+    s = resume.state
+    return s.position, s.tokens, s.elapsed_s, s.readout_accuracy
+
+
+def _progress(loop: Loop, stage: Stage, step: int) -> Progress:
+    """The stage's progress bar, from `step`."""
+    # `disable` is left to tqdm on the main process, so TQDM_DISABLE=1 silences the bar.
+    quiet = {} if loop.accelerator.is_main_process else {"disable": True}
+    return Progress(
+        total=stage.steps, initial=step, desc=f"{loop.cfg.method}:{stage.name}", unit="step", **quiet
+    )
+
+
+def _log_loss(loop: Loop, stage: Stage, step: int, loss: float, lr: float, start: float, tokens: int) -> None:
+    """Log the loss and learning rate at `step` to the run, with the time since `start` (on the
+    `time.perf_counter` clock) and the tokens seen so far."""
+    record = {"stage": stage.name, "step": step, "loss": loss, "lr": lr}
+    loop.run.log(record | {"elapsed_s": time.perf_counter() - start, "tokens_seen": tokens})
+
+
+def _postfix(loss: float, acc: dict[str, float]) -> dict[str, str]:
+    """What the progress bar shows after a monitored step: the loss and the first four accuracies."""
+    return {"loss": f"{loss:.4f}", **{k: f"{v:.2f}" for k, v in list(acc.items())[:4]}}
+
+
+def _log_end(loop: Loop, stage: Stage, steps: int, took: float, acc: dict[str, float]) -> None:
+    """Say how the stage ended: its steps, time and held-out readout accuracy (main process only)."""
+    if loop.accelerator.is_main_process:
+        shown = "  ".join(f"{k} {v:.3f}" for k, v in acc.items())
+        what = f"[{loop.cfg.method}] {stage.name}: {steps} steps in {took:.0f}s"
+        logger.info(f"{what}; held-out readout accuracy: {shown}")
+
+
 def run_stage(
     loop: Loop, stage: Stage, index: int, resume: resumption.Checkpoint | None = None
 ) -> dict[str, float]:
     """Train one stage (the `index`-th of the run) with a fresh optimizer and LR schedule (or, from
     `resume`, the ones it had when it was checkpointed); returns its time, tokens and final
     monitor accuracy."""
-    cfg, model, accelerator, run = loop.cfg, loop.model, loop.accelerator, loop.run
+    cfg, model, accelerator = loop.cfg, loop.model, loop.accelerator
     t = cfg.train
     set_dropout(model, stage.dropout)
     order = torch.Generator()
@@ -301,24 +342,16 @@ def run_stage(
     monitor_layouts = [(stage.held_out or stage.layout)(ex) for ex in loop.monitor]
     params, optimizer, scheduler = _optimizer(loop, stage)
     optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
-
-    at, tokens, elapsed, acc = resumption.Position(index), 0, 0.0, {}
-    if resume is not None:
-        resume.restore_training(optimizer, scheduler)
-        s = resume.state
-        at, tokens, elapsed, acc = s.position, s.tokens, s.elapsed_s, s.readout_accuracy
-    step = at.step
+    at, tokens, elapsed, acc = _starting_point(index, resume, optimizer, scheduler)
+    step, epoch, consumed = at.step, at.epoch, at.batch
 
     def save() -> None:
         position = resumption.Position(index, step, epoch, consumed)
         loop.checkpoint(position, optimizer, scheduler, tokens, time.perf_counter() - start, acc)
 
     model.train()
-    # `disable` is left to tqdm on the main process, so TQDM_DISABLE=1 silences the bar.
-    quiet = {} if accelerator.is_main_process else {"disable": True}
-    bar = Progress(total=stage.steps, initial=step, desc=f"{cfg.method}:{stage.name}", unit="step", **quiet)
+    bar = _progress(loop, stage, step)
     start = time.perf_counter() - elapsed
-    epoch, consumed = at.epoch, at.batch
     loss_fn = partial(_loss, logits=stage_logits(stage))
     guard = FiniteGuard(stage, scaled=accelerator.scaler is not None)
     loop.stop.deferring = True
@@ -338,18 +371,10 @@ def run_stage(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if accelerator.is_main_process and (step % t.log_every == 0 or step == stage.steps):
-                log = {
-                    "stage": stage.name,
-                    "step": step,
-                    "loss": loss.item(),
-                    "lr": scheduler.get_last_lr()[0],
-                }
-                run.log(log | {"elapsed_s": time.perf_counter() - start, "tokens_seen": tokens})
+                _log_loss(loop, stage, step, loss.item(), scheduler.get_last_lr()[0], start, tokens)
             if step % t.eval_every == 0 or step == stage.steps:
                 acc = _monitor(loop, stage, monitor_layouts, step)
-                bar.set_postfix(
-                    loss=f"{loss.item():.4f}", **{k: f"{v:.2f}" for k, v in list(acc.items())[:4]}
-                )
+                bar.set_postfix(**_postfix(loss.item(), acc))
             if step >= stage.steps:
                 break
             if loop.stop.requested is not None or (t.checkpoint_every and step % t.checkpoint_every == 0):
@@ -360,9 +385,5 @@ def run_stage(
     loop.stop.deferring = False
     bar.close()
     took = time.perf_counter() - start
-    if accelerator.is_main_process:
-        shown = "  ".join(f"{k} {v:.3f}" for k, v in acc.items())
-        logger.info(
-            f"[{cfg.method}] {stage.name}: {step} steps in {took:.0f}s; held-out readout accuracy: {shown}"
-        )
+    _log_end(loop, stage, step, took, acc)
     return {"time_s": took, "tokens_seen": tokens, "readout_accuracy": acc}

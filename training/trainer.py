@@ -419,6 +419,14 @@ def _open(run: Run, cfg: RunConfig, setup: Setup, ckpt: resumption.Checkpoint | 
     atomic_write_text(run.path / artefacts.CONFIG, cfg.to_yaml())
 
 
+def _input_share(setup: Setup) -> Callable[..., dict]:
+    """The input share of a model's block states (`spread.measure`), always on the same
+    validation questions (the first SPREAD_EXAMPLES)."""
+    prompts = [setup.builder.prompt(ex) for ex in setup.splits.val[:SPREAD_EXAMPLES]]
+    pad_id, sees_question = setup.tokenizer.pad_token_id, setup.spec.readout_sees_question
+    return partial(spread.measure, prompts=prompts, pad_id=pad_id, sees_question=sees_question)
+
+
 def _train(
     cfg: RunConfig,
     run: Run,
@@ -432,16 +440,10 @@ def _train(
     main = accelerator.is_main_process
     model, tokenizer, spec, splits = setup.model, setup.tokenizer, setup.spec, setup.splits
     at = ckpt.state.position if ckpt else resumption.Position()
-    # The paper's PCA finding, measured on the same validation questions before training and
-    # after each stage. Before: the freshly built model (deterministic from the seed, so a
-    # resumed run measures the same), or the pretrained base (LoRA starts as the identity).
-    prompts = [setup.builder.prompt(ex) for ex in splits.val[:SPREAD_EXAMPLES]]
-    share = partial(
-        spread.measure,
-        prompts=prompts,
-        pad_id=tokenizer.pad_token_id,
-        sees_question=spec.readout_sees_question,
-    )
+    # The paper's PCA finding, measured before training and after each stage. Before: the freshly
+    # built model (deterministic from the seed, so a resumed run measures the same), or the
+    # pretrained base (LoRA starts as the identity).
+    share = _input_share(setup)
     before = share(model) if spec.uses_blocks and main else None
     if ckpt is not None:
         ckpt.restore_model(model)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pandas as pd
 import streamlit as st
 
@@ -43,23 +45,7 @@ def page(ctx: Context) -> None:
         return f"{i}: {lab.examples[i].question} → {lab.examples[i].answer}"
 
     i = st.selectbox("Example", range(n), format_func=label, key="play.example")
-    kind = st.radio(
-        "Intervention", ["ablate", "patch from another example"], horizontal=True, key="play.kind"
-    )
-    if kind == "ablate":
-        mode = st.selectbox(
-            "Ablation",
-            list(ABLATIONS),
-            key="play.mode",
-            help="zero: states set to 0; mean: the mean over held-out examples; "
-            "resample: another example's states",
-        )
-        donor = None
-    else:
-        mode = "patch"
-        donor = st.selectbox(
-            "Patch block states from", range(n), index=(i + 1) % n, format_func=label, key="play.donor"
-        )
+    mode, donor = _choose_intervention(i, n, label)
     slots = slot_names(lab.spec)
     c1, c2, c3 = st.columns(3)
     all_blocks, all_layers = list(block_labels(lab.spec.K)), list(range(lab.backend.n_layers))
@@ -91,6 +77,27 @@ def page(ctx: Context) -> None:
         st.info("Press **Run intervention** to see the effect of these settings.")
         return
     _show(lab, i, mode, donor, saved[1].table)
+
+
+def _choose_intervention(i: int, n: int, label: Callable[[int], str]) -> tuple[str, int | None]:
+    """The intervention on example `i` of `n` the user picks: an ablation mode and no donor, or
+    "patch" and the example whose block states are patched in."""
+    kind = st.radio(
+        "Intervention", ["ablate", "patch from another example"], horizontal=True, key="play.kind"
+    )
+    if kind == "ablate":
+        mode = st.selectbox(
+            "Ablation",
+            list(ABLATIONS),
+            key="play.mode",
+            help="zero: states set to 0; mean: the mean over held-out examples; "
+            "resample: another example's states",
+        )
+        return mode, None
+    donor = st.selectbox(
+        "Patch block states from", range(n), index=(i + 1) % n, format_func=label, key="play.donor"
+    )
+    return "patch", donor
 
 
 def _show(lab, i: int, mode: str, donor: int | None, table: pd.DataFrame) -> None:

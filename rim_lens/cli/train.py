@@ -120,14 +120,13 @@ def _eval(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace, run, Ks: list[int | None], Ms: list[int | None]) -> int:
     """`rim-lens eval` on an opened run, under its lock: results merged into what is there."""
     from rim_lens import artefacts
-    from rim_lens.data import Splits, read_examples
+    from rim_lens.data import read_examples
     from rim_lens.data.tasks import get_task
-    from rim_lens.errors import ConfigError, clip
+    from rim_lens.errors import ConfigError
     from rim_lens.evaluation import evaluate
     from rim_lens.model.checkpoints import load_checkpoint
-    from rim_lens.model.layouts import SequenceBuilder
     from training.config import load_config
-    from training.trainer import longest, position_limit, resolve_max_new_tokens, score, write_results
+    from training.trainer import resolve_max_new_tokens, write_results
 
     model, tokenizer, spec = load_checkpoint(run.require(artefacts.MODEL))
     cfg = load_config(run.require(artefacts.CONFIG))
@@ -139,44 +138,14 @@ def _evaluate(args: argparse.Namespace, run, Ks: list[int | None], Ms: list[int 
 
     sweeping = args.K is not None or args.M is not None
     if not (sweeping or args.n or args.data):
-        # The trained setting on both held-out splits. A settings search trains with
-        # eval.score_test off; this is how the chosen run's test split is scored, once.
-        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, score_test=True))
-        splits = Splits(*(read(run.require(artefacts.split_file(s))) for s in ("train", "val", "test")))
-        metrics, predictions = score(model, tokenizer, spec, splits, cfg)
-        # What training measured (time, tokens, the input share of block states) stays.
-        metrics = {**_previous(run, artefacts.METRICS, {}), **metrics}
-        write_results(run, metrics, predictions)
-        print(
-            f"{run.path}: test accuracy {_interval(metrics, 'test_accuracy')}, "
-            f"val {_interval(metrics, 'val_accuracy')}"
-        )
-        return 0
+        return _rescore(run, model, tokenizer, spec, cfg, read)
 
     examples = read(args.data or run.require(artefacts.split_file(args.split)))
     examples = examples[: args.n] if args.n else examples
     task = get_task(spec.task, **cfg.task.options)
-    limit = position_limit(model)
     seen = [ex for s in ("train", "val") for ex in read(run.require(artefacts.split_file(s)))]
     max_new_tokens = resolve_max_new_tokens(cfg, tokenizer, spec, seen)
-    for K, M in itertools.product(Ks, Ms):
-        budget = spec.replace(K=K or spec.K, M=spec.M if M is None else M)
-        fix = f"--K/--M: with K={budget.K}, M={budget.M}"
-        if limit and budget.K * (budget.M + 2) >= limit:  # before any sequence is built
-            raise ConfigError(
-                f"{fix} the blocks alone take {budget.K * (budget.M + 2):,} positions but the model takes "
-                f"{limit}; use fewer blocks or memory tokens"
-            )
-        builder = SequenceBuilder(tokenizer, budget, task.join_steps)
-        need, ex = longest(builder.scored, examples)
-        prompt, decoded = longest(builder.prompt, examples)
-        if prompt + max_new_tokens - 1 > need:  # decoding feeds up to max_new_tokens - 1 tokens back
-            need, ex = prompt + max_new_tokens - 1, decoded
-        if limit and need > limit:
-            raise ConfigError(
-                f"{fix} example {clip(ex.id, 40)} needs {need} positions (its answer included) "
-                f"but the model takes {limit}; use fewer blocks or memory tokens"
-            )
+    _check_budgets(model, tokenizer, spec, task, examples, max_new_tokens, Ks, Ms)
     label = Path(args.data).stem if args.data else args.split
     swept = []
     for K, M in itertools.product(Ks, Ms):
@@ -203,10 +172,68 @@ def _evaluate(args: argparse.Namespace, run, Ks: list[int | None], Ms: list[int 
             f"{any_block} (n={metrics['n_eval']})"
         )
     if sweeping and not args.data and not args.n:
-        new = {(m["K"], m["M"], label) for m in swept}
-        sweep = [s for s in _previous(run, artefacts.SWEEP, []) if _sweep_key(s) not in new] + swept
-        run.write_json(artefacts.SWEEP, sorted(sweep, key=lambda s: (s.get("split", ""), s["M"], s["K"])))
+        _merge_sweep(run, swept, label)
     return 0
+
+
+def _rescore(run, model, tokenizer, spec, cfg, read) -> int:
+    """The trained setting scored on both held-out splits, into metrics.json and the predictions."""
+    from rim_lens import artefacts
+    from rim_lens.data import Splits
+    from training.trainer import score, write_results
+
+    # A settings search trains with eval.score_test off; this is how the chosen run's test split
+    # is scored, once.
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, score_test=True))
+    splits = Splits(*(read(run.require(artefacts.split_file(s))) for s in ("train", "val", "test")))
+    metrics, predictions = score(model, tokenizer, spec, splits, cfg)
+    # What training measured (time, tokens, the input share of block states) stays.
+    metrics = {**_previous(run, artefacts.METRICS, {}), **metrics}
+    write_results(run, metrics, predictions)
+    print(
+        f"{run.path}: test accuracy {_interval(metrics, 'test_accuracy')}, "
+        f"val {_interval(metrics, 'val_accuracy')}"
+    )
+    return 0
+
+
+def _check_budgets(
+    model, tokenizer, spec, task, examples: list, max_new_tokens: int, Ks: list, Ms: list
+) -> None:
+    """ConfigError, before anything is scored, if the model cannot take some budget's blocks, or
+    some example's scored sequence or decoded answer under it."""
+    from rim_lens.errors import ConfigError, clip
+    from rim_lens.model.layouts import SequenceBuilder
+    from training.trainer import longest, position_limit
+
+    limit = position_limit(model)
+    for K, M in itertools.product(Ks, Ms):
+        budget = spec.replace(K=K or spec.K, M=spec.M if M is None else M)
+        fix = f"--K/--M: with K={budget.K}, M={budget.M}"
+        if limit and budget.K * (budget.M + 2) >= limit:  # before any sequence is built
+            raise ConfigError(
+                f"{fix} the blocks alone take {budget.K * (budget.M + 2):,} positions but the model takes "
+                f"{limit}; use fewer blocks or memory tokens"
+            )
+        builder = SequenceBuilder(tokenizer, budget, task.join_steps)
+        need, ex = longest(builder.scored, examples)
+        prompt, decoded = longest(builder.prompt, examples)
+        if prompt + max_new_tokens - 1 > need:  # decoding feeds up to max_new_tokens - 1 tokens back
+            need, ex = prompt + max_new_tokens - 1, decoded
+        if limit and need > limit:
+            raise ConfigError(
+                f"{fix} example {clip(ex.id, 40)} needs {need} positions (its answer included) "
+                f"but the model takes {limit}; use fewer blocks or memory tokens"
+            )
+
+
+def _merge_sweep(run, swept: list[dict], label: str) -> None:
+    """sweep.json with the budgets just swept on `label` replacing what it held for them."""
+    from rim_lens import artefacts
+
+    new = {(m["K"], m["M"], label) for m in swept}
+    sweep = [s for s in _previous(run, artefacts.SWEEP, []) if _sweep_key(s) not in new] + swept
+    run.write_json(artefacts.SWEEP, sorted(sweep, key=lambda s: (s.get("split", ""), s["M"], s["K"])))
 
 
 def _sweep_key(entry: object) -> tuple:

@@ -41,37 +41,13 @@ def read_examples(
     if path.is_dir():
         raise DataError(f"{path}: is a directory; give a data file (.txt, .jsonl or .json)")
     if path.suffix == ".txt":
-        # Split at "\n" only: str.splitlines would also split at the "\u2028" of one GSM8K question.
-        lines = ((n, line.removesuffix("\r")) for n, line in iter_lines(path, DataError) if line.strip())
-        first = next(lines, None)
-        if first is None:
-            raise DataError(f"{path}: no examples (the file is empty); give a data file with examples")
-        reader = infer_task(first[1], task, **options)
-        if reader is None:
-            raise DataError(
-                f"{path}:{first[0]}: cannot tell the task of this line; give it "
-                f"with --task ({', '.join(TASK_NAMES)})"
-            )
-        parse = reader.parse_line
-        items = itertools.chain([first], lines)
+        items, parse = _txt_items(path, task, options)
     elif path.suffix == ".jsonl":
         readers: dict[str, Task] = {}
         parse = partial(_from_json_line, task=task, options=options, readers=readers)
         items = ((n, line) for n, line in iter_lines(path, DataError) if line.strip())
     elif path.suffix == ".json":
-        if task not in (None, "prosqa"):
-            raise DataError(f"{path}: .json files hold ProsQA records, not task {task}")
-        parse = get_task("prosqa", **options).from_record
-        text = read_text(path, DataError, limit=MAX_JSON)
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}:{err.lineno}: expected a JSON list of ProsQA records ({err.msg})"
-            ) from None
-        if not isinstance(records, list):
-            raise DataError(f"{path}: expected a JSON list of ProsQA records")
-        items = enumerate(records, 1)
+        items, parse = _prosqa_items(path, task, options)
     else:
         raise DataError(f"{path}: unknown format {clip(path.suffix)!r}; expected .txt, .jsonl or .json")
 
@@ -90,6 +66,38 @@ def read_examples(
         found = f"all {skipped} invalid" if skipped else "the file is empty"
         raise DataError(f"{path}: no examples ({found}); give a data file with valid examples")
     return examples, skipped
+
+
+def _txt_items(path: Path, task: str | None, options: dict) -> tuple[Iterable[tuple[int, str]], Callable]:
+    """The numbered non-blank lines of an iCoT `.txt` file, read as a stream, and the parser of
+    their task (guessed from the first line unless given)."""
+    # Split at "\n" only: str.splitlines would also split at the "\u2028" of one GSM8K question.
+    lines = ((n, line.removesuffix("\r")) for n, line in iter_lines(path, DataError) if line.strip())
+    first = next(lines, None)
+    if first is None:
+        raise DataError(f"{path}: no examples (the file is empty); give a data file with examples")
+    reader = infer_task(first[1], task, **options)
+    if reader is None:
+        raise DataError(
+            f"{path}:{first[0]}: cannot tell the task of this line; give it "
+            f"with --task ({', '.join(TASK_NAMES)})"
+        )
+    return itertools.chain([first], lines), reader.parse_line
+
+
+def _prosqa_items(path: Path, task: str | None, options: dict) -> tuple[Iterable[tuple[int, Any]], Callable]:
+    """The numbered records of a ProsQA `.json` list, and their parser."""
+    if task not in (None, "prosqa"):
+        raise DataError(f"{path}: .json files hold ProsQA records, not task {task}")
+    parse = get_task("prosqa", **options).from_record
+    text = read_text(path, DataError, limit=MAX_JSON)
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: expected a JSON list of ProsQA records ({err.msg})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of ProsQA records")
+    return enumerate(records, 1), parse
 
 
 def _from_json_line(line: str, task: str | None, options: dict, readers: dict[str, Task]) -> Example:

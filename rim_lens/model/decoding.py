@@ -66,6 +66,32 @@ def causal_inputs(prompts: Seq[Layout], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+def _causal_prefill(
+    model: PreTrainedModel, prompts: Seq[Layout], pad_id: int, device: torch.device, cache: DynamicCache
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Plain causal prompts in one forward pass: the last position's logits, the position ids and the
+    padding mask (None without padding: then the model gets no mask at all)."""
+    ids, mask = causal_inputs(prompts, pad_id)
+    padded = not bool(mask.all())  # on the host, before the move: no device sync
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    inputs = (
+        dict(input_ids=ids, attention_mask=mask, position_ids=positions) if padded else dict(input_ids=ids)
+    )
+    logits = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits
+    return logits, positions, mask if padded else None
+
+
+def _append(tokens: list[list[int]], done: list[bool], chosen: list[int], eos_id: int) -> None:
+    """Add each unfinished row's chosen token to its answer, or mark the row done at `eos_id`."""
+    for row, token in enumerate(chosen):
+        if not done[row]:
+            if token == eos_id:
+                done[row] = True
+            else:
+                tokens[row].append(token)
+
+
 @torch.no_grad()
 def greedy_decode(
     model: PreTrainedModel,
@@ -97,16 +123,8 @@ def greedy_decode(
     cache = DynamicCache()
     if causal:
         # No mask without padding, else a 2D padding mask that grows by one token per step.
-        ids, mask = causal_inputs(prompts, pad_id)
-        padded = not bool(mask.all())  # on the host, before the move: no device sync
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(1) - 1).clamp_min(0)
-        inputs = (
-            dict(input_ids=ids, attention_mask=mask, position_ids=positions)
-            if padded
-            else dict(input_ids=ids)
-        )
-        logits, passes = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits, 1
+        logits, positions, mask = _causal_prefill(model, prompts, pad_id, device, cache)
+        passes = 1
     else:
         batch = collate(prompts, pad_id, sees_question, side="left").to(device)
         roles, blocks, positions = batch.roles, batch.blocks, batch.position_ids
@@ -118,12 +136,7 @@ def greedy_decode(
     for _ in range(max_new_tokens):
         chosen = logits[:, -1].argmax(-1)
         step_times.append(time.perf_counter() - start)
-        for row, token in enumerate(chosen.tolist()):
-            if not done[row]:
-                if token == eos_id:
-                    done[row] = True
-                else:
-                    tokens[row].append(token)
+        _append(tokens, done, chosen.tolist(), eos_id)
         if all(done) or len(step_times) == max_new_tokens:
             break
         positions = torch.cat([positions, positions[:, -1:] + 1], 1)
@@ -134,7 +147,7 @@ def greedy_decode(
             blocks = torch.cat([blocks, blocks[:, -1:]], 1)
             mask = additive_mask(visibility(roles, blocks, sees_question)[:, -1:])
             step.update(position_ids=positions[:, -1:], attention_mask=mask)
-        elif padded:
+        elif mask is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             step.update(position_ids=positions[:, -1:], attention_mask=mask)
         logits = model(**step).logits

@@ -110,12 +110,45 @@ def _versions(package: str | None) -> dict[str, str]:
     return out
 
 
+def _load(path: Path, architecture: str | None):
+    """(model, tokenizer) of the GGUF file at `path`, its weights dequantised to fp32, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent,
+            gguf_file=path.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise DataError(
+            f"{path}: transformers cannot load this GGUF file "
+            f"(architecture {architecture!r}): {str(err).splitlines()[0]}"
+        ) from None
+    return model.eval(), tokenizer
+
+
+def _embedding_check(path: Path, model) -> dict | None:
+    """How far the model's token embedding is from the `gguf` package's dequantisation of the file
+    (None if the file holds none); RunError beyond EMBEDDING_TOLERANCE."""
+    reference = _gguf_embedding(path)
+    if reference is None:
+        return None
+    ours = model.get_input_embeddings().weight.detach()
+    diff = (ours - reference).abs().max().item() if ours.shape == reference.shape else float("inf")
+    if diff > EMBEDDING_TOLERANCE:
+        raise RunError(f"{path}: the dequantised token embedding differs from gguf's by {diff:.3g}")
+    return {"max_abs_diff": diff}
+
+
 def import_gguf(
     gguf_file: str | Path, out_dir: str | Path, *, package: str | None = None, overwrite: bool = False
 ) -> dict:
     """Dequantise `gguf_file` into the HF directory `out_dir` (fp32 safetensors, tokenizer,
     provenance.json), written atomically. Returns the provenance record."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM
 
     path, out = Path(gguf_file), Path(out_dir)
     if not path.is_file():
@@ -134,30 +167,12 @@ def import_gguf(
         "tool_versions": _versions(package),
         "imported_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            path.parent,
-            gguf_file=path.name,
-            dtype=torch.float32,
-            quantization_config=GgufConfig(dequantize=True),
-        )
-    except (ValueError, KeyError, RuntimeError) as err:
-        raise DataError(
-            f"{path}: transformers cannot load this GGUF file "
-            f"(architecture {header['architecture']!r}): {str(err).splitlines()[0]}"
-        ) from None
-    model.eval()
+    model, tokenizer = _load(path, header["architecture"])
     record["class"] = type(model).__name__
     record["parameters"] = sum(p.numel() for p in model.parameters())
-
-    reference = _gguf_embedding(path)
-    if reference is not None:
-        ours = model.get_input_embeddings().weight.detach()
-        diff = (ours - reference).abs().max().item() if ours.shape == reference.shape else float("inf")
-        if diff > EMBEDDING_TOLERANCE:
-            raise RunError(f"{path}: the dequantised token embedding differs from gguf's by {diff:.3g}")
-        record["embedding_check"] = {"max_abs_diff": diff}
+    embedding = _embedding_check(path, model)
+    if embedding is not None:
+        record["embedding_check"] = embedding
 
     ids = torch.tensor([tokenizer.encode(CHECK_TEXT)])
 

@@ -76,6 +76,7 @@ from rim_lens.analysis.subspaces import (
     arbitrary_answers,
     as_unit,
     das_directions,
+    given_units,
     iia,
     joint_unit,
     make_pairs,
@@ -108,6 +109,8 @@ DAS_FULL = "das_full"  # the whole state at the best DAS unit
 MAP_BASES = (PROBE, RANDOM, PLACEBO, FULL)  # the map's bases, in the order its figures show them
 # The controls of the best DAS site, as the summary names them.
 CONTROLS = {"placebo": DAS_PLACEBO, "arbitrary": DAS_ARBITRARY, "untrained": DAS_UNTRAINED}
+# The DAS budget a result records (a change of any of it recomputes the result).
+DAS_BUDGET = dict(sites=DAS_SITES, epochs=DAS_EPOCHS, batch_size=DAS_BATCH, lr=DAS_LR, full_iia=FULL_IIA)
 
 
 # -- the analysis ---------------------------------------------------------------------------------
@@ -191,40 +194,20 @@ def abstraction(
     model = lab.task.causal_model()
     variables = _variables(model, lab.examples, variable)
     ranks = {v.name: checked[v.name] if isinstance(checked, Mapping) else checked for v in variables}
-    fixed = _fixed_sites(lab, sites, variables)
+    fixed = given_units(lab, sites, [v.name for v in variables])
     correct = score(lab.backend, lab.builder, lab.examples, [Variant()])[0][0].numpy()
     split = split_examples(lab, seed)
-    train_idx = split[0]
     states = lab.states(lab.examples, sel.layers)
     work, notes = _jobs(lab, model, variables, correct, split, seed)
     for job in progress(work, desc=f"abstraction ({method})", unit="variable"):
         if job.var.name in notes:
             continue
-        promise = {}
-        if grid or fixed.get(job.var.name) is None:
-            promise = _map(
-                lab, sel, states, model, job, train_idx, method, ranks[job.var.name][0], grid, seed
-            )
-        chosen = fixed.get(job.var.name) or _promising(promise)
-        if joint and chosen and job.var.name not in fixed:
-            # The joint unit at the most promising site's layer: it holds that site, and a subspace
-            # of one site's state is a subspace of the joint state too.
-            step = job.var.step if job.var.kind != "answer" else None
-            chosen = [joint_unit(sel, chosen[0].layer, step)]
+        chosen = _units(lab, sel, states, model, job, split[0], method, ranks, grid, fixed, joint, seed)
         if method == DAS and chosen:
             _das(lab, sel, model, job, chosen, ranks[job.var.name], controls, seed)
         elif method == DAS:
             notes[job.var.name] = "no site's state varies with the question: nothing to interchange"
-    table = pd.DataFrame([row for job in work for row in job.rows], columns=_COLUMNS)
-    table = table.astype({"rank": "int64", "layer": "int64", "block": "int64", "slot": "int64"})
-    result = AbstractionResult(table, pairs=_pairs_table(lab, work))
-    result.summary = {
-        "method": method,
-        "ranks": checked,
-        "correct": int(correct.sum()),
-        "n": len(lab.examples),
-        "variables": {job.var.name: _best(job, notes.get(job.var.name, "")) for job in work},
-    }
+    result = _result(lab, work, notes, correct, method, checked)
     result.record = lab.record(
         "abstraction",
         sel,
@@ -238,14 +221,25 @@ def abstraction(
         controls=controls,
         seed=seed,
         pairs=PAIRS,
-        das={
-            "sites": DAS_SITES,
-            "epochs": DAS_EPOCHS,
-            "batch_size": DAS_BATCH,
-            "lr": DAS_LR,
-            "full_iia": FULL_IIA,
-        },
+        das=DAS_BUDGET,
     )
+    return result
+
+
+def _result(
+    lab: Session, work: list[_Variable], notes: dict[str, str], correct: np.ndarray, method: str, ranks
+) -> AbstractionResult:
+    """The table of every variable's rows, the pairs, and the summary: each variable's best unit."""
+    table = pd.DataFrame([row for job in work for row in job.rows], columns=_COLUMNS)
+    table = table.astype({"rank": "int64", "layer": "int64", "block": "int64", "slot": "int64"})
+    result = AbstractionResult(table, pairs=_pairs_table(lab, work))
+    result.summary = {
+        "method": method,
+        "ranks": ranks,
+        "correct": int(correct.sum()),
+        "n": len(lab.examples),
+        "variables": {job.var.name: _best(job, notes.get(job.var.name, "")) for job in work},
+    }
     return result
 
 
@@ -312,22 +306,6 @@ def _variables(model: CausalModel, examples: Sequence[Example], wanted) -> list[
     if unknown:
         raise RunError(f"no variable {unknown[0]!r} in these examples; variables: {', '.join(known)}")
     return [known[n] for n in names]
-
-
-def _fixed_sites(lab: Session, sites, variables: list[Variable]) -> dict[str, list[Unit]]:
-    """Given units by variable name (a list: the same for every variable), each site checked."""
-    if sites is None:
-        return {}
-    by_name = sites if isinstance(sites, Mapping) else {v.name: sites for v in variables}
-    out = {}
-    for name, chosen in by_name.items():
-        out[name] = [as_unit(u) for u in chosen]
-        for unit in out[name]:
-            for s in unit_sites(unit):
-                lab.select([s.layer], [s.block], [s.slot])  # RunError naming the valid range
-            if len({s.layer for s in unit_sites(unit)}) > 1:
-                raise RunError("a joint unit's sites must share one layer")
-    return out
 
 
 def _map(
@@ -409,6 +387,26 @@ def _map_bases(
             note = f"{note}; a random basis stands in" if note else ""
         bases[site], notes[site] = basis, note
     return bases, notes
+
+
+def _units(
+    lab: Session, sel: Selection, states: BlockStates, model: CausalModel, job: _Variable,
+    train_idx: np.ndarray, method: str, ranks: dict[str, list[int]], grid: bool, fixed: dict[str, list[Unit]],
+    joint: bool, seed: int,
+) -> list[Unit]:  # fmt: skip
+    """Where DAS goes for `job`'s variable: its units in `fixed`, else the most promising sites of
+    its map (made, with its rows, at its lowest rank, with `grid` or without fixed units), or with
+    `joint` the joint unit at the most promising site's layer."""
+    promise, given = {}, fixed.get(job.var.name)
+    if grid or given is None:
+        promise = _map(lab, sel, states, model, job, train_idx, method, ranks[job.var.name][0], grid, seed)
+    chosen = given or _promising(promise)
+    if joint and chosen and given is None:
+        # The joint unit at the most promising site's layer: it holds that site, and a subspace
+        # of one site's state is a subspace of the joint state too.
+        step = job.var.step if job.var.kind != "answer" else None
+        chosen = [joint_unit(sel, chosen[0].layer, step)]
+    return chosen
 
 
 def _promising(promise: dict[Site, tuple[float, float]]) -> list[Site]:

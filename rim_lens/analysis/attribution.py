@@ -396,44 +396,15 @@ def attribution_patch(
             "model's continuous thoughts are hidden states fed back: use patch method 'full'"
         )
     layers = list(sel.layers)
-    fix = QKFix(lab) if qk_fix else None
-    names = [_resid(l) for l in layers]
-    names += [n for l in layers for n in _attn(l)] if edges or qk_fix else []
-    names += [n for l in layers for n in fix.names(l)] if fix else []
-    names = list(dict.fromkeys(names))
-    cells, scores, ld_clean, ld_corrupt, edge_total = [], [], [], [], None
-    for start in range(0, len(pairs.clean), max_rows):
-        chunk = pairs.subset(range(start, min(start + max_rows, len(pairs.clean))))
-        batch, clean, corrupt, clean_ld, corrupt_ld = gradients(lab, chunk, names, split=qk_fix)
-        cells, chunk_scores = cell_scores(batch, clean, corrupt, sel, per_slot, fix)
-        scores.append(chunk_scores)
-        ld_clean.append(clean_ld)
-        ld_corrupt.append(corrupt_ld)
-        if edges:
-            labels, sums = edge_sums(batch, clean, corrupt, layers)
-            edge_total = sums if edge_total is None else edge_total + sums
-        del clean, corrupt  # this batch's activations and gradients, before the next batch's
-    scores, ld_clean, ld_corrupt = (
-        np.concatenate(scores, 1),
-        np.concatenate(ld_clean),
-        np.concatenate(ld_corrupt),
+    cells, scores, ld_clean, ld_corrupt, edge_totals = _estimates(
+        lab, sel, pairs, per_slot, QKFix(lab) if qk_fix else None, edges, max_rows
     )
     patched = ld_corrupt[None] + scores
     gap = ld_clean.mean() - ld_corrupt.mean()
-    table = pd.DataFrame(
-        [
-            {
-                **c,
-                "logit_diff": float(p.mean()),
-                "recovery": float((p.mean() - ld_corrupt.mean()) / gap) if gap else float("nan"),
-                "n": len(pairs.clean),
-            }
-            for c, p in zip(cells, patched)
-        ]
-    )
+    table = _table(cells, patched, ld_corrupt, gap)
     result = AttributionResult(table, clean=ld_clean, corrupt=ld_corrupt, patched=patched)
     if edges:
-        result.edges = block_edges(labels, edge_total, layers, len(pairs.clean), gap)
+        result.edges = block_edges(*edge_totals, layers, len(pairs.clean), gap)
     if with_components:
         result.components = components(lab, pairs, sel)
     result.summary = {
@@ -456,6 +427,49 @@ def attribution_patch(
         qk_fix=qk_fix,
     )
     return result
+
+
+def _estimates(
+    lab: Session, sel: Selection, pairs: Pairs, per_slot: bool, fix: QKFix | None, edges: bool, max_rows: int
+) -> tuple[list[dict], np.ndarray, np.ndarray, np.ndarray, tuple[list[str], torch.Tensor] | None]:
+    """The gradients of the pairs, `max_rows` at a time, turned into the cells (labels) and each
+    pair's estimated change of its logit difference per cell [cells, P], the clean and corrupt
+    logit differences [P], and with `edges` the edge sums over the pairs (group labels, sums)."""
+    layers = list(sel.layers)
+    names = [_resid(l) for l in layers]
+    names += [n for l in layers for n in _attn(l)] if edges or fix is not None else []
+    names += [n for l in layers for n in fix.names(l)] if fix is not None else []
+    names = list(dict.fromkeys(names))
+    cells, scores, ld_clean, ld_corrupt, edge_total = [], [], [], [], None
+    for start in range(0, len(pairs.clean), max_rows):
+        chunk = pairs.subset(range(start, min(start + max_rows, len(pairs.clean))))
+        batch, clean, corrupt, clean_ld, corrupt_ld = gradients(lab, chunk, names, split=fix is not None)
+        cells, chunk_scores = cell_scores(batch, clean, corrupt, sel, per_slot, fix)
+        scores.append(chunk_scores)
+        ld_clean.append(clean_ld)
+        ld_corrupt.append(corrupt_ld)
+        if edges:
+            labels, sums = edge_sums(batch, clean, corrupt, layers)
+            edge_total = sums if edge_total is None else edge_total + sums
+        del clean, corrupt  # this batch's activations and gradients, before the next batch's
+    edge_totals = (labels, edge_total) if edges else None
+    return cells, np.concatenate(scores, 1), np.concatenate(ld_clean), np.concatenate(ld_corrupt), edge_totals
+
+
+def _table(cells: list[dict], patched: np.ndarray, corrupt: np.ndarray, gap: float) -> pd.DataFrame:
+    """The patching table from the estimates: per cell the mean logit difference, the recovery
+    (LD_patched - LD_corrupt) / (LD_clean - LD_corrupt) (`gap` the denominator) and the pairs."""
+    return pd.DataFrame(
+        [
+            {
+                **c,
+                "logit_diff": float(p.mean()),
+                "recovery": float((p.mean() - corrupt.mean()) / gap) if gap else float("nan"),
+                "n": len(p),
+            }
+            for c, p in zip(cells, patched)
+        ]
+    )
 
 
 def agreement(exact: PatchResult, estimate: PatchResult, n_boot: int = 1000, seed: int = 0) -> Estimate:

@@ -116,45 +116,13 @@ def capture(
     shards, records = [], []
     for start in progress(range(0, len(examples), shard_size), desc="capture", unit="shard"):
         chunk = list(examples[start : start + shard_size])
-        texts_per_block = [
-            [
-                r.text
-                for r in decode_answers(
-                    backend.model, builder.tokenizer, builder, chunk, k, 256, max_new_tokens
-                )
-            ]
-            if readouts
-            else [""] * len(chunk)
-            for k in block_labels(spec.latent_blocks)
-        ]
-        resid, attn_states = [], []
-        for b in range(0, len(chunk), batch_size):
-            r, a = block_states(backend, builder, chunk[b : b + batch_size], layers, attn)
-            resid.append(r.to(dtype))
-            if a is not None:
-                attn_states.append(a.to(dtype))
-        tensors = {"resid": torch.cat(resid), "index": torch.arange(start, start + len(chunk))}
-        if attn_states:
-            tensors["attn"] = torch.cat(attn_states)
-        name = f"shard_{len(shards):05d}.safetensors"
-        save_file(tensors, out / f".{name}.tmp")
-        os.replace(out / f".{name}.tmp", out / name)
-        shards.append(name)
+        texts_per_block = _readouts(backend, builder, chunk, readouts, max_new_tokens)
+        tensors = _shard_states(backend, builder, chunk, layers, attn, batch_size, dtype)
+        tensors["index"] = torch.arange(start, start + len(chunk))
+        shards.append(_save_shard(out, len(shards), tensors))
         for i, ex in enumerate(chunk):
             texts = [block[i] for block in texts_per_block]
-            records.append(
-                {
-                    "index": start + i,
-                    "id": ex.id,
-                    "question": ex.question,
-                    "answer": ex.answer,
-                    "steps": list(ex.steps),
-                    "values": list(ex.values),
-                    "derived": {name: list(v) for name, v in task.derived_values(ex).items()},
-                    "readouts": texts,
-                    "correct": [readouts and task.answers_match(t, ex.answer) for t in texts],
-                }
-            )
+            records.append(_example_record(task, ex, start + i, texts, readouts))
     atomic_write_text(out / "examples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     meta = {
         "n": len(records),
@@ -175,6 +143,63 @@ def capture(
     }
     atomic_write_json(out / "meta.json", meta)
     return CaptureStore(out)
+
+
+def _readouts(
+    backend: Backend, builder: SequenceBuilder, examples: list[Example], readouts: bool, max_new_tokens: int
+) -> list[list[str]]:
+    """The greedy readout after every block of every example, decoded by the model: [K][n] (empty
+    texts without `readouts`)."""
+    blocks = block_labels(builder.spec.latent_blocks)
+    if not readouts:
+        return [[""] * len(examples) for _ in blocks]
+    texts = []
+    for k in blocks:
+        found = decode_answers(backend.model, builder.tokenizer, builder, examples, k, 256, max_new_tokens)
+        texts.append([r.text for r in found])
+    return texts
+
+
+def _shard_states(
+    backend: Backend,
+    builder: SequenceBuilder,
+    examples: list[Example],
+    layers: list[int],
+    attn: bool,
+    batch_size: int,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """One shard's block states, `batch_size` examples per pass: `resid` and, with `attn`, `attn`."""
+    resid, attn_states = [], []
+    for b in range(0, len(examples), batch_size):
+        r, a = block_states(backend, builder, examples[b : b + batch_size], layers, attn)
+        resid.append(r.to(dtype))
+        if a is not None:
+            attn_states.append(a.to(dtype))
+    return {"resid": torch.cat(resid), **({"attn": torch.cat(attn_states)} if attn_states else {})}
+
+
+def _save_shard(out: Path, number: int, tensors: dict[str, torch.Tensor]) -> str:
+    """Write shard `number` atomically (a temporary file, then renamed); returns its file name."""
+    name = f"shard_{number:05d}.safetensors"
+    save_file(tensors, out / f".{name}.tmp")
+    os.replace(out / f".{name}.tmp", out / name)
+    return name
+
+
+def _example_record(task: Task, ex: Example, index: int, texts: list[str], readouts: bool) -> dict:
+    """An example's line of `examples.jsonl`: what it is, and its readout after every block."""
+    return {
+        "index": index,
+        "id": ex.id,
+        "question": ex.question,
+        "answer": ex.answer,
+        "steps": list(ex.steps),
+        "values": list(ex.values),
+        "derived": {name: list(v) for name, v in task.derived_values(ex).items()},
+        "readouts": texts,
+        "correct": [readouts and task.answers_match(t, ex.answer) for t in texts],
+    }
 
 
 class CaptureStore:

@@ -352,20 +352,8 @@ def conditional_probe(
             question, with_block = _probe_layer(splits, group, li, sel.blocks, q_width)
             for k, found in with_block.items():
                 for t, qb in found.items():
-                    q = question[t]
-                    fitted[(layer, k, t)] = (q, qb, group)
-                    rows.append(
-                        {
-                            "layer": layer, "block": k, "step": t,
-                            "question_val": q.val, "question_and_block_val": qb.val,
-                            "gain_val": qb.val - q.val,
-                            "decoder": qb.decoder, "decoder_question": q.decoder,
-                            "angles_r2_val": qb.angles_r2, "angles_r2_question_val": q.angles_r2,
-                            "value_r2_val": qb.value_r2, "value_r2_question_val": q.value_r2,
-                            "alpha": qb.alpha, "alpha_question": q.alpha,
-                            "n_train": len(group["rows"]["train"]), "n_val": len(group["rows"]["val"]),
-                        }
-                    )  # fmt: skip
+                    fitted[(layer, k, t)] = (question[t], qb, group)
+                    rows.append(_row(layer, k, t, question[t], qb, group))
     table = pd.DataFrame(rows)
     result = ConditionalResult(table)
     result.record = lab.record(
@@ -388,12 +376,7 @@ def conditional_probe(
     layer, k, t = int(best["layer"]), int(best["block"]), int(best["step"])
     q, qb, group = fitted[(layer, k, t)]
     test_groups = splits["test"].groups[group["rows"]["test"]]
-    curve = {}
-    for size in CURVE:
-        if size <= len(train):
-            c_q, c_qb = _probe_layer(splits, group, layers.index(layer), [k], q_width, size)
-            if k in c_qb:
-                curve[size] = float(np.mean(c_qb[k][t].test_hits) - np.mean(c_q[t].test_hits))
+    curve = _curve(splits, group, layers.index(layer), k, t, q_width)
     result.summary = {
         "chosen": {"layer": layer, "block": k, "step": t, "variable": "value", "decoder": qb.decoder},
         "gain": bootstrap(qb.test_hits - q.test_hits, groups=test_groups, seed=seed),
@@ -405,6 +388,32 @@ def conditional_probe(
         "n_test": len(q.test_hits),
     }
     return result
+
+
+def _row(layer: int, k: int, t: int, q: _Fit, qb: _Fit, group: dict) -> dict:
+    """The table row of one (layer, block, step): the [question; block] probe beside the question's."""
+    return {
+        "layer": layer, "block": k, "step": t,
+        "question_val": q.val, "question_and_block_val": qb.val,
+        "gain_val": qb.val - q.val,
+        "decoder": qb.decoder, "decoder_question": q.decoder,
+        "angles_r2_val": qb.angles_r2, "angles_r2_question_val": q.angles_r2,
+        "value_r2_val": qb.value_r2, "value_r2_question_val": q.value_r2,
+        "alpha": qb.alpha, "alpha_question": q.alpha,
+        "n_train": len(group["rows"]["train"]), "n_val": len(group["rows"]["val"]),
+    }  # fmt: skip
+
+
+def _curve(splits: dict[str, _Split], group: dict, li: int, k: int, t: int, q_width: int) -> dict[int, float]:
+    """The chosen cell's learning curve: its test gain over the question alone, fitted on the first
+    `size` training rows for each size of `CURVE` up to the training split's."""
+    curve = {}
+    for size in CURVE:
+        if size <= len(splits["train"].examples):
+            c_q, c_qb = _probe_layer(splits, group, li, [k], q_width, size)
+            if k in c_qb:
+                curve[size] = float(np.mean(c_qb[k][t].test_hits) - np.mean(c_q[t].test_hits))
+    return curve
 
 
 @dataclass(repr=False)

@@ -194,38 +194,14 @@ def resume_sweep(
             "inputs of later positions): patch a Coconut model with method 'full'"
         )
     kept = backend.keep(batch, last_only)
-    pos = block_positions(batch) if any(v.sites for v in variants) else None
-    # Each row's start: its variant's earliest edited layer, its example's earliest edited position
-    # (left padding puts an example's blocks at the same positions in every row of `batch`).
-    rows = []
-    for v, variant in enumerate(variants):
-        sites = [s for s in variant.sites if s.block <= (pos.shape[1] if pos is not None else 0)]
-        for e in range(len(seqs)):
-            if variant.intervention is None or not sites:
-                rows.append((None, 0, v, e))
-                continue
-            first = min(int(pos[e, block_index(s.block), s.slot]) for s in sites)
-            rows.append((min(s.layer for s in sites), first, v, e))
+    rows = _starts(batch, variants)
     results: dict[int, torch.Tensor] = {}
     intact = [(v, e) for layer, _, v, e in rows if layer is None]
     if intact:
         ex_idx = torch.tensor([e for _, e in intact])
         out = metric(kept.logits[ex_idx], _rows(batch, ex_idx), ex_idx)
         results.update({v * len(seqs) + e: value for (v, e), value in zip(intact, out)})
-    # By start layer, then start position: a chunk starts at its first row's position, and takes
-    # rows starting later only while they waste little (each computes from the chunk's start).
-    S = batch.input_ids.shape[1]
-    chunks: list[list] = []
-    for row in sorted(r for r in rows if r[0] is not None):
-        start = chunks[-1][0] if chunks else None
-        if (
-            start is None
-            or len(chunks[-1]) == max_rows
-            or row[0] != start[0]
-            or row[1] - start[1] > (S - start[1]) * WASTE
-        ):
-            chunks.append([])
-        chunks[-1].append(row)
+    chunks = _chunks(rows, batch.input_ids.shape[1], max_rows)
     for chunk in progress(chunks, desc="sweep (exact)", unit="pass", leave=False):
         layer, offset = chunk[0][0], chunk[0][1]
         var_idx = torch.tensor([r[2] for r in chunk])
@@ -245,6 +221,44 @@ def resume_sweep(
         results.update({r[2] * len(seqs) + r[3]: value for r, value in zip(chunk, out)})
     flat = torch.stack([results[i] for i in range(len(variants) * len(seqs))])
     return flat.view(len(variants), len(seqs), *flat.shape[1:])
+
+
+Start = tuple[int | None, int, int, int]  # (layer, position, variant, example); layer None: intact
+
+
+def _starts(batch: Batch, variants: Sequence[Variant]) -> list[Start]:
+    """Where each (variant, example) row starts to differ from the intact run: its variant's earliest
+    edited layer and its example's earliest edited position (None, 0 for a row nothing edits)."""
+    # Left padding puts an example's blocks at the same positions in every row of `batch`.
+    pos = block_positions(batch) if any(v.sites for v in variants) else None
+    rows = []
+    for v, variant in enumerate(variants):
+        sites = [s for s in variant.sites if s.block <= (pos.shape[1] if pos is not None else 0)]
+        for e in range(batch.input_ids.shape[0]):
+            if variant.intervention is None or not sites:
+                rows.append((None, 0, v, e))
+                continue
+            first = min(int(pos[e, block_index(s.block), s.slot]) for s in sites)
+            rows.append((min(s.layer for s in sites), first, v, e))
+    return rows
+
+
+def _chunks(rows: list[Start], length: int, max_rows: int) -> list[list[Start]]:
+    """The edited rows in forward passes of at most `max_rows`, by start layer, then start position:
+    a pass starts at its first row's position, and takes rows starting later only while they waste
+    little (each computes from the pass' start; `length`: the sequences' length)."""
+    chunks: list[list[Start]] = []
+    for row in sorted(r for r in rows if r[0] is not None):
+        start = chunks[-1][0] if chunks else None
+        if (
+            start is None
+            or len(chunks[-1]) == max_rows
+            or row[0] != start[0]
+            or row[1] - start[1] > (length - start[1]) * WASTE
+        ):
+            chunks.append([])
+        chunks[-1].append(row)
+    return chunks
 
 
 def _rows(batch: Batch, rows: torch.Tensor) -> Batch:

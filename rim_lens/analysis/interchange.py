@@ -21,6 +21,7 @@ from rim_lens.analysis.interventions import Patch
 from rim_lens.analysis.results import Result, estimate_of, with_intervals
 from rim_lens.analysis.session import Session
 from rim_lens.analysis.sites import Selection
+from rim_lens.data.examples import Example
 from rim_lens.errors import RimLensError, RunError
 from rim_lens.stats import Estimate, bootstrap, proportion
 
@@ -36,28 +37,11 @@ def interchange(lab: Session, sel: Selection, seed: int = 0, grid: bool = True) 
     B's outputs differ (`summary["donor_tokens"]`). Then the matched/unmatched-value interchange
     per step (`value_interchange`)."""
     examples = lab.examples
-    rng = random.Random(seed)
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    pairs = [(a, b) for a, b in zip(order[::2], order[1::2]) if examples[a].answer != examples[b].answer]
-    if not pairs:
-        raise RunError("interchange needs examples with different answers")
+    pairs = _answer_pairs(examples, seed)
     A = [examples[a] for a, _ in pairs]
     B = [examples[b] for _, b in pairs]
     swap = lab.fit(Patch(from_=A), B, sel)
-    # layer / block None: every selected layer / block swapped at once.
-    cells = [
-        dict(swap="none", layer=None, block=None, sites=[]),
-        dict(swap="all", layer=None, block=None, sites=sel.sites()),
-    ]
-    if grid:
-        cells += [dict(swap="block", layer=None, block=k, sites=sel.sites(blocks=[k])) for k in sel.blocks]
-        cells += [dict(swap="layer", layer=l, block=None, sites=sel.sites(layers=[l])) for l in sel.layers]
-        cells += [
-            dict(swap="cell", layer=l, block=k, sites=sel.sites(blocks=[k], layers=[l]))
-            for l in sel.layers
-            for k in sel.blocks
-        ]
+    cells = _swaps(sel, grid)
     variants = [Variant(c["sites"], swap if c["sites"] else None) for c in cells]
     says_a, logprob_a = score(lab.backend, lab.builder, B, variants, answers=[ex.answer for ex in A])
     says_b, _ = score(lab.backend, lab.builder, B, variants)
@@ -97,8 +81,43 @@ def interchange(lab: Session, sel: Selection, seed: int = 0, grid: bool = True) 
         donor_tokens=donor_tokens(a_outputs, b_outputs, swapped),
     )
     result.values = value_interchange(lab, sel, seed)
-    row = table.iloc[every]
-    result.summary = {
+    result.summary = _summary(result)
+    result.record = lab.record("interchange", sel, swap, seed=seed, grid=grid, pairs=len(pairs))
+    return result
+
+
+def _answer_pairs(examples: Sequence[Example], seed: int) -> list[tuple[int, int]]:
+    """(A, B) index pairs of the examples, shuffled and paired off, where A's answer differs from B's."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    pairs = [(a, b) for a, b in zip(order[::2], order[1::2]) if examples[a].answer != examples[b].answer]
+    if not pairs:
+        raise RunError("interchange needs examples with different answers")
+    return pairs
+
+
+def _swaps(sel: Selection, grid: bool) -> list[dict]:
+    """What is swapped, as table rows: nothing, everything selected and, with `grid`, each block,
+    each layer and each (layer, block) cell (layer / block None: every selected one at once)."""
+    cells = [
+        dict(swap="none", layer=None, block=None, sites=[]),
+        dict(swap="all", layer=None, block=None, sites=sel.sites()),
+    ]
+    if grid:
+        cells += [dict(swap="block", layer=None, block=k, sites=sel.sites(blocks=[k])) for k in sel.blocks]
+        cells += [dict(swap="layer", layer=l, block=None, sites=sel.sites(layers=[l])) for l in sel.layers]
+        cells += [
+            dict(swap="cell", layer=l, block=k, sites=sel.sites(blocks=[k], layers=[l]))
+            for l in sel.layers
+            for k in sel.blocks
+        ]
+    return cells
+
+
+def _summary(result: InterchangeResult) -> dict:
+    """The headline figures: with every selected block swapped, and intact."""
+    table, row = result.table, result.table.iloc[result._row("all")]
+    return {
         "transfer_rate": float(row["to_A"]),
         "transfer": result.transfer("all"),
         "stays_B": float(row["stays_B"]),
@@ -107,10 +126,8 @@ def interchange(lab: Session, sel: Selection, seed: int = 0, grid: bool = True) 
         "logprob_gain": result.gain("all"),
         "donor_tokens": result.donor_share(),
         "intact_B_correct": float(table[table["swap"] == "none"].iloc[0]["stays_B"]),
-        "pairs": len(pairs),
+        "pairs": len(result.pairs),
     }
-    result.record = lab.record("interchange", sel, swap, seed=seed, grid=grid, pairs=len(pairs))
-    return result
 
 
 def donor_tokens(donor: Sequence[str], base: Sequence[str], swapped: Sequence[str]) -> np.ndarray:
@@ -188,8 +205,8 @@ class InterchangeResult(Result):
     pairs: list[tuple[int, int]] = field(default_factory=list)
     changed: np.ndarray | None = None  # [rows, pairs]: B's output is no longer what it was
     logprob_gain: np.ndarray | None = None  # [rows, pairs]: A's answer's log-prob, swapped - intact
-    donor_tokens: np.ndarray | None = None  # [pairs]: every block swapped (`causal.donor_tokens`)
-    values: pd.DataFrame | None = None  # the matched/unmatched-value interchange (`causal.value_interchange`)
+    donor_tokens: np.ndarray | None = None  # [pairs]: every block swapped (`donor_tokens`)
+    values: pd.DataFrame | None = None  # the matched/unmatched-value interchange (`value_interchange`)
     name: ClassVar[str] = "interchange"
 
     def tables(self) -> dict[str, pd.DataFrame]:

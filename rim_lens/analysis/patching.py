@@ -24,7 +24,7 @@ import torch
 from rim_lens.analysis import figures
 from rim_lens.analysis.backends import HFBackend
 from rim_lens.analysis.engine import Variant, resume_sweep, sweep
-from rim_lens.analysis.interventions import Patch
+from rim_lens.analysis.interventions import Intervention, Patch
 from rim_lens.analysis.results import Result
 from rim_lens.analysis.session import Session
 from rim_lens.analysis.sites import Selection, Site
@@ -173,21 +173,10 @@ def patch(
     method = patch_method(lab, method)
     pairs = make_pairs(lab, seed=seed) if pairs is None else pairs
     intervention = lab.fit(Patch(from_=pairs.clean), pairs.corrupt, sel)
-    if per_slot:
-        cells = [dict(layer=l, block=k, slot=j) for l in sel.layers for k in sel.blocks for j in sel.slots]
-        variants = [Variant([Site(**c)], intervention) for c in cells]
-    else:
-        cells = [dict(layer=l, block=k) for l in sel.layers for k in sel.blocks]
-        variants = [Variant(sel.sites(blocks=[c["block"]], layers=[c["layer"]]), intervention) for c in cells]
+    cells, variants = _cells(sel, per_slot, intervention)
     sets = patch_sets(sel)
     variants += [Variant(sites, intervention) for _, sites in sets]
-    metric = logit_diff(pairs)
-    clean = sweep(lab.backend, lab.builder, pairs.prompts(lab.builder, "clean"), [Variant()], metric)[0]
-    seqs, every = pairs.prompts(lab.builder), [Variant(), *variants]
-    if method == "exact":  # the metric reads the last position only
-        out = resume_sweep(lab.backend, lab.builder, seqs, every, metric, max_rows, last_only=True)
-    else:
-        out = sweep(lab.backend, lab.builder, seqs, every, metric, max_rows)
+    clean, out = _logit_diffs(lab, pairs, variants, max_rows, method)
     corrupt, patched, set_patched = out[0], out[1 : 1 + len(cells)], out[1 + len(cells) :]
     denom = (clean.mean() - corrupt.mean()).item()
 
@@ -221,6 +210,29 @@ def patch(
     return result
 
 
+def _logit_diffs(
+    lab: Session, pairs: Pairs, variants: list[Variant], max_rows: int, method: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logit differences of the clean runs [P] and of the corrupt runs, intact and under each
+    variant [1 + variants, P], the latter by `method` ("exact": resumed, else whole passes)."""
+    metric = logit_diff(pairs)
+    clean = sweep(lab.backend, lab.builder, pairs.prompts(lab.builder, "clean"), [Variant()], metric)[0]
+    seqs, every = pairs.prompts(lab.builder), [Variant(), *variants]
+    if method == "exact":  # the metric reads the last position only
+        return clean, resume_sweep(lab.backend, lab.builder, seqs, every, metric, max_rows, last_only=True)
+    return clean, sweep(lab.backend, lab.builder, seqs, every, metric, max_rows)
+
+
+def _cells(sel: Selection, per_slot: bool, intervention: Intervention) -> tuple[list[dict], list[Variant]]:
+    """The cells patched one at a time, (layer, block) or with `per_slot` (layer, block, slot),
+    and the variant patching each."""
+    if per_slot:
+        cells = [dict(layer=l, block=k, slot=j) for l in sel.layers for k in sel.blocks for j in sel.slots]
+        return cells, [Variant([Site(**c)], intervention) for c in cells]
+    cells = [dict(layer=l, block=k) for l in sel.layers for k in sel.blocks]
+    return cells, [Variant(sel.sites(blocks=[c["block"]], layers=[c["layer"]]), intervention) for c in cells]
+
+
 def patch_sets(sel: Selection) -> list[tuple[dict, list[Site]]]:
     """The sets of sites patched together, as `ablate` scopes them, each with its label: every block
     at layer l (`layer`), block k at every layer (`block`), blocks 1..k at every layer
@@ -242,7 +254,7 @@ class PatchResult(Result):
     clean: np.ndarray | None = None
     corrupt: np.ndarray | None = None
     patched: np.ndarray | None = None
-    sets: pd.DataFrame | None = None  # sets of sites patched together (`causal.patch_sets`)
+    sets: pd.DataFrame | None = None  # sets of sites patched together (`patch_sets`)
     set_patched: np.ndarray | None = None  # [sets, P]
     changed: list[tuple[int, ...]] = field(default_factory=list)  # per pair, the steps it changes
     name: ClassVar[str] = "patch"

@@ -72,6 +72,19 @@ def correctness_probs(
     return np.stack(columns, 1)
 
 
+# A correctness probe's columns that stay NaN where a cell cannot be fitted.
+CORRECTNESS_SCORED = (
+    "auroc",
+    "auroc_lo",
+    "auroc_hi",
+    "auprc",
+    "auprc_lo",
+    "auprc_hi",
+    "control_auroc",
+    "selectivity",
+)
+
+
 def probe_correctness(
     store: CaptureStore,
     layers: Seq[int] | None = None,
@@ -93,31 +106,15 @@ def probe_correctness(
     correct, AUPRC's chance level; AUROC's is 0.5), n, note (why a cell is NaN, else "").
     """
     groups = question_groups(store)
-    types = (
-        control_types(store.examples)
-        if control_type is None
-        else np.array([control_type(ex) for ex in store.examples])
-    )
+    types = _types(store, control_type)
     problems: dict[int, Problem | None] = {}  # per block, made when first needed
     rows = []
-    cells = [
-        (layer, k)
-        for layer in (store.layers if layers is None else layers)
-        for k in (block_labels(store.K) if blocks is None else blocks)
-    ]
-    for layer, k in progress(cells, desc="correctness probes", unit="cell"):
+    for layer, k in progress(_cells(store, layers, blocks), desc="correctness probes", unit="cell"):
         X = features(store, layer, k, slots)  # first: it checks layer, block and slot
         y = store.correct(block=k)
         row = {
             **cell(layer, k, slots),
-            "auroc": np.nan,
-            "auroc_lo": np.nan,
-            "auroc_hi": np.nan,
-            "auprc": np.nan,
-            "auprc_lo": np.nan,
-            "auprc_hi": np.nan,
-            "control_auroc": np.nan,
-            "selectivity": np.nan,
+            **dict.fromkeys(CORRECTNESS_SCORED, np.nan),
             "base_rate": float(y.mean()),
             "n": len(y),
             "note": "",
@@ -129,33 +126,58 @@ def probe_correctness(
                 if rare >= min_class
                 else None
             )
-        pb = problems[k]
         if constant(X):
-            rows.append({**row, "note": CONSTANT})
-            continue
-        if pb is None:
-            what = (
-                f"all {'right' if y.mean() > 0.5 else 'wrong'}"
-                if rare == 0
-                else f"only {rare} {'wrong' if y.mean() > 0.5 else 'right'}"
-            )
-            rows.append(
-                {**row, "note": f"readouts after block {k} are {what} (need {min_class} of each class)"}
-            )
-            continue
-        p = oof_proba(X, y, pb.folds[0], C)[:, 1]
-        row["auroc"], row["auprc"] = roc_auc_score(y, p), average_precision_score(y, p)
-        (row["auroc_lo"], row["auprc_lo"]), (row["auroc_hi"], row["auprc_hi"]) = grouped_bootstrap(
-            lambda w, y=y, p=p: weighted_ranking(y, p, w), groups, n_boot, seed
-        )
-        if pb.control_ok:
-            p_control = oof_proba(X, pb.control[0], pb.control_folds[0], C)[:, 1]
-            row["control_auroc"] = roc_auc_score(pb.control[0], p_control)
-            row["selectivity"] = row["auroc"] - row["control_auroc"]
+            row["note"] = CONSTANT
+        elif problems[k] is None:
+            row["note"] = _one_sided(y, k, rare, min_class)
         else:
-            row["note"] = "control labels have one class (one input type)"
+            row |= _correctness_scores(X, y, problems[k], groups, n_boot, seed, C)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _types(store: CaptureStore, control_type: ControlType | None) -> np.ndarray:
+    """Every example's control-task type: `control_type(example)`, by default `control_types`."""
+    if control_type is None:
+        return control_types(store.examples)
+    return np.array([control_type(ex) for ex in store.examples])
+
+
+def _cells(store: CaptureStore, layers: Seq[int] | None, blocks: Seq[int] | None) -> list[tuple[int, int]]:
+    """The (layer, block) cells to probe: `layers` x `blocks`, by default every captured one."""
+    return [
+        (layer, k)
+        for layer in (store.layers if layers is None else layers)
+        for k in (block_labels(store.K) if blocks is None else blocks)
+    ]
+
+
+def _one_sided(y: np.ndarray, k: int, rare: int, min_class: int) -> str:
+    """The note of a block whose readouts are right (or wrong) fewer than `min_class` times."""
+    what = (
+        f"all {'right' if y.mean() > 0.5 else 'wrong'}"
+        if rare == 0
+        else f"only {rare} {'wrong' if y.mean() > 0.5 else 'right'}"
+    )
+    return f"readouts after block {k} are {what} (need {min_class} of each class)"
+
+
+def _correctness_scores(
+    X: np.ndarray, y: np.ndarray, pb: Problem, groups: np.ndarray, n_boot: int, seed: int, C: float
+) -> dict:
+    """One cell's correctness probe: out-of-fold AUROC and AUPRC with bootstrap intervals over
+    question groups, and the control task's AUROC with the selectivity (else a note why not)."""
+    p = oof_proba(X, y, pb.folds[0], C)[:, 1]
+    scores = {"auroc": roc_auc_score(y, p), "auprc": average_precision_score(y, p)}
+    (scores["auroc_lo"], scores["auprc_lo"]), (scores["auroc_hi"], scores["auprc_hi"]) = grouped_bootstrap(
+        lambda w: weighted_ranking(y, p, w), groups, n_boot, seed
+    )
+    if not pb.control_ok:
+        return scores | {"note": "control labels have one class (one input type)"}
+    p_control = oof_proba(X, pb.control[0], pb.control_folds[0], C)[:, 1]
+    scores["control_auroc"] = roc_auc_score(pb.control[0], p_control)
+    scores["selectivity"] = scores["auroc"] - scores["control_auroc"]
+    return scores
 
 
 def select_answers(
@@ -362,27 +384,10 @@ def value_probes(
     fitted `n_jobs` at a time (joblib: None or 1 runs them here, -1 on every core).
     """
     groups = question_groups(store)
-    types = (
-        control_types(store.examples)
-        if control_type is None
-        else np.array([control_type(ex) for ex in store.examples])
-    )
+    types = _types(store, control_type)
     targets = _value_targets(store, steps, n_digits, max_classes)
-    variables = list(dict.fromkeys(variable for variable, _ in targets))  # the problems' seeds
-    problems, seen = {}, {}
-    for (variable, t), (_, rows, labels, note) in targets.items():
-        if not note:
-            # A derived quantity can equal a step's own value (multiplication's first running
-            # sum is its first partial product): one problem, with one control, fitted once.
-            same = (rows.tobytes(), *(col.tobytes() for col in labels))
-            if same not in seen:
-                seen[same] = problem(rows, labels, types, groups, folds, seed, (variables.index(variable), t))
-            problems[variable, t] = seen[same]
-    cells = [
-        (layer, k)
-        for layer in (store.layers if layers is None else layers)
-        for k in (block_labels(store.K) if blocks is None else blocks)
-    ]
+    problems = _value_problems(targets, types, groups, folds, seed)
+    cells = _cells(store, layers, blocks)
     fitted = _fit_cells(store, cells, problems, slots, C, n_jobs)
     out, per_example = [], {}
     for (layer, k), found in zip(cells, fitted):
@@ -396,21 +401,50 @@ def value_probes(
             if (variable, t) in problems and found is None:
                 row["note"] = CONSTANT
             elif (variable, t) in problems:
-                pb = problems[variable, t]
                 hits, control = found[variable, t]
-                row["score"], row["chance"] = float(hits.mean()), _majority(labels)
-                row["score_lo"], row["score_hi"] = grouped_bootstrap(
-                    lambda w, hits=hits: w @ hits / w.sum(1), groups[rows], n_boot, seed
-                )
+                row |= _value_scores(hits, control, labels, problems[variable, t], groups[rows], n_boot, seed)
                 if control is not None:
-                    row["control"] = float(control.mean())
-                    row["selectivity"] = row["score"] - row["control"]
-                    row["control_chance"] = _majority(pb.control)
                     per_example[(layer, k, variable, t)] = (rows, hits, control)
-                else:
-                    row["note"] = "control labels have one class (one input type)"
             out.append(row)
     return pd.DataFrame(out), per_example
+
+
+def _value_problems(targets: dict, types: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> dict:
+    """(variable, step t) -> the `problem` of every target with something to probe (see
+    `_value_targets`)."""
+    variables = list(dict.fromkeys(variable for variable, _ in targets))  # the problems' seeds
+    problems, seen = {}, {}
+    for (variable, t), (_, rows, labels, note) in targets.items():
+        if not note:
+            # A derived quantity can equal a step's own value (multiplication's first running
+            # sum is its first partial product): one problem, with one control, fitted once.
+            same = (rows.tobytes(), *(col.tobytes() for col in labels))
+            if same not in seen:
+                seen[same] = problem(rows, labels, types, groups, folds, seed, (variables.index(variable), t))
+            problems[variable, t] = seen[same]
+    return problems
+
+
+def _value_scores(
+    hits: np.ndarray,
+    control: np.ndarray | None,
+    labels: list[np.ndarray],
+    pb: Problem,
+    groups: np.ndarray,
+    n_boot: int,
+    seed: int,
+) -> dict:
+    """One fitted value probe's scores: accuracy with a bootstrap interval over question `groups`
+    and its chance, and the control task's accuracy, selectivity and chance (else a note why not)."""
+    scores = {"score": float(hits.mean()), "chance": _majority(labels)}
+    scores["score_lo"], scores["score_hi"] = grouped_bootstrap(
+        lambda w: w @ hits / w.sum(1), groups, n_boot, seed
+    )
+    if control is None:
+        return scores | {"note": "control labels have one class (one input type)"}
+    scores["control"] = float(control.mean())
+    scores["selectivity"] = scores["score"] - scores["control"]
+    return scores | {"control_chance": _majority(pb.control)}
 
 
 @dataclass(repr=False)

@@ -26,7 +26,10 @@ from rim_lens.analysis import conditional, verdict
 from rim_lens.analysis.abstraction import RANKS
 from rim_lens.analysis.backends import BACKENDS
 from rim_lens.analysis.card import markdown
+from rim_lens.analysis.causal import AblationResult, KnockoutResult
+from rim_lens.analysis.interchange import InterchangeResult
 from rim_lens.analysis.lab import Lab, Layers
+from rim_lens.analysis.probes import ProbeResult
 from rim_lens.analysis.registry import analysis
 from rim_lens.analysis.results import plain
 from rim_lens.data import Example
@@ -102,6 +105,27 @@ def measure(
     for result in results:
         result.save(lab.out)
         done[result.record["analysis"]] = _cited(result.record)
+    card = _card(lab, ablation, knock, inter, probe)
+    card.update(_decodability(lab, probe_sets, seed, done, layers))
+    bar.step("conditional probes")
+    card.update(_patching(lab, seed, done, layers, descriptive))
+    bar.step("patching")
+    bar.close()
+    card.update(_trained(lab))
+    card["done"] = done
+    card["record"] = {"model": lab.model_fingerprint}
+    return plain(card)
+
+
+def _card(
+    lab: Lab,
+    ablation: AblationResult,
+    knock: KnockoutResult,
+    inter: InterchangeResult,
+    probe: ProbeResult | None,
+) -> dict:
+    """The card's entries from the ablation, knockout, interchange and (if run) probes; those of
+    the later analyses start empty."""
     card = {
         "run": str(lab.run.path) if lab.run else "",
         "method": lab.spec.method,
@@ -140,24 +164,22 @@ def measure(
         best = probe.best(select_on=select, score_on=score)
         card["best_value_probe"] = {k: v for k, v in best.items() if k != "selectivity"} if best else None
         card["best_value_probe_selectivity"] = best["selectivity"] if best else None
-    card.update(_decodability(lab, probe_sets, seed, done, layers))
-    bar.step("conditional probes")
-    card.update(_patching(lab, seed, done, layers, descriptive))
-    bar.step("patching")
-    bar.close()
-    if lab.run and lab.run.exists(artefacts.METRICS):
-        metrics = lab.run.read_json(artefacts.METRICS)
-        ci = metrics.get("accuracy_ci")
-        n_test = metrics.get("n_eval", 0)
-        card["test_accuracy"] = (
-            Estimate(metrics["accuracy"], *ci, n_test, "wilson") if ci else metrics.get("accuracy")
-        )
-        shares = metrics.get("input_share")
-        if shares:
-            card["input_share"] = " -> ".join(f"{name} {value:.3f}" for name, value in shares.items())
-    card["done"] = done
-    card["record"] = {"model": lab.model_fingerprint}
-    return plain(card)
+    return card
+
+
+def _trained(lab: Lab) -> dict:
+    """The run's own test accuracy (with its interval) and input shares, from its metrics (if any)."""
+    if not (lab.run and lab.run.exists(artefacts.METRICS)):
+        return {}
+    metrics = lab.run.read_json(artefacts.METRICS)
+    ci = metrics.get("accuracy_ci")
+    found = {"test_accuracy": metrics.get("accuracy")}
+    if ci:
+        found["test_accuracy"] = Estimate(metrics["accuracy"], *ci, metrics.get("n_eval", 0), "wilson")
+    shares = metrics.get("input_share")
+    if shares:
+        found["input_share"] = " -> ".join(f"{name} {value:.3f}" for name, value in shares.items())
+    return found
 
 
 def _patching(lab: Lab, seed: int, done: dict, layers: Layers, descriptive: bool) -> dict:

@@ -38,6 +38,7 @@ from rim_lens.analysis.probing import LinearProbe
 from rim_lens.analysis.session import Session
 from rim_lens.analysis.sites import Selection, Site, block_index
 from rim_lens.data.causal import CausalModel
+from rim_lens.errors import RunError
 from rim_lens.model.layouts import Layout, block_positions
 
 PAIRS = 128  # pairs per part (training, held-out) and variable
@@ -452,3 +453,21 @@ def as_unit(value: Site | Sequence) -> Unit:
     if len(value) and isinstance(value[0], int | np.integer):
         return Site(*value)
     return tuple(Site(*s) for s in value)
+
+
+def given_units(
+    lab: Session, sites: Sequence[Unit] | Mapping[str, Sequence[Unit]] | None, names: Sequence[str]
+) -> dict[str, list[Unit]]:
+    """Units given by variable name (a list: the same for each of `names`), each site checked."""
+    if sites is None:
+        return {}
+    by_name = sites if isinstance(sites, Mapping) else {name: sites for name in names}
+    out = {}
+    for name, chosen in by_name.items():
+        out[name] = [as_unit(u) for u in chosen]
+        for unit in out[name]:
+            for s in unit_sites(unit):
+                lab.select([s.layer], [s.block], [s.slot])  # RunError naming the valid range
+            if len({s.layer for s in unit_sites(unit)}) > 1:
+                raise RunError("a joint unit's sites must share one layer")
+    return out

@@ -450,45 +450,10 @@ def variables(run: dict, control: dict | None) -> Finding:
         return f
     lines, outcomes = [], []
     for name, iia in measured.items():
-        entry, controls = steps[name], against[name]
-        if iia is None:
-            lines.append(f"{name}: not testable ({entry.get('note') or 'no informative pairs'})")
-            continue
-        site = entry.get("site") or {}
-        step, block = entry.get("step"), site.get("block")
-        where = entry.get("unit") or f"layer {site.get('layer')}, block {block}, slot {site.get('slot')}"
-        grounded = (
-            "in block t = step t"
-            if block == step and not entry.get("group")
-            else (f"blocks up to {block}" if entry.get("group") else f"not in block {step}")
-        )
-        shown_controls = ", ".join(f"{k} {v}" for k, v in controls.items() if v)
-        full = estimate(entry, "full")
-        line = (
-            f"{name} ({entry.get('label', name)}) is best at {where} ({grounded}), rank {entry.get('rank')}"
-        )
-        line += f": IIA {iia}"
-        line += (
-            f" (the whole state there: {full}{'; DAS under-fit' if entry.get('underfit') else ''})"
-            if full
-            else ""
-        )
-        line += f"; {shown_controls}"
-        missing = [k for k, v in controls.items() if v is None]
-        if missing:
-            lines.append(f"{line}: not testable (no {', '.join(missing)} figure)")
-            continue
-        beaten = [k for k, v in controls.items() if not iia.above(v)]
-        held = iia.above(MIN_IIA) and not beaten
-        outcomes.append(held)
-        why = (
-            "supported"
-            if held
-            else f"not above {MIN_IIA} beyond its interval"
-            if not iia.above(MIN_IIA)
-            else f"not above {', '.join(beaten)} beyond both intervals"
-        )
-        lines.append(f"{line}: {why}")
+        line, held = _variable_line(name, steps[name], iia, against[name])
+        lines.append(line)
+        if held is not None:
+            outcomes.append(held)
     why = _untestable(run, control, needs_question=False) or _unreachable(run, MIN_IIA)
     if why or not outcomes:
         f.detail = "; ".join(lines) + (f"; but {why}." if why else ".")
@@ -496,6 +461,46 @@ def variables(run: dict, control: dict | None) -> Finding:
     f.outcome = SUPPORTED if all(outcomes) and len(outcomes) == len(measured) else NOT_DETECTED
     f.detail = "; ".join(lines) + "."
     return f
+
+
+def _variable_line(
+    name: str, entry: dict, iia: Estimate | None, controls: dict[str, Estimate | None]
+) -> tuple[str, bool | None]:
+    """One step variable's line of the variables finding, and whether its IIA held against the bar
+    and every control (None: not testable)."""
+    if iia is None:
+        return f"{name}: not testable ({entry.get('note') or 'no informative pairs'})", None
+    site = entry.get("site") or {}
+    step, block = entry.get("step"), site.get("block")
+    where = entry.get("unit") or f"layer {site.get('layer')}, block {block}, slot {site.get('slot')}"
+    grounded = (
+        "in block t = step t"
+        if block == step and not entry.get("group")
+        else (f"blocks up to {block}" if entry.get("group") else f"not in block {step}")
+    )
+    shown_controls = ", ".join(f"{k} {v}" for k, v in controls.items() if v)
+    full = estimate(entry, "full")
+    line = f"{name} ({entry.get('label', name)}) is best at {where} ({grounded}), rank {entry.get('rank')}"
+    line += f": IIA {iia}"
+    line += (
+        f" (the whole state there: {full}{'; DAS under-fit' if entry.get('underfit') else ''})"
+        if full
+        else ""
+    )
+    line += f"; {shown_controls}"
+    missing = [k for k, v in controls.items() if v is None]
+    if missing:
+        return f"{line}: not testable (no {', '.join(missing)} figure)", None
+    beaten = [k for k, v in controls.items() if not iia.above(v)]
+    held = iia.above(MIN_IIA) and not beaten
+    why = (
+        "supported"
+        if held
+        else f"not above {MIN_IIA} beyond its interval"
+        if not iia.above(MIN_IIA)
+        else f"not above {', '.join(beaten)} beyond both intervals"
+    )
+    return f"{line}: {why}", held
 
 
 def findings(run: dict, control: dict | None, calibration: dict | None = None) -> list[Finding]:

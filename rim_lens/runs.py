@@ -234,6 +234,9 @@ def recover_swap(target: str | Path) -> None:
 
 
 # -- locks ---------------------------------------------------------------------------------------
+# Open a lock file without following a link, and without waiting on a FIFO (POSIX; Windows has
+# neither flag, and the checks after opening refuse what is not a plain file of its own).
+_NO_LINKS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 RECORD_WAIT = 2.0  # seconds a lock's holder has to write who it is before it counts as unknown
 
 
@@ -305,7 +308,7 @@ class RunLock:
         )
         try:
             with writing(self.target):
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NO_LINKS, 0o666)
         except OSError as err:
             if err.errno == errno.ELOOP:
                 raise refused from None
@@ -334,7 +337,10 @@ class RunLock:
 
 def _read_holder(fd: int) -> dict:
     try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        # os.pread, where Windows has none: read from the start, leave the offset there.
+        os.lseek(fd, 0, os.SEEK_SET)
+        info = json.loads(os.read(fd, 4096) or b"{}")
+        os.lseek(fd, 0, os.SEEK_SET)
     except (ValueError, OSError):
         return {}
     return info if isinstance(info, dict) else {}

@@ -169,7 +169,7 @@ def test_dashboard_in_chromium(server, browser, runs_root):
     # Runs: the table and the training curves (plotly renders into SVG).
     page.locator(".gtitle", has_text="Training loss per stage").first.wait_for(timeout=TIMEOUT_MS)
     wait_idle(page)
-    assert page.get_by_role("heading", name="Runs").is_visible()
+    page.get_by_role("heading", name="Runs").wait_for(state="visible", timeout=TIMEOUT_MS)
     assert page.locator(".gtitle", has_text="Training loss per stage: demo/rim").count() == 1
     shot(page, "1-runs")
 
@@ -193,7 +193,8 @@ def test_dashboard_in_chromium(server, browser, runs_root):
     wait_idle(page)
 
     go_to(page, "Causal", "has no causal report")
-    assert page.get_by_role("button", name="Run causal report").is_visible()
+    # Inside an expander that opens as the page is drawn: wait until it is visible, not just present.
+    page.get_by_role("button", name="Run causal report").wait_for(state="visible", timeout=TIMEOUT_MS)
     shot(page, "4-causal")
 
     # Playground: zero every block state of example 0 and run the model live.

@@ -23,6 +23,10 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+
+# The dataclass __init__ of CaptureResult carries Result's `table: pd.DataFrame`; the API reference
+# (pdoc) resolves that annotation in this module.
+import pandas as pd  # noqa: F401
 import plotly.graph_objects as go
 import torch
 from safetensors import safe_open
